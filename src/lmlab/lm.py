@@ -1,0 +1,64 @@
+"""LM: a loaded model with its tokenizer, the object ``lmlab.load`` returns."""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab.errors import LmlabError
+
+
+class LM:
+    """A model, its tokenizer and where it came from.
+
+    ``lm(input_ids)`` gives logits [B, T, vocab]; ``lm.generate`` / ``lm.stream`` generate;
+    ``lm.run_with_cache`` looks inside.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str, resolved=None, dtype=torch.float32, load_seconds: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.resolved = resolved
+        self.dtype = dtype
+        self.load_seconds = load_seconds
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embed.weight.device
+
+    @property
+    def num_parameters(self) -> int:
+        return self.model.num_parameters
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory (tied weights counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, **kw) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return self.model(input_ids.to(self.device), **kw)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        self._need_tokenizer()
+        return self.tokenizer.encode(text, add_special=add_special)
+
+    def decode(self, ids) -> str:
+        self._need_tokenizer()
+        return self.tokenizer.decode(list(ids))
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise LmlabError(f"{self.name} has no tokenizer (no tokenizer.json beside it); pass token ids, or add the tokenizer files to the model folder.")
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"

@@ -1,0 +1,404 @@
+"""The one decoder-only Transformer that every family runs on.
+
+GPT-2, Pythia, Llama, Mistral, Qwen2/3 and Gemma 3 differ only by fields of ``ModelConfig``:
+read this file top to bottom and you have read every model lmlab runs.
+
+Shapes in comments use: B batch, T new tokens this call, S = cached + new tokens (keys),
+C = d_model, H = n_heads, K = n_kv_heads, D = head_dim, F = d_ff, V = vocab.
+
+Hook points: at every meaningful point the forward pass calls ``self._hook(name, x)``.
+With no hook registered that is a dict lookup skipped by one ``if`` per block, so it costs
+nothing measurable. ``lmlab.inspect`` registers hooks by these names (see HOOK_POINTS).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+
+# name pattern -> (shape, what it is). The table in docs/hooks.md is generated from this.
+HOOK_POINTS: dict[str, tuple[str, str]] = {
+    "embed": ("B T C", "token embeddings (after gemma's sqrt(C) scale)"),
+    "pos_embed": ("B T C", "learned position embeddings (gpt2 only)"),
+    "blocks.{i}.resid_pre": ("B T C", "residual stream entering block i"),
+    "blocks.{i}.attn.q": ("B H T D", "queries, after QK-norm and RoPE"),
+    "blocks.{i}.attn.k": ("B K T D", "keys of the new tokens, after QK-norm and RoPE"),
+    "blocks.{i}.attn.v": ("B K T D", "values of the new tokens"),
+    "blocks.{i}.attn.scores": ("B H T S", "scaled q·k logits with the mask applied (-inf where masked)"),
+    "blocks.{i}.attn.pattern": ("B H T S", "attention probabilities (softmax of scores)"),
+    "blocks.{i}.attn.head_out": ("B T H D", "each head's output, before the output projection"),
+    "blocks.{i}.attn_out": ("B T C", "what attention adds to the residual stream"),
+    "blocks.{i}.resid_mid": ("B T C", "residual after attention (resid_pre + attn_out)"),
+    "blocks.{i}.mlp.pre": ("B T F", "MLP hidden pre-activation (the gate, for gated MLPs)"),
+    "blocks.{i}.mlp.post": ("B T F", "MLP hidden after the activation (times up, for gated MLPs)"),
+    "blocks.{i}.mlp_out": ("B T C", "what the MLP adds to the residual stream"),
+    "blocks.{i}.resid_post": ("B T C", "residual stream leaving block i"),
+    "final_norm": ("B T C", "residual stream after the final norm"),
+    "logits": ("B T V", "next-token logits"),
+}
+
+HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class Norm(nn.Module):
+    """LayerNorm (with bias) or RMSNorm, optionally scaling by (offset + w) as gemma does.
+
+    RMSNorm is computed in float32 and cast back, like the reference implementations, so
+    bf16 runs round the same way.
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, weight_offset: float = 0.0):
+        super().__init__()
+        self.kind, self.eps, self.weight_offset = kind, eps, weight_offset
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:  # gemma: (1 + w), applied in float32
+            return (xf * (self.weight_offset + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,), with llama3 / linear scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        is_mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(is_mid, blended, inv_freq)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv_freq.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in float32 then cast."""
+    freqs = positions[:, :, None].float() * inv_freq[None, None, :]  # (B, T, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, R)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim features of each head in (first half, second half) pairs."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos + rotated * sin
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * K) * D, bias=cfg.qkv_bias)  # q, k, v stacked
+        self.o = nn.Linear(H * D, cfg.d_model, bias=cfg.attn_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = Norm(D, "rmsnorm", cfg.norm_eps, cfg.norm_weight_offset)
+            self.k_norm = Norm(D, "rmsnorm", cfg.norm_eps, cfg.norm_weight_offset)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else D**-0.5
+        self.sliding = cfg.layer_types[layer] == "sliding"
+        p = f"blocks.{layer}.attn."
+        self.names = {n: p + n for n in ("q", "k", "v", "scores", "pattern", "head_out")}
+
+    def forward(self, x, rope, mask, cache, hook) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hook is not None:
+            q = hook(self.names["q"], q)
+            k = hook(self.names["k"], k)
+            v = hook(self.names["v"], v)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, D): everything cached so far
+        eager = hook is not None and (hook.wants(self.names["scores"]) or hook.wants(self.names["pattern"]))
+        if eager or cfg.attn_logit_softcap:
+            y = self._eager(q, k, v, mask, hook)
+        else:
+            # Fused attention; k/v heads are shared by groups of query heads (GQA) inside the kernel.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=False, scale=self.scale, enable_gqa=K != H
+            )  # (B, H, T, D)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if hook is not None:
+            y = hook(self.names["head_out"], y)
+        return self.o(y.reshape(B, T, H * D))
+
+    def _eager(self, q, k, v, mask, hook) -> torch.Tensor:
+        """Attention written out, so scores and pattern can be seen and changed."""
+        groups = self.cfg.gqa_groups
+        if groups > 1:  # GQA: repeat each k/v head for the query heads that share it
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, S)
+        if self.cfg.attn_logit_softcap:
+            cap = self.cfg.attn_logit_softcap
+            scores = cap * torch.tanh(scores / cap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        if hook is not None:
+            scores = hook(self.names["scores"], scores)
+        pattern = scores.float().softmax(dim=-1).to(q.dtype)
+        if hook is not None:
+            pattern = hook(self.names["pattern"], pattern)
+        return pattern @ v  # (B, H, T, D)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.gated = cfg.mlp == "gated"
+        self.d_ff = cfg.d_ff
+        # gated: gate and up stacked in one matrix (gate rows first)
+        self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.act]
+        self.names = (f"blocks.{layer}.mlp.pre", f"blocks.{layer}.mlp.post")
+
+    def forward(self, x, hook) -> torch.Tensor:
+        h = self.up(x)  # (B, T, F) or (B, T, 2F)
+        if self.gated:
+            gate, up = h.split(self.d_ff, dim=-1)
+            if hook is not None:
+                gate = hook(self.names[0], gate)
+            h = self.act(gate) * up
+        else:
+            if hook is not None:
+                h = hook(self.names[0], h)
+            h = self.act(h)
+        if hook is not None:
+            h = hook(self.names[1], h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        norm = lambda: Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_weight_offset)  # noqa: E731
+        self.attn_norm, self.attn = norm(), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = norm(), MLP(cfg, layer)
+        if cfg.sandwich_norm:
+            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+        p = f"blocks.{layer}."
+        self.names = {n: p + n for n in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")}
+
+    def forward(self, x, rope, mask, cache, hook) -> torch.Tensor:
+        n = self.names
+        if hook is not None:
+            x = hook(n["resid_pre"], x)
+        a = self.attn(self.attn_norm(x), rope, mask, cache, hook)
+        if self.cfg.sandwich_norm:
+            a = self.post_attn_norm(a)
+        if hook is not None:
+            a = hook(n["attn_out"], a)
+        if self.cfg.parallel_residual:  # pythia: attention and MLP both read the block's input
+            mid = x + a
+            if hook is not None:
+                mid = hook(n["resid_mid"], mid)
+            m = self.mlp(self.mlp_norm(x), hook)
+        else:
+            x = mid = x + a
+            if hook is not None:
+                x = mid = hook(n["resid_mid"], mid)
+            m = self.mlp(self.mlp_norm(mid), hook)
+        if self.cfg.sandwich_norm:
+            m = self.post_mlp_norm(m)
+        if hook is not None:
+            m = hook(n["mlp_out"], m)
+        out = mid + m
+        if hook is not None:
+            out = hook(n["resid_post"], out)
+        return out
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+class HookSet:
+    """The hooks active for one forward: name -> functions f(tensor, name) -> tensor or None.
+
+    A function that returns a tensor replaces the activation; one that returns None only looks.
+    """
+
+    def __init__(self, hooks: dict[str, list[HookFn]]):
+        self.hooks = hooks
+
+    def wants(self, name: str) -> bool:
+        return name in self.hooks
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.hooks.get(name, ()):
+            out = fn(x, name)
+            if out is not None:
+                x = out
+        return x
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.norm_weight_offset)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embed.weight
+        self.hooks: dict[str, list[HookFn]] = {}  # managed by lmlab.inspect
+        self._rope_cache: dict = {}
+
+    # -- RoPE tables, built lazily per device so a model can move between devices
+    def _inv_freq(self, theta: float, device) -> torch.Tensor:
+        key = (theta, str(device))
+        if key not in self._rope_cache:
+            inv = rope_inv_freq(self.cfg.rotary_dim, theta, self.cfg.rope_scaling if theta == self.cfg.rope_theta else None)
+            self._rope_cache[key] = inv.to(device)
+        return self._rope_cache[key]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T).
+
+        positions: (B, T) position of each token (default: cache length + 0..T-1).
+        cache: a KVCache (lmlab.engine.cache); new keys/values are written at cache.length.
+        key_mask: (B, S) bool, False for padding slots (left-padded batches).
+        last_only: compute logits for the last position only (B, 1, V), as decoding needs.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        S = start + T
+        if positions is None:
+            positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
+        hook = HookSet(self.hooks) if self.hooks else None
+
+        x = self.tok_embed(input_ids)  # (B, T, C)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the model dtype, like the reference
+        if hook is not None:
+            x = hook("embed", x)
+        if cfg.pos == "learned":
+            p = self.pos_embed(positions)
+            if hook is not None:
+                p = hook("pos_embed", p)
+            x = x + p
+
+        ropes = {}
+        if cfg.pos == "rope":
+            for theta in {self._theta(i) for i in range(cfg.n_layers)}:
+                ropes[theta] = rope_cos_sin(self._inv_freq(theta, x.device), positions, x.dtype)
+        masks = self._masks(B, T, start, key_mask, x.device)
+
+        for i, block in enumerate(self.blocks):
+            rope = ropes.get(self._theta(i))
+            x = block(x, rope, masks[cfg.layer_types[i]], cache, hook)
+        if cache is not None:
+            cache.advance(T)
+
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        if hook is not None:
+            x = hook("final_norm", x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if cfg.final_logit_softcap:
+            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
+        if hook is not None:
+            logits = hook("logits", logits)
+        return logits
+
+    def _theta(self, layer: int) -> float:
+        cfg = self.cfg
+        if cfg.rope_local_theta is not None and cfg.layer_types[layer] == "sliding":
+            return cfg.rope_local_theta
+        return cfg.rope_theta
+
+    def _masks(self, B, T, start, key_mask, device) -> dict[str, torch.Tensor | None]:
+        """Boolean masks (B or 1, 1, T, S), True where a query may attend, per layer type.
+
+        Keys are cache slots 0..S-1; query t sits in slot start + t. A left-padded batch
+        keeps each sequence's tokens contiguous, so slot distance equals token distance and
+        the sliding window can be applied on slots.
+        """
+        S = start + T
+        cfg = self.cfg
+        window = cfg.sliding_window
+        need_sliding = "sliding" in cfg.layer_types and window is not None and S > window
+        if T == 1 and key_mask is None and not need_sliding:
+            return {"full": None, "sliding": None}  # one new token sees every cached one
+        q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        full = k_slot <= q_slot  # causal (T, S)
+        full = full[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            # Padding slots are never attended; a padding query attends to itself only, so
+            # its row is never empty (an empty softmax row would give NaN).
+            full = full & key_mask[:, None, None, :S]
+            full = full | (k_slot == q_slot)[None, None]
+        masks = {"full": full, "sliding": full}
+        if need_sliding:
+            masks["sliding"] = full & (q_slot - k_slot < window)[None, None]
+        return masks
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields tied weights once

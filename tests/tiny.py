@@ -1,0 +1,72 @@
+"""Tiny random HF checkpoints, one per family, made inside the tests (no downloads).
+
+Every parameter is randomised (biases and norm weights included, which HF initialises to
+0 and 1), so a weight placed wrongly by the loader changes the logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+VOCAB = 160
+
+
+def hf_config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=128)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False, **common)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if family == "llama3":  # llama with llama3 rope scaling, tied embeddings
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, tie_word_embeddings=True,
+                              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 16}, **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, sliding_window=8, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family == "qwen3":
+        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]
+
+
+def make_tiny(family: str, folder, seed: int = 0):
+    """Build, randomise and save a tiny HF model; returns the transformers model (fp32, eval)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    # No EOS during parity generation: HF would stop (or, with min_new_tokens, ban EOS) and
+    # the comparison would test the stopping rule rather than the model.
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
+    return model
