@@ -47,6 +47,23 @@ class LM:
             input_ids = input_ids[None]
         return self.model(input_ids.to(self.device), **kw)
 
+    def generate(self, prompts, **kw):
+        """Generate text: one prompt -> GenerationResult, a list -> a list of them.
+
+        Every sampling knob is a keyword (temperature, top_k, top_p, min_p, typical_p,
+        repetition_penalty, frequency_penalty, presence_penalty, no_repeat_ngram_size, seed, n),
+        plus max_new_tokens, stop, alternatives, use_cache, truncate="left", chat=True.
+        """
+        from lmlab.engine.generate import generate
+
+        return generate(self, prompts, **kw)
+
+    def stream(self, prompts, **kw):
+        """Yield a TokenEvent (id, text, logprob, entropy, alternatives) per generated token."""
+        from lmlab.engine.generate import stream
+
+        return stream(self, prompts, **kw)
+
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         self._need_tokenizer()
         return self.tokenizer.encode(text, add_special=add_special)
@@ -62,3 +79,4 @@ class LM:
     def __repr__(self) -> str:
         c = self.config
         return f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
+

@@ -297,6 +297,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         self.hooks: dict[str, list[HookFn]] = {}  # managed by lmlab.inspect
+        self.step_start, self.step_positions = 0, None
         self._rope_cache: dict = {}
 
     # -- RoPE tables, built lazily per device so a model can move between devices
@@ -330,6 +331,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
         hook = HookSet(self.hooks) if self.hooks else None
+        # Hooks that act on positions (patching, per-position ablation) read this: the cache
+        # slot of the first new token and the (B, T) positions of this call.
+        self.step_start, self.step_positions = start, positions
 
         x = self.tok_embed(input_ids)  # (B, T, C)
         if cfg.embed_scale is not None:

@@ -73,7 +73,10 @@ def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None 
     cfg = _apply_overrides(cfg, overrides, n_layers)
     tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
     model = build_model(cfg, tensors, dtype, device)
-    return LM(model, tokenizer, name=str(name_or_path), resolved=res, dtype=dtype, load_seconds=time.perf_counter() - t0)
+    lm = LM(model, tokenizer, name=str(name_or_path), resolved=res, dtype=dtype, load_seconds=time.perf_counter() - t0)
+    if res.kind == "gguf":
+        lm.source_tensor_types = source.tensor_types()  # quant type of each tensor on disk
+    return lm
 
 
 def _apply_overrides(cfg: ModelConfig, overrides: dict | None, n_layers: int | None) -> ModelConfig:

@@ -1,0 +1,1 @@
+"""The `lmlab` command line: one module per command group, all registered in main.py."""
