@@ -70,3 +70,24 @@ def make_tiny(family: str, folder, seed: int = 0):
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     return model
+
+
+def char_vocab() -> list[str]:
+    """VOCAB single characters: printable ASCII, then Greek and Cyrillic letters."""
+    chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x391, 0x3A9)] + [chr(c) for c in range(0x410, 0x450)]
+    return chars[:VOCAB]
+
+
+def save_char_tokenizer(folder, bos: int | None = None) -> None:
+    """A one-character-per-token tokenizer.json for a tiny model, so text-level features can be tested."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {c: i for i, c in enumerate(char_vocab())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json") if hasattr(folder, "joinpath") else f"{folder}/tokenizer.json")
+    cfg = {"add_bos_token": bos is not None, "bos_token": char_vocab()[bos] if bos is not None else None, "eos_token": None}
+    with open(f"{folder}/tokenizer_config.json", "w") as f:
+        json.dump(cfg, f)

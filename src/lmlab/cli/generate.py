@@ -1,0 +1,347 @@
+"""`lmlab generate` and `lmlab chat`: every sampling knob, streaming, stats on stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.errors import LmlabError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def sampling_kwargs(temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty,
+                    presence_penalty, no_repeat_ngram, seed, n) -> dict:
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed, n=n)
+
+
+def prob_style(p: float) -> str:
+    """Colour of a token by its probability: green (sure) through yellow to red (surprising)."""
+    if p >= 0.8:
+        return "bold green"
+    if p >= 0.5:
+        return "green"
+    if p >= 0.2:
+        return "yellow"
+    if p >= 0.05:
+        return "dark_orange"
+    return "bold red"
+
+
+def format_stats(timings: dict, load_s: float | None = None) -> str:
+    parts = []
+    if load_s is not None:
+        parts.append(f"load {load_s:.2f} s")
+    parts += [
+        f"prompt {timings.get('prompt_tokens', 0)} tok",
+        f"generated {timings.get('generated_tokens', 0)} tok",
+        f"TTFT {timings.get('ttft_ms', 0):.0f} ms",
+        f"prefill {timings.get('prefill_tok_s', 0):.0f} tok/s",
+        f"decode {timings.get('decode_tok_s', 0):.1f} tok/s",
+        f"peak mem {timings.get('peak_memory_bytes', 0) / 2**20:.0f} MiB",
+    ]
+    return " · ".join(parts)
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LmlabError(f"prompts file {path} does not exist; pass a text file with one prompt per line.")
+    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise LmlabError(f"prompts file {path} has no prompts; put one prompt per line.")
+    return prompts
+
+
+def generate(
+    prompt: str = typer.Argument(None, help="The prompt (omit with --prompts FILE)."),
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Model name, path or hub id."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-t", help="Tokens to generate per sequence."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus: keep the smallest set with this mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    typical_p: float = typer.Option(1.0, "--typical-p", help="Locally typical sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty"),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Never repeat an n-gram of this size."),
+    seed: int = typer.Option(None, help="Same seed, same output."),
+    n: int = typer.Option(1, "-n", help="Samples per prompt."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tokens (default on a terminal)."),
+    show_probs: bool = typer.Option(False, "--show-probs", help="Colour each token by its probability."),
+    alternatives: int = typer.Option(0, "--alternatives", help="Show the top K alternatives of each token."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    prompts_file: Path = typer.Option(None, "--prompts", help="File with one prompt per line, run as one batch."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    fake_chat: bool = typer.Option(False, "--fake-chat", help="Prompt a base model as an assistant (a transcript it continues)."),
+    few_shot: Path = typer.Option(None, "--few-shot", help="Text file of examples to put before the prompt."),
+    truncate: str = typer.Option(None, "--truncate", help="'left': keep the end of a prompt longer than the context."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything each step (slow; for checking)."),
+    no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
+    wandb: bool = typer.Option(False, "--wandb", help="Mirror the run to wandb."),
+):
+    """Generate text from a prompt with every sampling knob; stats go to stderr."""
+    from lmlab.engine.prompting import read_few_shot, render
+    from lmlab.runs import record_run
+
+    if prompt is None and prompts_file is None:
+        raise LmlabError('no prompt was given; pass a prompt, e.g. lmlab generate "Once upon a time", or --prompts FILE.')
+    if truncate not in (None, "left"):
+        raise LmlabError(f"--truncate takes 'left', got {truncate!r}.")
+    prompts = _read_prompts(prompts_file) if prompts_file else [prompt]
+    sk = sampling_kwargs(temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty,
+                         presence_penalty, no_repeat_ngram, seed, n)
+    from lmlab.engine.sampling import SamplingParams
+
+    SamplingParams(**sk).validate()  # bad values fail before the model loads
+    if max_new_tokens <= 0:
+        raise LmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 64.")
+    lm = load_model(model, dtype, device)
+    shots = read_few_shot(few_shot) if few_shot else None
+    stops = list(stop or [])
+    add_special = True
+    if chat or fake_chat:
+        mode = "fake" if fake_chat else "template"
+        rendered = [render(lm.tokenizer, [{"role": "user", "content": p}], mode, shots) for p in prompts]
+        texts = [r[0] for r in rendered]
+        stops += rendered[0][1]
+        add_special = rendered[0][2]
+    else:
+        texts = [(shots or "") + p for p in prompts]
+
+    if stream is None:
+        stream = sys.stdout.isatty() and not json_out
+    if len(texts) > 1 or n > 1 or json_out:
+        stream = False
+    gen_kw = dict(max_new_tokens=max_new_tokens, stop=stops, alternatives=max(alternatives, 5 if show_probs else 0),
+                  use_cache=not no_cache, truncate=truncate, add_special=add_special, **sk)
+    config = dict(dtype=dtype, device=device, chat=chat, fake_chat=fake_chat, few_shot=str(few_shot) if few_shot else None, **gen_kw)
+    with record_run("generate", model=model, model_path=_model_path(lm), config=config, seed=seed,
+                    inputs={"prompts": prompts, "rendered": texts}, record=not no_record, wandb=wandb or None) as run:
+        if stream:
+            _stream_one(lm, texts[0], gen_kw, show_probs, alternatives, run)
+        else:
+            _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run)
+
+
+def _model_path(lm):
+    return str(lm.resolved.path) if lm.resolved is not None else None
+
+
+def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
+    """Print tokens as they come. Ctrl-C prints what was generated and the stats so far, exit 130."""
+    from lmlab.engine.generate import Generation
+
+    gen = Generation(lm, text, **gen_kw)
+    pieces, ids, alts = [], [], []
+    try:
+        for ev in gen.events():
+            pieces.append(ev.text)
+            ids.append(ev.id)
+            if show_probs:
+                out.print(Text(ev.text, style=prob_style(2.718281828 ** ev.logprob)), end="")
+            else:
+                out.print(ev.text, end="", markup=False, highlight=False)
+            sys.stdout.flush()
+            if alternatives:
+                alts.append([(p, round(q, 4)) for _, p, q in ev.alternatives[:alternatives]])
+    except KeyboardInterrupt:
+        out.print()
+        timings = gen.stats.as_dict()
+        err.print(f"[yellow]interrupted[/] after {len(ids)} tokens · " + format_stats(timings, lm.load_seconds))
+        run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": ["interrupted"]}
+        run.timings = timings
+        raise
+    out.print()
+    timings = gen.stats.as_dict()
+    if alternatives:
+        _print_alternatives(lm, ids, alts)
+    err.print(format_stats(timings, lm.load_seconds))
+    run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": ["done"]}
+    run.timings = timings
+    run.add_metrics(decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"])
+
+
+def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
+    try:
+        results = lm.generate(texts, **gen_kw)
+    except KeyboardInterrupt as e:
+        partial = getattr(e, "partial", [])
+        for r in partial:
+            out.print(r.text, markup=False)
+        if partial:
+            err.print("[yellow]interrupted[/] · " + format_stats(partial[0].timings, lm.load_seconds))
+            run.outputs = {"texts": [r.text for r in partial], "finish_reasons": ["interrupted"] * len(partial)}
+        raise
+    timings = results[0].timings
+    run.outputs = {"texts": [r.text for r in results], "token_ids": [r.token_ids for r in results],
+                   "finish_reasons": [r.finish_reason for r in results]}
+    run.timings = timings
+    run.add_metrics(decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"])
+    if json_out:
+        print_json({"model": lm.name, "results": [
+            {"prompt": prompts[i // max(1, len(results) // len(prompts))], **{k: v for k, v in r.to_dict().items() if k != "prompt"}}
+            for i, r in enumerate(results)], "timings": timings, "run_id": run.id})
+        return
+    for i, r in enumerate(results):
+        if len(results) > 1:
+            err.print(f"[dim]--- {i + 1}/{len(results)} ({r.finish_reason})[/]")
+        if show_probs:
+            line = Text()
+            for tid, lp in zip(r.token_ids, r.logprobs):
+                line.append(lm.tokenizer.decode([tid]), style=prob_style(2.718281828 ** lp))
+            out.print(line)
+        else:
+            out.print(r.text, markup=False, highlight=False)
+        if alternatives:
+            _print_alternatives(lm, r.token_ids, [[(p, round(q, 4)) for _, p, q in a[:alternatives]] for a in r.alternatives])
+    err.print(format_stats(timings, lm.load_seconds))
+
+
+def _print_alternatives(lm, ids, alts):
+    from rich.table import Table
+
+    t = Table(title="top alternatives per generated token")
+    t.add_column("#", justify="right")
+    t.add_column("token")
+    t.add_column("alternatives (probability)")
+    for i, (tid, a) in enumerate(zip(ids, alts)):
+        t.add_row(str(i), repr(lm.tokenizer.token_str(tid)), "  ".join(f"{p!r} {q:.3f}" for p, q in a))
+    err.print(t)
+
+
+# ----------------------------------------------------------------------------- chat
+
+CHAT_HELP = "commands: /reset  /set KNOB VALUE (temperature top_k top_p min_p typical_p repetition_penalty max_new_tokens seed)  /show  /quit"
+
+
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model"),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    seed: int = typer.Option(None),
+    fake_chat: bool = typer.Option(False, "--fake-chat", help="Base model: a transcript format it can continue."),
+    few_shot: Path = typer.Option(None, "--few-shot", help="Examples to put before the conversation (base models)."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    no_record: bool = typer.Option(False, "--no-record"),
+):
+    """Chat with a model: history, /reset, /set KNOB VALUE, stats after each answer."""
+    from lmlab.engine.prompting import default_mode, read_few_shot, render
+    from lmlab.engine.sampling import SamplingParams
+    from lmlab.runs import record_run
+
+    knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                 max_new_tokens=max_new_tokens, seed=seed, typical_p=1.0)
+    SamplingParams(**{k: v for k, v in knobs.items() if k != "max_new_tokens"}).validate()
+    lm = load_model(model, dtype, device)
+    mode = "fake" if fake_chat else default_mode(lm.tokenizer)
+    shots = read_few_shot(few_shot) if few_shot else None
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    err.print(f"chatting with {lm.name} ({'chat template' if mode == 'template' else 'fake-chat transcript'}); {CHAT_HELP}")
+    with record_run("chat", model=model, model_path=_model_path(lm), config=dict(mode=mode, dtype=dtype, **knobs),
+                    seed=seed, inputs={"system": system}, record=not no_record) as run:
+        turns = []
+        run.outputs = {"turns": turns}
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                out.print()
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not _chat_command(line, knobs, history, system):
+                    break
+                continue
+            history.append({"role": "user", "content": line})
+            text, stops, add_special = render(lm.tokenizer, history, mode, shots)
+            sk = {k: v for k, v in knobs.items() if k != "max_new_tokens"}
+            from lmlab.engine.generate import Generation
+
+            try:
+                gen = Generation(lm, text, max_new_tokens=knobs["max_new_tokens"], stop=stops, add_special=add_special, **sk)
+            except LmlabError as e:
+                history.pop()
+                err.print(f"error: {e}")
+                continue
+            answer = []
+            out.print("bot> ", end="")
+            try:
+                for ev in gen.events():
+                    answer.append(ev.text)
+                    out.print(ev.text, end="", markup=False, highlight=False)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                out.print()
+                err.print("[yellow](answer interrupted)[/]")
+            out.print()
+            reply = "".join(answer).strip()
+            history.append({"role": "assistant", "content": reply})
+            timings = gen.stats.as_dict()
+            err.print("[dim]" + format_stats(timings) + "[/]")
+            turns.append({"user": line, "assistant": reply, "timings": timings})
+            run.checkpoint()
+
+
+def _chat_command(line: str, knobs: dict, history: list, system: str | None) -> bool:
+    """Handle a /command; False means quit."""
+    from lmlab.engine.sampling import SamplingParams
+
+    parts = line.split()
+    cmd = parts[0].lower()
+    if cmd in ("/quit", "/exit", "/q"):
+        return False
+    if cmd == "/reset":
+        del history[:]
+        if system:
+            history.append({"role": "system", "content": system})
+        err.print("history cleared")
+    elif cmd == "/show":
+        err.print(" ".join(f"{k}={v}" for k, v in knobs.items()))
+    elif cmd == "/set" and len(parts) == 3:
+        key, raw = parts[1].replace("-", "_"), parts[2]
+        if key not in knobs:
+            err.print(f"unknown knob {key!r}; one of: {', '.join(knobs)}")
+            return True
+        try:
+            value = None if raw.lower() == "none" else (int(raw) if key in ("top_k", "max_new_tokens", "seed") else float(raw))
+            trial = {**knobs, key: value}
+            SamplingParams(**{k: v for k, v in trial.items() if k != "max_new_tokens"}).validate()
+            if trial["max_new_tokens"] is None or trial["max_new_tokens"] <= 0:
+                raise LmlabError("max_new_tokens must be a positive integer.")
+        except ValueError:
+            err.print(f"{raw!r} is not a number for {key}")
+            return True
+        except LmlabError as e:
+            err.print(f"error: {e}")
+            return True
+        knobs[key] = value
+        err.print(f"{key} = {value}")
+    else:
+        err.print(CHAT_HELP)
+    return True
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("chat")(chat)

@@ -1,0 +1,102 @@
+"""The engine: cached == uncached, ragged batches, seeds, stop strings, streaming, bad input."""
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.errors import LmlabError
+from tiny import VOCAB, make_tiny, save_char_tokenizer
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
+def lm(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    make_tiny(request.param, folder)
+    save_char_tokenizer(folder)
+    return lmlab.load(folder)
+
+
+def prompt_ids(n, seed):
+    return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def argmax_loop(lm, ids, n):
+    seq = torch.tensor([ids])
+    for _ in range(n):
+        seq = torch.cat([seq, lm(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, len(ids):].tolist()
+
+
+def test_greedy_equals_uncached_argmax_loop(lm):
+    ids = prompt_ids(12, 0)
+    res = lm.generate(ids, max_new_tokens=20, temperature=0)
+    assert res.token_ids == argmax_loop(lm, ids, 20)
+    assert lm.generate(ids, max_new_tokens=20, temperature=0, use_cache=False).token_ids == res.token_ids
+    assert res.finish_reason == "length"
+
+
+def test_ragged_batch_equals_each_prompt_alone(lm):
+    prompts = [prompt_ids(n, s) for n, s in [(3, 1), (17, 2), (9, 3)]]
+    batch = lm.generate(prompts, max_new_tokens=12, temperature=0)
+    for p, r in zip(prompts, batch):
+        assert r.token_ids == lm.generate(p, max_new_tokens=12, temperature=0).token_ids
+
+
+def test_sampling_with_a_seed_is_reproducible_and_cache_free(lm):
+    ids = prompt_ids(8, 4)
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    a = lm.generate(ids, **kw).token_ids
+    assert a == lm.generate(ids, **kw).token_ids
+    assert a == lm.generate(ids, use_cache=False, **kw).token_ids
+    assert a != lm.generate(ids, **{**kw, "seed": 124}).token_ids
+
+
+def test_n_samples_per_prompt(lm):
+    res = lm.generate([prompt_ids(5, 5)], max_new_tokens=8, temperature=1.0, seed=0, n=3)
+    assert len(res) == 3 and len({tuple(r.token_ids) for r in res}) > 1
+
+
+def test_stop_string_cuts_text_exactly(lm):
+    text = lm.generate("hello", max_new_tokens=30, temperature=0).text
+    stop = text[5:7]  # a string the model is known to produce
+    res = lm.generate("hello", max_new_tokens=30, temperature=0, stop=[stop])
+    assert res.finish_reason == "stop"
+    assert res.text == text[: text.find(stop)]
+
+
+def test_stream_events_join_into_the_final_text(lm):
+    full = lm.generate("abc", max_new_tokens=25, temperature=0.8, seed=7, alternatives=3)
+    events = list(lm.stream("abc", max_new_tokens=25, temperature=0.8, seed=7, alternatives=3))
+    assert "".join(e.text for e in events) == full.text
+    assert [e.id for e in events] == full.token_ids
+    assert all(len(e.alternatives) == 3 for e in events)
+    assert all(abs(sum(p for _, _, p in e.alternatives)) <= 1 + 1e-5 for e in events)
+    assert events[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(top_p=1.5), "top_p"), (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_sampling_values_are_one_sentence(lm, kw, words):
+    with pytest.raises(LmlabError) as e:
+        lm.generate([1, 2, 3], **{"max_new_tokens": 4, **kw})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prompt_longer_than_context_names_both_lengths(lm):
+    ctx = lm.config.max_seq_len
+    long = prompt_ids(ctx + 5, 9)
+    with pytest.raises(LmlabError, match=f"{ctx + 5} tokens.*context is {ctx}.*--truncate left"):
+        lm.generate(long, max_new_tokens=4)
+    res = lm.generate(long, max_new_tokens=4, truncate="left", temperature=0)
+    assert len(res.prompt_ids) == ctx - 4 and len(res.token_ids) == 4
+
+
+def test_empty_prompt_without_bos_is_refused(lm):
+    lm.config.bos_token_id, saved = None, lm.config.bos_token_id
+    try:
+        with pytest.raises(LmlabError, match="empty"):
+            lm.generate("", max_new_tokens=4)
+    finally:
+        lm.config.bos_token_id = saved
