@@ -177,7 +177,8 @@ class Generation:
         if want_counts:
             counts = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=dev)
             counts.scatter_add_(1, ids, key_mask[:, :T0].float())
-        history = ids.clone() if p.no_repeat_ngram_size else None  # (B, S) ids incl. left padding
+        # (B, S) ids so far; left padding marked -1 so it never counts as a token
+        history = torch.where(key_mask[:, :T0], ids, -1) if p.no_repeat_ngram_size else None
 
         st = self.stats
         st.prompt_tokens, st.batch = int(lens.sum()), B
