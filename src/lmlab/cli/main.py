@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     _DEBUG = "--debug" in argv or os.environ.get("LMLAB_DEBUG") == "1"
     _register()
     try:
-        app(argv, standalone_mode=False)
-        return 0
+        rv = app(argv, standalone_mode=False)
+        # typer turns Ctrl-C (click's Abort) into a returned 130 rather than an exception
+        return rv if isinstance(rv, int) else 0
     except LmlabError as e:
         if _DEBUG:
             raise

@@ -64,9 +64,16 @@ class GenerationStats:
     decode_steps: int = 0
     kv_cache_bytes: int = 0
     peak_memory_bytes: int = 0
+    decode_started: float | None = None  # perf_counter() at the first decode step
+    device: str = "cpu"
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        """The stats as a dict, with rates; works mid-run (after Ctrl-C) as well as at the end."""
+        if not self.decode_s and self.decode_started is not None:
+            self.decode_s = time.perf_counter() - self.decode_started
+        if not self.peak_memory_bytes:
+            self.peak_memory_bytes = peak_memory_bytes(torch.device(self.device))
+        d = {k: v for k, v in self.__dict__.items() if k not in ("decode_started", "device")}
         d["prefill_tok_s"] = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
         # decode rate counts every token after the first of each sequence (the first comes from prefill)
         after_first = self.generated_tokens - self.batch
@@ -181,7 +188,7 @@ class Generation:
         history = torch.where(key_mask[:, :T0], ids, -1) if p.no_repeat_ngram_size else None
 
         st = self.stats
-        st.prompt_tokens, st.batch = int(lens.sum()), B
+        st.prompt_tokens, st.batch, st.device = int(lens.sum()), B, str(dev)
         cache = KVCache(cfg, B, total, lm.dtype, dev) if self.use_cache else None
         st.kv_cache_bytes = cache.nbytes if cache is not None else 0
         tok = lm.tokenizer
@@ -202,7 +209,7 @@ class Generation:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 st.prefill_s = st.ttft_s = time.perf_counter() - t0
-                t_decode = time.perf_counter()
+                t_decode = st.decode_started = time.perf_counter()
             step += 1
             ent = entropy(logits)
             alts = top_alternatives(logits, self.alternatives) if self.alternatives else None

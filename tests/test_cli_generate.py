@@ -1,0 +1,78 @@
+"""`lmlab generate` end to end on a tiny model: output, JSON, batches, Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmlab.cli.main import main
+from tiny import make_tiny, save_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny("llama", d)
+    save_char_tokenizer(d)
+    return d
+
+
+def test_json_output_and_stats_on_stderr(tiny_dir, capsys):
+    capsys.readouterr()
+    code = main(["generate", "hello", "-m", str(tiny_dir), "--max-new-tokens", "6", "--temperature", "0",
+                 "--json", "--alternatives", "2", "--no-record"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)  # stdout is pure JSON
+    r = data["results"][0]
+    assert len(r["token_ids"]) == 6 and len(r["alternatives"][0]) == 2
+    assert data["timings"]["decode_tok_s"] > 0
+
+
+def test_prompts_file_runs_as_a_batch(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("one\ntwo two\n\nthree three three\n")
+    capsys.readouterr()
+    code = main(["generate", "--prompts", str(f), "-m", str(tiny_dir), "--max-new-tokens", "4", "--temperature", "0",
+                 "--json", "--no-record"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [r["prompt"] for r in json.loads(out)["results"]] == ["one", "two two", "three three three"]
+
+
+@pytest.mark.parametrize("flag, value, word", [("--top-p", "1.5", "top_p"), ("--temperature", "-1", "temperature"),
+                                               ("--top-k", "-3", "top_k"), ("--max-new-tokens", "0", "max_new_tokens")])
+def test_bad_sampling_flags(tiny_dir, capsys, flag, value, word):
+    capsys.readouterr()
+    code = main(["generate", "hi", "-m", str(tiny_dir), flag, value, "--no-record"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and word in err and "\n" not in err and err.startswith("error:")
+
+
+def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(tmp_path):
+    tiny_dir = tmp_path / "long"
+    make_tiny("llama", tiny_dir, max_position_embeddings=200_000)  # a run long enough to interrupt
+    save_char_tokenizer(tiny_dir)
+    env = {**os.environ, "LMLAB_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmlab.cli.main", "generate", "once", "-m", str(tiny_dir), "--stream",
+         "--max-new-tokens", "100000", "--temperature", "1", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    os.set_blocking(proc.stdout.fileno(), False)
+    got, deadline = b"", time.time() + 60
+    while len(got) < 20 and time.time() < deadline:  # wait until text is streaming
+        try:
+            got += os.read(proc.stdout.fileno(), 4096)
+        except BlockingIOError:
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=30)
+    assert len(got + rest) >= 20  # bytes streamed before the interrupt are all there
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "decode" in err and "Traceback" not in err
