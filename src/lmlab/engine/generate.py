@@ -226,12 +226,12 @@ class Generation:
             for r, seq in enumerate(rows.tolist()):
                 tid = id_list[r]
                 n_out[seq] += 1
-                piece = decoders[seq].push(tid) if decoders[seq] is not None else ""
-                texts[seq] += piece
                 reason = None
                 if tid in self._eos_set(cfg):
-                    reason = "eos"
-                elif n_out[seq] >= self.max_new_tokens:
+                    reason = "eos"  # the end-of-sequence token ends the text; its own text is not part of it
+                elif decoders[seq] is not None:
+                    texts[seq] += decoders[seq].push(tid)
+                if reason is None and n_out[seq] >= self.max_new_tokens:
                     reason = "length"
                 cut = len(texts[seq])
                 if self.stop:
