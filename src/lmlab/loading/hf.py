@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -144,10 +143,14 @@ def config_from_hf(d: dict) -> ModelConfig:
     if not layer_types:
         pattern = d.get("sliding_window_pattern", 6)
         layer_types = ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(d["num_hidden_layers"])]
-    local = _rope_params(d, "sliding_attention")
+    rp_all = d.get("rope_parameters")
+    if isinstance(rp_all, dict) and isinstance(rp_all.get("sliding_attention"), dict):
+        local_theta = rp_all["sliding_attention"].get("rope_theta", 10000.0)
+    else:  # old-style config: local layers use plain RoPE with their own base
+        local_theta = d.get("rope_local_base_freq", 10000.0)
     return ModelConfig(
         **base, act=act, norm_weight_offset=1.0, sandwich_norm=True, qk_norm=True,
-        rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))),
+        rope_local_theta=float(local_theta),
         attn_scale=d.get("query_pre_attn_scalar", base["head_dim"]) ** -0.5,
         sliding_window=d.get("sliding_window", 512), layer_types=layer_types,
         attn_logit_softcap=d.get("attn_logit_softcapping"), final_logit_softcap=d.get("final_logit_softcapping"),
@@ -406,9 +409,3 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device="cpu"):
         model.lm_head.weight = model.tok_embed.weight
     model._rope_cache = {}
     return model.eval()
-
-
-def env_threads() -> None:
-    """Respect LMLAB_THREADS for torch's intra-op pool (benchmarks pin it)."""
-    if os.environ.get("LMLAB_THREADS"):
-        torch.set_num_threads(int(os.environ["LMLAB_THREADS"]))
