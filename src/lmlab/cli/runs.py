@@ -1,0 +1,259 @@
+"""`lmlab runs`: list, show, diff, export and rm the runs in the local store.
+
+Content (tables, JSON, reports) goes to stdout; counts and file paths to stderr. A run is named
+by its id, any unique prefix of it, `last` (the newest run) or `last-N` (N runs before that).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lmlab.cli.common import err, out, print_json
+from lmlab.errors import LmlabError
+
+runs_app = typer.Typer(
+    name="runs",
+    help="The run store: list, show, compare, export and delete recorded runs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+STATUS_STYLE = {"complete": "green", "failed": "bold red", "interrupted": "yellow", "running": "cyan",
+                "incomplete": "bold yellow"}
+# Metrics worth a place in `runs list`, in order: (key, label, unit).
+KEY_METRICS = (
+    ("decode_tok_s", "decode", "tok/s"), ("tokens_per_s", "", "tok/s"), ("prefill_tok_s", "prefill", "tok/s"),
+    ("ttft_ms", "TTFT", "ms"), ("perplexity", "ppl", ""), ("loss", "loss", ""), ("accuracy", "acc", ""),
+    ("kl", "KL", ""),
+)
+MAX_CELL_CHARS = 160
+MAX_DIFF_ROWS = 25  # per section in the diff table
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `runs` command group to the main app."""
+    app.add_typer(runs_app, name="runs")
+
+
+def _open_store():
+    from lmlab.runs import RunStore
+
+    return RunStore()  # raises LmlabError (StoreUnavailable or newer schema) with the fix
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return "—"
+    return _dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _status_text(run: dict) -> Text:
+    from lmlab.runs import status_label
+
+    label = status_label(run)
+    shown = "incomplete (never finished)" if label == "incomplete" else label
+    return Text(shown, style=STATUS_STYLE.get(label, ""))
+
+
+def key_metrics(run: dict, most: int = 3) -> str:
+    """The few metrics that say how a run went, e.g. 'decode 41.3 tok/s · TTFT 120 ms'."""
+    from lmlab.runs.report import fmt_value
+
+    metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
+    parts = []
+    for key, label, unit in KEY_METRICS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(" ".join(x for x in (label, fmt_value(v, key), unit) if x))
+    points = metrics.get("points")
+    if isinstance(points, list) and points:
+        best = [p.get("decode_tok_s") for p in points if isinstance(p, dict)
+                and isinstance(p.get("decode_tok_s"), (int, float))]
+        parts.append(f"{len(points)} points" + (f", best decode {fmt_value(max(best))} tok/s" if best else ""))
+    if not parts:  # no known metric: show the first plain numbers
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{k} {fmt_value(v, k)}")
+    return " · ".join(parts[:most]) or "—"
+
+
+def _cell(value, key: str = "") -> str:
+    from lmlab.runs.report import fmt_value
+
+    text = fmt_value(value, key)
+    return text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + "…"
+
+
+@runs_app.command("list")
+def list_runs(
+    limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many runs (0 = all)."),
+    command: str = typer.Option(None, "--command", "-c", help="Only runs of this command (generate, bench, ...)."),
+    model: str = typer.Option(None, "--model", "-m", help="Only runs of this model."),
+    search: str = typer.Option(None, "--search", "-s",
+                               help="Only runs whose config, inputs, outputs or error contain this text."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List recorded runs, newest first."""
+    with _open_store() as store:
+        runs = store.list(limit=limit or None, command=command, model=model, search=search)
+        total = store.count()
+        path = store.path
+    if json_out:
+        return print_json(runs)
+    t = Table(title=None, header_style="bold")
+    for col, kw in (("id", {"no_wrap": True}), ("when", {"no_wrap": True}), ("command", {}), ("model", {}),
+                    ("status", {}), ("key metrics", {}), ("duration", {"justify": "right"})):
+        t.add_column(col, **kw)
+    for r in runs:
+        duration = f"{r['duration_s']:.1f} s" if r.get("duration_s") is not None else "—"
+        t.add_row(r["id"], _when(r["created"]), r["command"], r.get("model") or "—", _status_text(r),
+                  key_metrics(r), duration)
+    if runs:
+        out.print(t)
+    filtered = " matching" if (command or model or search) else ""
+    err.print(f"{len(runs)}{filtered} of {total} runs in {path}" + ("" if runs else
+              " (every generate / chat / inspect / bench / eval / train run lands here)"))
+
+
+def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 2, 0, 0))
+    t.add_column(style="dim", no_wrap=True)
+    t.add_column(overflow="fold")
+    for k, v in rows:
+        t.add_row(k, v if isinstance(v, Text) else Text(_cell(v, k)))
+    return t
+
+
+@runs_app.command("show")
+def show(
+    run_id: str = typer.Argument(..., metavar="ID", help="Run id, a unique prefix, 'last' or 'last-N'."),
+    json_out: bool = typer.Option(False, "--json", help="The whole record as JSON."),
+):
+    """Show everything recorded about one run."""
+    from lmlab.runs.store import flatten
+
+    with _open_store() as store:
+        run = store.get(run_id)
+    if json_out:
+        return print_json(run)
+    head = [("id", run["id"]), ("command", run["command"]), ("status", _status_text(run)),
+            ("model", run.get("model")), ("model path", run.get("model_path")), ("model sha256", run.get("model_hash")),
+            ("seed", run.get("seed")), ("started", run.get("created")), ("finished", run.get("finished")),
+            ("duration", f"{run['duration_s']:.2f} s" if run.get("duration_s") is not None else None),
+            ("command line", " ".join(run.get("argv") or []))]
+    out.print(_kv_table(f"run {run['id']}", head))
+    for section in ("config", "metrics", "timings"):
+        value = run.get(section)
+        if value:
+            flat = flatten(value if isinstance(value, dict) else {"value": value})
+            if section == "metrics" and "points" in (value if isinstance(value, dict) else {}):
+                flat = {k: v for k, v in flat.items() if not k.startswith("points[")}
+                flat["points"] = f"{len(value['points'])} points (`lmlab runs export {run['id']} --html` plots them)"
+            out.print()
+            out.print(_kv_table(section, list(flat.items())))
+    for section in ("inputs", "outputs"):
+        value = run.get(section)
+        if value:
+            out.print()
+            out.print(Text(section, style="bold"))
+            flat = flatten(value if isinstance(value, dict) else {"value": value})
+            for k, v in flat.items():
+                out.print(Text(k, style="dim"))
+                out.print(Text(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)))
+    if run.get("error"):
+        out.print()
+        out.print(Text("error", style="bold red"))
+        out.print(Text(run["error"]))
+    for section in ("versions", "host"):
+        if run.get(section):
+            out.print()
+            out.print(_kv_table(section, list(flatten(run[section]).items())))
+
+
+@runs_app.command("diff")
+def diff(
+    a: str = typer.Argument(..., metavar="A", help="The first run (the baseline)."),
+    b: str = typer.Argument(..., metavar="B", help="The second run."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """What changed from run A to run B: config, inputs, outputs, metrics, versions, host."""
+    from lmlab.runs.report import fmt_ratio
+
+    with _open_store() as store:
+        d = store.diff(a, b)
+    if json_out:
+        return print_json(d)
+    n_same = sum(d["same"].values())
+    if not d["changes"]:
+        err.print(f"runs {d['a']} and {d['b']} record the same config, inputs, outputs and metrics.")
+        return
+    t = Table(header_style="bold")
+    t.add_column("section", style="dim")
+    t.add_column("key")
+    t.add_column(f"A {d['a']}", overflow="fold")
+    t.add_column(f"B {d['b']}", overflow="fold")
+    t.add_column("B/A", justify="right")
+    shown: dict[str, int] = {}
+    for c in d["changes"]:
+        shown[c["section"]] = shown.get(c["section"], 0) + 1
+        if shown[c["section"]] > MAX_DIFF_ROWS:  # e.g. every point of two bench sweeps
+            continue
+        t.add_row(c["section"], c["key"], Text(_cell(c["a"], c["key"]) if c["change"] != "added" else "(absent)"),
+                  Text(_cell(c["b"], c["key"]) if c["change"] != "removed" else "(absent)"), fmt_ratio(c["ratio"]))
+    out.print(t)
+    hidden = sum(max(0, n - MAX_DIFF_ROWS) for n in shown.values())
+    more = f" ({hidden} not shown: add --json to see them all)" if hidden else ""
+    err.print(f"{len(d['changes'])} differences{more}, {n_same} fields the same.")
+
+
+@runs_app.command("export")
+def export(
+    run_ids: list[str] = typer.Argument(..., metavar="ID...", help="One run, or several to compare side by side."),
+    html: bool = typer.Option(False, "--html", help="A self-contained HTML report with plots (the default)."),
+    md: bool = typer.Option(False, "--md", help="A Markdown report."),
+    json_out: bool = typer.Option(False, "--json", help="The full records as a JSON list."),
+    output: Path = typer.Option(None, "-o", "--output", help="Write here ('-' = stdout). Default: stdout for "
+                                "--md/--json, lmlab-report-<ids>.html for --html."),
+):
+    """Export runs as a shareable report (HTML or Markdown) or as JSON."""
+    from lmlab.runs.report import render_html, render_markdown, report_filename
+
+    if sum((html, md, json_out)) > 1:
+        raise LmlabError("choose one format: --html, --md or --json.")
+    fmt = "md" if md else "json" if json_out else "html"
+    with _open_store() as store:
+        runs = [store.get(i) for i in run_ids]
+    if fmt == "json":
+        text = json.dumps(runs, indent=2, ensure_ascii=False, default=str) + "\n"
+    elif fmt == "md":
+        text = render_markdown(runs)
+    else:
+        text = render_html(runs)
+    if output is None and fmt == "html":
+        output = Path(report_filename(runs))
+    if output is None or str(output) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise LmlabError(f"could not write {output} ({e.strerror or e}); pass -o with a writable path.") from e
+    err.print(f"wrote {fmt} report of {len(runs)} run{'s' if len(runs) > 1 else ''} to {output}")
+
+
+@runs_app.command("rm")
+def rm(run_ids: list[str] = typer.Argument(..., metavar="ID...", help="Runs to delete.")):
+    """Delete runs from the store (for good)."""
+    with _open_store() as store:
+        full = [store.resolve_id(i) for i in run_ids]  # check every id before deleting any
+        for run_id in dict.fromkeys(full):
+            store.delete(run_id)
+            err.print(f"deleted run {run_id}")
