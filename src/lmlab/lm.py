@@ -80,3 +80,4 @@ class LM:
         c = self.config
         return f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
 
+import lmlab.inspect  # noqa: E402,F401  (attaches lm.hooks, run_with_cache, intervene, logit_lens)
