@@ -98,8 +98,10 @@ class Generation:
 
     def __init__(self, lm, prompts, *, max_new_tokens: int = 64, stop=None, alternatives: int = 0,
                  use_cache: bool = True, truncate: str | None = None, chat: bool = False,
-                 add_special: bool = True, check_every: int | None = None, **sampling):
+                 add_special: bool = True, check_every: int | None = None, ignore_eos: bool = False,
+                 **sampling):
         self.lm = lm
+        self.ignore_eos = ignore_eos  # run every sequence to max_new_tokens (benchmarks)
         self.params = SamplingParams(**sampling)
         self.params.validate()
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -295,8 +297,8 @@ class Generation:
 
     def _eos_set(self, cfg) -> set[int]:
         if not hasattr(self, "_eos"):
-            self._eos = set(cfg.eos_token_ids)
-            if self.lm.tokenizer is not None:
+            self._eos = set() if self.ignore_eos else set(cfg.eos_token_ids)
+            if self.lm.tokenizer is not None and not self.ignore_eos:
                 self._eos |= set(self.lm.tokenizer.eos_ids)
         return self._eos
 

@@ -1,0 +1,215 @@
+"""The machine's own limits: memory bandwidth and matmul peak, measured once and cached.
+
+``lmlab bench --machine`` measures them; a sweep reads them from ``$LMLAB_HOME/machine.json``
+(measuring once if they are absent) to say how close each point comes to the hardware.
+
+- **bandwidth** (GB/s): a float32 matrix-vector product over at least 1 GiB of "weights", the
+  access pattern of batch-1 decoding. Bigger than any cache, so it reads DRAM. A plain copy
+  (read + write) and a plain read (a sum) are measured next to it for reference.
+- **matmul peak** (GFLOP/s): a large square GEMM per dtype (float32, bfloat16, float16), the
+  best of several runs.
+
+The cache is keyed by the host's details (CPU model, cores, threads, torch version, device), so
+a different thread count or a torch upgrade measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+MACHINE_FILE = "machine.json"
+SCHEMA = 1
+GiB = 1 << 30
+
+
+def lmlab_home() -> Path:
+    """``$LMLAB_HOME``, or ~/.lmlab (the run store's folder; one definition, in lmlab.runs.store)."""
+    from lmlab.runs.store import lmlab_home as home
+
+    return home()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    """The instruction-set extensions that decide matmul speed on CPU."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def host_details(device: str | torch.device = "cpu", threads: int | None = None) -> dict:
+    """What the measurements depend on: CPU, cores, threads, memory, torch, device."""
+    import psutil
+
+    dev = torch.device(device)
+    d = {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads or torch.get_num_threads(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": dev.type,
+    }
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        d["device"] = f"cuda:{idx} {props.name}"
+        d["gpu_memory_bytes"] = props.total_memory
+        d["cuda"] = torch.version.cuda
+    return d
+
+
+def host_key(details: dict) -> str:
+    """One string per (CPU, cores, threads, torch, device): a cache entry is valid for it only."""
+    return (f"{details['cpu']} | {details['physical_cores']} cores | {details['threads']} threads"
+            f" | torch {details['torch']} | {details['device']}")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _best_time(fn, dev: torch.device, min_reps: int = 3, max_reps: int = 60, min_total_s: float = 1.5) -> float:
+    """Seconds of the fastest of several calls (after one warm-up call). Calls go on for
+    ``min_total_s`` so that, on a shared machine, some of them find the cores quiet."""
+    fn()
+    _sync(dev)
+    best, total, reps = float("inf"), 0.0, 0
+    while reps < min_reps or (total < min_total_s and reps < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        best, total, reps = min(best, dt), total + dt, reps + 1
+    return best
+
+
+def measure_bandwidth(device="cpu", nbytes: int = GiB) -> dict:
+    """GB/s (1e9 bytes/s) of a float32 mat-vec over ``nbytes`` of weights, a copy and a read."""
+    dev = torch.device(device)
+    cols = 4096
+    rows = max(1, nbytes // (4 * cols))
+    w = torch.full((rows, cols), 1e-3, dtype=torch.float32, device=dev)
+    x = torch.ones(cols, dtype=torch.float32, device=dev)
+    y = torch.empty(rows, dtype=torch.float32, device=dev)
+    size = w.numel() * 4
+    t_mv = _best_time(lambda: torch.mv(w, x, out=y), dev)
+    dst = torch.empty_like(w)
+    t_copy = _best_time(lambda: dst.copy_(w), dev)
+    del dst
+    t_read = _best_time(lambda: w.sum(), dev)
+    return {
+        "matvec_gb_s": size / t_mv / 1e9,
+        "copy_gb_s": 2 * size / t_copy / 1e9,  # a copy reads and writes every byte
+        "read_gb_s": size / t_read / 1e9,
+        "bandwidth_test_bytes": size,
+    }
+
+
+def measure_matmul(device="cpu", dtypes=("float32", "bfloat16", "float16")) -> dict:
+    """GFLOP/s of a large square GEMM per dtype (2·n³ FLOPs per product)."""
+    dev = torch.device(device)
+    out = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        n = 8192 if dev.type == "cuda" else 2048
+        if dev.type == "cpu" and dtype == torch.float16:
+            n = 1024  # fp16 GEMM has no fast path on many CPUs: keep it short
+        try:
+            a = torch.full((n, n), 0.5, dtype=dtype, device=dev)
+            b = torch.full((n, n), 0.25, dtype=dtype, device=dev)
+            c = torch.empty((n, n), dtype=dtype, device=dev)
+            t = _best_time(lambda: torch.mm(a, b, out=c), dev)
+            out[name] = 2 * n**3 / t / 1e9
+        except RuntimeError:  # a dtype this device cannot multiply
+            out[name] = None
+    return out
+
+
+def measure_machine(device="cpu", threads: int | None = None) -> dict:
+    """Measure bandwidth and matmul peak now (about 10 s); returns the entry to cache."""
+    if threads:
+        torch.set_num_threads(threads)
+    details = host_details(device, threads)
+    with torch.inference_mode():
+        entry = {"host": details, **measure_bandwidth(device), "matmul_gflops": measure_matmul(device)}
+    entry["bandwidth_gb_s"] = entry["matvec_gb_s"]  # what bandwidth_pct is relative to
+    entry["threads"] = details["threads"]
+    entry["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return entry
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {"schema": SCHEMA, "entries": {}}
+    except (OSError, ValueError):
+        return {"schema": SCHEMA, "entries": {}}
+
+
+def cached_machine(device="cpu", threads: int | None = None) -> dict | None:
+    """The cached entry for this host, or None."""
+    key = host_key(host_details(device, threads))
+    return _read_cache(lmlab_home() / MACHINE_FILE)["entries"].get(key)
+
+
+def machine_limits(device="cpu", threads: int | None = None, *, remeasure: bool = False, on_measure=None) -> dict:
+    """This host's limits from ``$LMLAB_HOME/machine.json``, measuring (and caching) if absent.
+
+    on_measure: called with a one-line message before measuring, so a caller can say why it waits.
+    """
+    path = lmlab_home() / MACHINE_FILE
+    key = host_key(host_details(device, threads))
+    data = _read_cache(path)
+    entry = data["entries"].get(key)
+    if entry is not None and not remeasure:
+        return entry
+    if on_measure is not None:
+        on_measure(f"measuring this machine's bandwidth and matmul peak once ({key}); cached in {path}")
+    entry = measure_machine(device, threads)
+    data = _read_cache(path)  # re-read: another process may have written meanwhile
+    data["schema"] = SCHEMA
+    data["entries"][key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable home only means measuring again next time
+    return entry

@@ -1,0 +1,224 @@
+"""`lmlab bench`: a sweep against the peers and the machine's own limits; `lmlab bench --machine`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from lmlab.cli.common import err, load_model, out, print_json
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _mb(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _num(x, fmt: str | None = None) -> str:
+    """A number for the table: '-' when absent; by default 3 significant figures or a thousands separator."""
+    if x is None:
+        return "-"
+    if fmt:
+        return fmt.format(x)
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.2g}"
+
+
+def points_table(points: list[dict], peers: list[str]):
+    """The sweep as a rich Table: one row per engine × point, lmlab's ratio against each peer.
+
+    "prefill % FLOP" is prefill FLOP/s as a % of the machine's GEMM peak in that dtype (the
+    FLOP/s themselves are in --json as prefill_tflops)."""
+    from rich import box
+    from rich.table import Table
+
+    from lmlab.bench.sweep import peer_key
+
+    several_new = len({p["new_tokens"] for p in points}) > 1
+    t = Table(title="lmlab bench", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ["engine", "dtype", "batch", "prompt"] + (["new"] if several_new else []) + [
+        "TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "decode\nmedian", "p50/p95\nms", "peak\nmem",
+        "KV\ncache", "GB/s", "%\nBW", "prefill\n% FLOP"]
+    cols += [f"×\n{p}" for p in peers]
+    for c in cols:
+        left = c in ("engine", "dtype")
+        t.add_column(c, justify="left" if left else "right", no_wrap=True)
+    for p in points:
+        row = [p["engine"], p["dtype"] + ("" if p.get("quant") in (None, "none") else f" {p['quant']}"),
+               str(p["batch"]), str(p["prompt_len"])] + ([str(p["new_tokens"])] if several_new else [])
+        row += [
+            _num(p["ttft_ms"]), _num(p["prefill_tok_s"]), _num(p["decode_tok_s"]), _num(p["decode_tok_s_median"]),
+            f"{_num(p['p50_ms'])}/{_num(p['p95_ms'])}", _mb(p["peak_mem_bytes"]), _mb(p["kv_cache_bytes"]),
+            _num(p["bandwidth_gb_s"]), _num(p["bandwidth_pct"], "{:.0f}%"), _num(p["flops_pct"], "{:.1f}%"),
+        ]
+        for peer in peers:
+            r = p.get(f"ratio_vs_{peer_key(peer)}")
+            row.append("" if p["engine"] != "lmlab" else _num(r, "{:.2f}×"))
+        t.add_row(*row, style=None if p["engine"] == "lmlab" else "dim")
+    return t
+
+
+def machine_table(entry: dict):
+    from rich.table import Table
+
+    h = entry["host"]
+    t = Table(title="this machine", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("cpu", f"{h['cpu']} ({h['physical_cores']} cores, {h['logical_cpus']} logical; {', '.join(h.get('cpu_flags') or []) or '-'})")
+    t.add_row("device", str(h["device"]))
+    t.add_row("threads", str(entry["threads"]))
+    t.add_row("memory", _mb(h.get("ram_bytes")))
+    t.add_row("torch", h["torch"])
+    t.add_row("bandwidth (fp32 mat-vec)", f"{entry['matvec_gb_s']:.1f} GB/s over {entry['bandwidth_test_bytes'] / 2**30:.0f} GiB")
+    t.add_row("copy (read + write)", f"{entry['copy_gb_s']:.1f} GB/s")
+    t.add_row("read (sum)", f"{entry['read_gb_s']:.1f} GB/s")
+    for name, g in entry["matmul_gflops"].items():
+        t.add_row(f"matmul peak {name}", "-" if g is None else f"{g:,.0f} GFLOP/s")
+    t.add_row("measured", entry["measured_at"])
+    return t
+
+
+def bench(
+    model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Model name or path."),
+    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,4,16)."),
+    prompt_len: str = typer.Option("64", "--prompt-len", help="Prompt lengths in tokens, comma-separated."),
+    new_tokens: str = typer.Option("128", "--new-tokens", help="Tokens to generate per sequence, comma-separated."),
+    dtype: str = typer.Option("float32", "--dtype", help="Dtypes, comma-separated: float32,bfloat16,float16."),
+    quant: str = typer.Option("none", "--quant", help="Weight quantization (none is the only value for now)."),
+    peer: list[str] = typer.Option(None, "--peer", help="Also time a peer on the same weights: hf, llama.cpp (repeatable)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per point (best and median reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per point before the timed ones."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for lmlab and every peer (default: torch's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
+    machine: bool = typer.Option(False, "--machine", help="Measure this machine's bandwidth and matmul peak, cache them, print them."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    plots: Path = typer.Option(None, "--plots", "--png", help="Write the plots (PNG and SVG) into this folder."),
+    no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
+    wandb: bool = typer.Option(False, "--wandb", help="Mirror the run to wandb."),
+):
+    """Benchmark a model: TTFT, prefill and decode tokens/s, latency, memory, bandwidth and FLOP/s
+    against the machine's limits, next to HF transformers and llama.cpp."""
+    from lmlab.bench.sweep import SweepSpec, parse_dtype_list, parse_int_list, parse_peers, quantizer
+    from lmlab.runs import record_run
+
+    if machine:
+        return _machine(device, threads, json_out, no_record)
+    spec = SweepSpec(
+        model=model,
+        batches=parse_int_list("--batch", batch),
+        prompt_lens=parse_int_list("--prompt-len", prompt_len),
+        new_tokens=parse_int_list("--new-tokens", new_tokens),
+        dtypes=parse_dtype_list(dtype),
+        quant=quant,
+        peers=parse_peers(peer),
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        device=device,
+    )
+    if quant not in (None, "", "none"):
+        quantizer(quant)  # one sentence before anything loads
+    from lmlab.bench.peers import peer_check
+
+    for p in spec.peers:
+        peer_check(p)
+    from lmlab.loading.resolve import resolve
+
+    resolved = resolve(model)  # an unknown model fails here, before the machine is measured
+    config = {k: v for k, v in spec.__dict__.items() if k != "model"}
+    t0 = time.perf_counter()
+    with record_run("bench", model=model, model_path=str(resolved.path), config=config, seed=None,
+                    inputs={"prompts": "Python standard library source, cut to each prompt length (random ids without a tokenizer)"},
+                    record=not no_record, wandb=wandb or None) as run:
+        result = _sweep_with_progress(spec, run)
+        run.timings = {"wall_s": time.perf_counter() - t0}
+        written = []
+        if plots is not None:
+            from lmlab.bench.plots import write_plots
+
+            written = write_plots(result["points"], result["machine"], plots, title=Path(model).name)
+            run.outputs = {"plots": [str(p) for p in written]}
+        if json_out:
+            print_json({"model": model, "host": result["host"], "machine": result["machine"], "points": result["points"],
+                        "notes": result["notes"], "plots": [str(p) for p in written], "run_id": getattr(run, "id", None)})
+            return
+        out.print(points_table(result["points"], spec.peers))
+        m = result["machine"]
+        peaks = ", ".join(f"{k} {v:,.0f}" for k, v in m["matmul_gflops"].items() if v)
+        err.print(f"[dim]machine: {m['bandwidth_gb_s']:.1f} GB/s (fp32 mat-vec), matmul peak GFLOP/s {peaks}; "
+                  f"{result['host']['threads']} threads · rates: best of {spec.repeats} after {spec.warmup} warm-up "
+                  f"(decode median beside it) · {' · '.join(n.rstrip('.') for n in result['notes'])}[/]")
+        for p in written:
+            if p.suffix == ".png":
+                err.print(f"[dim]wrote {p} (+ .svg)[/]")
+
+
+def _sweep_with_progress(spec, run) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lmlab.bench.sweep import run_sweep
+
+    points: list[dict] = []
+    state: dict = {}
+
+    def on_point(pt):
+        from lmlab.bench.machine import cached_machine
+
+        points.append(pt)
+        if "machine" not in state:
+            state["machine"] = cached_machine(spec.device if spec.device != "auto" else pt["device"], pt["threads"])
+        run.metrics = {"points": list(points), "machine": state["machine"]}
+        run.checkpoint()  # a crash or Ctrl-C keeps every point measured so far
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+
+        def progress(total=None, advance=None, description=None):
+            if total is not None:
+                bar.update(task, total=total)
+            if description is not None:
+                bar.update(task, description=description)
+            if advance:
+                bar.advance(task, advance)
+
+        def load(dtype):
+            bar.update(task, description=f"loading {spec.model} ({dtype})")
+            return load_model(spec.model, dtype, spec.device, quiet=True)
+
+        def log(msg):
+            bar.console.print(f"[dim]{msg}[/]")
+
+        result = run_sweep(spec, progress=progress, on_point=on_point, log=log, load=load)
+    run.metrics = {"points": result["points"], "machine": result["machine"], "host": result["host"], "notes": result["notes"]}
+    return result
+
+
+def _machine(device: str, threads: int | None, json_out: bool, no_record: bool) -> None:
+    import torch
+
+    from lmlab.bench.machine import MACHINE_FILE, lmlab_home, machine_limits
+    from lmlab.loading import parse_device
+    from lmlab.runs import record_run
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = parse_device(device)
+    with record_run("bench", model=None, model_path=None, config={"machine": True, "device": str(dev), "threads": threads},
+                    seed=None, inputs={}, record=not no_record) as run:
+        with err.status("measuring memory bandwidth and matmul peak (about 10 s)"):
+            entry = machine_limits(dev, threads, remeasure=True)
+        run.metrics = {"machine": entry}
+        if json_out:
+            print_json(entry)
+            return
+        out.print(machine_table(entry))
+        err.print(f"[dim]cached in {lmlab_home() / MACHINE_FILE}; sweeps on this host use it[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
