@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules with a register(app) function, in the order their commands appear in --help.
-COMMAND_MODULES = ["models", "generate"]
+COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "runs"]
 
 _DEBUG = False
 
@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
+    except Exception as e:  # usage errors arrive here with standalone_mode=False
         import click
+        from typer._click import exceptions as typer_click
 
-        if isinstance(e, click.exceptions.ClickException):
+        if type(e).__name__ == "NoArgsIsHelpError":  # help was already printed
+            return 0
+        if isinstance(e, (click.exceptions.ClickException, typer_click.ClickException)):
             e.show()
             return 2
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, click.exceptions.Abort) or type(e).__name__ == "Abort":
             return 130
         if _DEBUG:
             raise
