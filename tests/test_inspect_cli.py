@@ -115,3 +115,25 @@ def test_bad_input_is_one_sentence_and_exit_2(run, models, argv, message):
     assert code == 2 and out == ""
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+
+
+def test_every_inspect_command_records_one_run_with_its_result(run, models):
+    from lmlab.runs import RunStore
+
+    with RunStore() as store:
+        before = store.count()
+    code, out, _ = run("ablate", "-m", models["llama"], "--ids", IDS, "--heads", "1.*", "-t", "4", "--json")
+    assert code == 0
+    with RunStore() as store:
+        assert store.count() == before + 1
+        rec = store.get("last")
+    assert rec["command"] == "ablate" and rec["status"] == "complete"
+    assert rec["inputs"] == {"ids": IDS} and rec["config"]["heads"] == "1.*"
+    assert rec["model_hash"] and rec["outputs"] == json.loads(out)  # what was printed is what was kept
+    code, _, _ = run("inspect", "-m", models["llama"], "--ids", IDS, "--no-record")
+    assert code == 0
+    code, _, _ = run("attention", "-m", models["llama"], "--ids", IDS, "--layer", "9")  # out of range
+    assert code == 2
+    with RunStore() as store:
+        assert store.count() == before + 2
+        assert store.get("last")["status"] == "failed"

@@ -8,8 +8,11 @@ A prompt is text, or token ids with --ids 1,2,3 (for models without a tokenizer)
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import typer
@@ -73,7 +76,69 @@ def _load(model: str, dtype: str, device: str, rope_theta, max_seq_len, n_layers
         raise LmlabError(f"--rope-theta applies to RoPE models, but {model} ({lm.config.family}) learns its positions; drop the option.")
     knobs = [f"{k}={v:g}" for k, v in overrides.items()] + ([f"n_layers={n_layers}"] if n_layers else [])
     err.print(f"[dim]{lm!r} loaded in {lm.load_seconds:.2f} s" + (f" ({', '.join(knobs)})" if knobs else "") + "[/dim]")
+    _start_record(lm)
     return lm
+
+
+# ----------------------------------------------------------------------------- recording
+
+# The command being run: (name, its arguments, ExitStack, record?, wandb?) and, once the model is
+# loaded, its Run. Every command records one run (see lmlab.runs); --no-record skips it.
+_CURRENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lmlab_inspect_run", default=None)
+_INPUT_ARGS = ("prompt", "clean", "corrupt", "toward", "away", "ids", "answer", "wrong")
+
+
+def _start_record(lm) -> None:
+    """Open the run record once the model is loaded (so its file is hashed)."""
+    cur = _CURRENT.get()
+    if cur is None or cur.get("run") is not None:
+        return
+    from lmlab.runs import record_run
+
+    args = cur["args"]
+    inputs = {k: args[k] for k in _INPUT_ARGS if args.get(k) is not None}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in _INPUT_ARGS and k != "json_out"}
+    path = str(lm.resolved.path) if getattr(lm, "resolved", None) is not None else None
+    cur["run"] = cur["stack"].enter_context(record_run(
+        cur["name"], model=args.get("model"), model_path=path, config=config, seed=args.get("seed"),
+        inputs=inputs, record=cur["record"], wandb=cur["wandb"] or None))
+
+
+def _emit(payload: dict, json_out: bool) -> bool:
+    """Keep the command's result as the run's outputs; print it as JSON when asked (returns json_out)."""
+    cur = _CURRENT.get()
+    if cur is not None and cur.get("run") is not None:
+        cur["run"].outputs = payload
+    if json_out:
+        print_json(payload)
+    return json_out
+
+
+def _recorded(name: str, fn):
+    """The command fn with --no-record/--wandb added, run inside its run record."""
+    sig = inspect.signature(fn)
+    extra = [
+        inspect.Parameter("no_record", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--no-record", help="Do not record this run in the run store.")),
+        inspect.Parameter("wandb", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--wandb", help="Mirror the run to wandb.")),
+    ]
+
+    @functools.wraps(fn)
+    def command(*args, no_record: bool = False, wandb: bool = False, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        with ExitStack() as stack:
+            token = _CURRENT.set({"name": name, "args": dict(bound.arguments), "stack": stack,
+                                  "record": not no_record, "wandb": wandb, "run": None})
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _CURRENT.reset(token)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+              for p in sig.parameters.values()]
+    command.__signature__ = sig.replace(parameters=params + extra)
+    return command
 
 
 def _prompt(prompt: str | None, ids: str | None):
@@ -141,13 +206,12 @@ def inspect_cmd(
     top = logp[-1].topk(min(top_k, lm.config.vocab_size))
     next_rows = [{"id": i, "token": t, "prob": p.exp().item(), "logprob": p.item()}
                  for i, t, p in zip(top.indices.tolist(), token_labels(lm, top.indices), top.values)]
-    if json_out:
-        print_json({
-            "model": model,
-            "tokens": [{"pos": i, "id": tid, "token": lab, "logprob": lp, "entropy_after": e}
-                       for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))],
-            "next": next_rows, "entropy": ent[-1].item(), "forward_ms": ms,
-        })
+    if _emit({
+        "model": model,
+        "tokens": [{"pos": i, "id": tid, "token": lab, "logprob": lp, "entropy_after": e}
+                   for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))],
+        "next": next_rows, "entropy": ent[-1].item(), "forward_ms": ms,
+    }, json_out):
         return
     rows = [[i, tid, _token(lab), "" if lp is None else f"{lp:.3f}", f"{e:.3f}"]
             for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))]
@@ -183,8 +247,7 @@ def attention_cmd(
     _, cache = run_with_cache(lm, _prompt(prompt, ids), f"blocks.{layer}.attn.pattern")
     pattern = cache.attention(layer, head)
     _write_png(pattern, png)
-    if json_out:
-        print_json({"model": model, **pattern.to_dict()})
+    if _emit({"model": model, **pattern.to_dict()}, json_out):
         return
     out.print(pattern)
 
@@ -216,11 +279,10 @@ def lens_cmd(
     result, gen = (logit_lens_generation(lm, p, k, chosen, max_new_tokens=generate) if generate
                    else (logit_lens(lm, p, k, chosen), None))
     _write_png(result, png)
-    if json_out:
-        d = {"model": model, **result.to_dict()}
-        if gen is not None:
-            d["generated"] = {"text": gen.text, "token_ids": gen.token_ids}
-        print_json(d)
+    d = {"model": model, **result.to_dict()}
+    if gen is not None:
+        d["generated"] = {"text": gen.text, "token_ids": gen.token_ids}
+    if _emit(d, json_out):
         return
     out.print(result)
     if gen is not None:
@@ -235,8 +297,7 @@ def _diff_and_effect(lm, p, ivs, max_new_tokens, seed, temperature, json_out, mo
 
     eff = effect(lm, p, ivs)
     diff = generation_diff(lm, p, ivs, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature) if max_new_tokens else None
-    if json_out:
-        print_json({"model": model, "effect": eff.to_dict(), "generation": diff.to_dict() if diff else None})
+    if _emit({"model": model, "effect": eff.to_dict(), "generation": diff.to_dict() if diff else None}, json_out):
         return
     out.print(eff)
     if diff is not None:
@@ -330,8 +391,7 @@ def patch_cmd(
     with _progress("patching") as progress:
         result = patching_sweep(lm, clean_p, corrupt_p, answer_t, wrong_t, point=point, layers=chosen, progress=progress)
     _write_png(result, png)
-    if json_out:
-        print_json({"model": model, **result.to_dict()})
+    if _emit({"model": model, **result.to_dict()}, json_out):
         return
     out.print(result)
     layer, pos, frac = result.best()
@@ -367,8 +427,7 @@ def shapes_cmd(
 
     lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
     trace = shape_trace(lm, _prompt(prompt, ids), collapse_layers=not all_layers)
-    if json_out:
-        print_json(trace.to_dict())
+    if _emit(trace.to_dict(), json_out):
         return
     out.print(trace)
     if not trace.all_ok:
@@ -399,8 +458,7 @@ def induction_cmd(
     with _progress("ablating") as progress:
         result = induction_experiment(lm, seq_len, n_seqs, seed, top_layers, progress=progress)
     _write_png(result, png)
-    if json_out:
-        print_json(result.to_dict())
+    if _emit(result.to_dict(), json_out):
         return
     out.print(result)
     names = ", ".join(f"{a.label} ({a.removed:.0%})" for a in result.top_heads(5))
@@ -422,4 +480,4 @@ COMMANDS = {
 
 def register(app: typer.Typer) -> None:
     for name, fn in COMMANDS.items():
-        app.command(name)(fn)
+        app.command(name)(_recorded(name, fn))

@@ -131,6 +131,9 @@ def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
     return t
 
 
+SHOW_IO_LEAVES = 40  # inputs/outputs fields printed by `runs show`; --json has them all
+
+
 @runs_app.command("show")
 def show(
     run_id: str = typer.Argument(..., metavar="ID", help="Run id, a unique prefix, 'last' or 'last-N'."),
@@ -163,10 +166,23 @@ def show(
         if value:
             out.print()
             out.print(Text(section, style="bold"))
-            flat = flatten(value if isinstance(value, dict) else {"value": value})
-            for k, v in flat.items():
-                out.print(Text(k, style="dim"))
-                out.print(Text(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)))
+            flat = list(flatten(value if isinstance(value, dict) else {"value": value}).items())
+            short = []
+            for k, v in flat[:SHOW_IO_LEAVES]:
+                text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+                if "\n" in text or len(text) > 80:  # long text (a prompt, an answer) as its own block
+                    if short:
+                        out.print(_kv_table("", short))
+                        short = []
+                    out.print(Text(k, style="dim"))
+                    out.print(Text(text))
+                else:
+                    short.append((k, text))
+            if short:
+                out.print(_kv_table("", short))
+            if len(flat) > SHOW_IO_LEAVES:
+                out.print(Text(f"... {len(flat) - SHOW_IO_LEAVES} more {section} fields: lmlab runs show {run['id']} --json",
+                               style="dim"))
     if run.get("error"):
         out.print()
         out.print(Text("error", style="bold red"))
