@@ -65,11 +65,12 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps), in float32; F.rms_norm is that formula in one kernel
         if self.weight_offset:  # gemma: (1 + w), applied in float32
-            return (xf * (self.weight_offset + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight_offset + self.weight.float(), self.eps).type_as(x)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).type_as(x)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -97,23 +98,51 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in float32 then cast."""
+    """cos and signed sin, (B, 1, T, rotary_dim) each, for integer positions (B, T).
+
+    Computed in float32, then cast. The sin table carries the rotation's sign: its first half
+    is -sin, so that ``apply_rope`` needs no negation.
+    """
     freqs = positions[:, :, None].float() * inv_freq[None, None, :]  # (B, T, R/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, R)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., : freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim features of each head in (first half, second half) pairs."""
+    """Rotate the first rotary_dim features of each head in (first half, second half) pairs.
+
+    Pair j is (x[j], x[j + R/2]) and turns by angle position * inv_freq[j]:
+    out = x * cos + (x2, x1) * (-sin, sin), where (x2, x1) swaps the halves (a flip of the
+    (2, R/2) view).
+    """
     r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    half = r // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+    if r == x.shape[-1]:
+        swapped = x.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)
+        return x * cos + swapped * sin
+    x_rot, x_pass = x[..., :r], x[..., r:]  # partial rotary (pythia): the rest passes through
+    return torch.cat([apply_rope(x_rot, cos, sin), x_pass], dim=-1)
 
 
 # ----------------------------------------------------------------------------- blocks
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, i.e. x @ W.T + b.
+
+    bf16 on the CPU with few rows (decoding) takes a faster route to the same product: one row
+    is a mat-vec W @ x, and up to 64 rows are W @ x.T, transposed back. Measured on a 2-core
+    AVX512-BF16 machine, both read the weights 1.5x faster than the general bf16 matmul.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= 64:
+        x2 = x.reshape(rows, x.shape[-1])
+        y = torch.mv(layer.weight, x2[0])[None] if rows == 1 else (layer.weight @ x2.T).T.contiguous()
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, layer.weight, layer.bias)
 
 
 class Attention(nn.Module):
@@ -135,15 +164,15 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qkv = linear(x, self.qkv).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D): q heads, k heads, v heads
+        q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cfg.qk_norm:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            else:  # q and k heads are adjacent: rotate them in one go
+                q, k = apply_rope(qkv[:, : H + K], *rope).split([H, K], dim=1)
         if hook is not None:
             q = hook(self.names["q"], q)
             k = hook(self.names["k"], k)
@@ -161,7 +190,7 @@ class Attention(nn.Module):
         y = y.transpose(1, 2)  # (B, T, H, D)
         if hook is not None:
             y = hook(self.names["head_out"], y)
-        return self.o(y.reshape(B, T, H * D))
+        return linear(y.reshape(B, T, H * D), self.o)
 
     def _eager(self, q, k, v, mask, hook) -> torch.Tensor:
         """Attention written out, so scores and pattern can be seen and changed."""
@@ -202,7 +231,7 @@ class MLP(nn.Module):
         self.names = (f"blocks.{layer}.mlp.pre", f"blocks.{layer}.mlp.post")
 
     def forward(self, x, hook) -> torch.Tensor:
-        h = self.up(x)  # (B, T, F) or (B, T, 2F)
+        h = linear(x, self.up)  # (B, T, F) or (B, T, 2F)
         if self.gated:
             gate, up = h.split(self.d_ff, dim=-1)
             if hook is not None:
@@ -214,7 +243,7 @@ class MLP(nn.Module):
             h = self.act(h)
         if hook is not None:
             h = hook(self.names[1], h)
-        return self.down(h)
+        return linear(h, self.down)
 
 
 class Block(nn.Module):
@@ -363,7 +392,7 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if hook is not None:
             x = hook("final_norm", x)
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = linear(x, self.lm_head)  # (B, T, V)
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
         if hook is not None:

@@ -24,27 +24,11 @@ from pathlib import Path
 
 import torch
 
+from lmlab.runs.store import cpu_model, lmlab_home
+
 MACHINE_FILE = "machine.json"
 SCHEMA = 1
 GiB = 1 << 30
-
-
-def lmlab_home() -> Path:
-    """``$LMLAB_HOME``, or ~/.lmlab (the run store's folder; one definition, in lmlab.runs.store)."""
-    from lmlab.runs.store import lmlab_home as home
-
-    return home()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> list[str]:
@@ -67,7 +51,7 @@ def host_details(device: str | torch.device = "cpu", threads: int | None = None)
 
     dev = torch.device(device)
     d = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
         "logical_cpus": os.cpu_count(),

@@ -214,7 +214,8 @@ def package_versions() -> dict:
     return versions
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's marketing name ("Intel(R) Xeon(R) ..."), or the architecture when unknown."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -277,7 +278,7 @@ def host_details() -> dict:
         "hostname": platform.node(),
         "os": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_logical": os.cpu_count(),
         "cores_physical": physical,
         "ram_bytes": _ram_bytes(),

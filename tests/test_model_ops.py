@@ -1,0 +1,59 @@
+"""The model's own fast routes compute the same thing as the plain formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.model import Norm, apply_rope, linear, rope_cos_sin, rope_inv_freq
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, 65, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_bf16_routes_equal_the_matmul(rows, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
+    x = torch.randn(1, rows, 96).to(torch.bfloat16)
+    got = linear(x, layer)
+    assert got.shape == (1, rows, 160) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    want = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    # both accumulate in float32; they differ by the final bf16 rounding (and of the bias add)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_fp32_is_exactly_f_linear():
+    layer = nn.Linear(32, 48)
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(linear(x, layer), F.linear(x, layer.weight, layer.bias))
+
+
+def test_rope_equals_the_rotate_half_formula():
+    torch.manual_seed(0)
+    D = 16
+    x = torch.randn(2, 3, 7, D)
+    pos = torch.arange(7).expand(2, 7)
+    cos, sin = rope_cos_sin(rope_inv_freq(D, 10000.0, None), pos, torch.float32)
+    freqs = pos[:, :, None].float() * rope_inv_freq(D, 10000.0, None)[None, None]
+    emb = torch.cat([freqs, freqs], -1)[:, None]
+    rotated = torch.cat([-x[..., D // 2:], x[..., : D // 2]], -1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x * emb.cos() + rotated * emb.sin())
+    # partial rotary: the features past rotary_dim pass through unchanged
+    cos8, sin8 = rope_cos_sin(rope_inv_freq(8, 10000.0, None), pos, torch.float32)
+    out = apply_rope(x, cos8, sin8)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    torch.testing.assert_close(out[..., :8], apply_rope(x[..., :8].contiguous(), cos8, sin8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rmsnorm_equals_the_formula_in_float32(dtype, offset):
+    torch.manual_seed(0)
+    norm = Norm(64, "rmsnorm", 1e-6, offset)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    x = torch.randn(3, 5, 64).to(dtype)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want = (normed * (offset + norm.weight.float())).to(dtype) if offset else norm.weight * normed.to(dtype)
+    torch.testing.assert_close(norm(x), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
