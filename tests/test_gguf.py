@@ -444,3 +444,23 @@ def test_peak_memory_loading_bf16():
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["bytes"] == 134515008 * 2
     assert m["delta"] <= 1.5 * m["bytes"], m
+
+
+@pytest.mark.parametrize("name", list(BUNDLED))
+def test_logits_match_transformers_loading_the_same_gguf(name):
+    """The whole model, not just its tensors: transformers loads the same file by itself."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+    import lmlab
+
+    path = BUNDLED[name]()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32)
+    lm = lmlab.load(path)
+    ids = torch.tensor([lm.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    del hf
+    ours = lm(ids)
+    assert (ours - theirs).abs().max().item() < 1e-3  # measured: about 3e-5 for both models
+    assert ours[0, -1].argmax() == theirs[0, -1].argmax()

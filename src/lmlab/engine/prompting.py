@@ -16,6 +16,14 @@ FAKE_CHAT_HEADER = (
     "The following is a conversation between a user and a helpful, knowledgeable assistant. "
     "The assistant answers clearly and concisely.\n\n"
 )
+# Two example exchanges, used when no --few-shot file is given: a base model copies the
+# pattern it sees (answer, then stop), which a header alone does not teach it.
+FAKE_CHAT_EXAMPLES = (
+    "User: What is the capital of France?\n"
+    "Assistant: The capital of France is Paris. It is also the largest city in the country.\n\n"
+    "User: How many legs does a spider have?\n"
+    "Assistant: A spider has eight legs. Insects have six, which is one way to tell them apart.\n\n"
+)
 FAKE_CHAT_STOPS = ["\nUser:", "\nUSER:", "\n\nUser"]
 
 
@@ -42,7 +50,7 @@ def render(tokenizer, messages: list[dict], mode: str, few_shot: str | None = No
         # the template writes BOS and the other special tokens itself
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True), [], False
     if mode == "fake":
-        lines = [FAKE_CHAT_HEADER + (few_shot or "")]
+        lines = [FAKE_CHAT_HEADER + (FAKE_CHAT_EXAMPLES if few_shot is None else few_shot)]
         for m in messages:
             role = {"user": "User", "assistant": "Assistant", "system": "System"}.get(m["role"], m["role"].title())
             lines.append(f"{role}: {m['content'].strip()}\n")
