@@ -10,3 +10,23 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.setdefault("LMLAB_HOME", tempfile.mkdtemp(prefix="lmlab-test-home-"))
 sys.path.insert(0, str(Path(__file__).parent))  # tests import tiny.py and bundled.py
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny(family) -> an LM on a tiny random model of that family, built once per test module."""
+    import lmlab
+    from tiny import make_tiny
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family)
+            make_tiny(family, folder)
+            made[family] = lmlab.load(folder)
+        return made[family]
+
+    return get

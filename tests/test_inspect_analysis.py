@@ -24,23 +24,9 @@ from lmlab.inspect import (
     top_token_change,
 )
 from lmlab.inspect.lens import unembed
-from tiny import VOCAB, make_tiny
+from tiny import VOCAB
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen3", "gemma3"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            make_tiny(family, folder)
-            made[family] = lmlab.load(folder)
-        return made[family]
-
-    return get
 
 
 def ids_of(n=12, b=1, seed=5):

@@ -18,24 +18,9 @@ import lmlab.inspect  # noqa: F401  (attaches lm.hooks, lm.run_with_cache, ...)
 from lmlab.errors import LmlabError
 from lmlab.inspect.hooks import hook_names, markdown_table, parse_heads, parse_layers, resolve_names
 from lmlab.model import HOOK_POINTS
-from tiny import VOCAB, make_tiny
+from tiny import VOCAB
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen3", "gemma3"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """family -> LM, each built once."""
-    made = {}
-
-    def get(family):
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            make_tiny(family, folder)
-            made[family] = lmlab.load(folder)
-        return made[family]
-
-    return get
 
 
 def ids_of(n=20, b=2, seed=1):

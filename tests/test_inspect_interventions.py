@@ -14,7 +14,6 @@ import warnings
 import pytest
 import torch
 
-import lmlab
 from lmlab.errors import LmlabError
 from lmlab.inspect import (
     AblateHeads,
@@ -27,21 +26,7 @@ from lmlab.inspect import (
     run_with_cache,
 )
 from lmlab.inspect.cache import activation_shape
-from tiny import VOCAB, make_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(family):
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            make_tiny(family, folder)
-            made[family] = lmlab.load(folder)
-        return made[family]
-
-    return get
+from tiny import VOCAB
 
 
 def ids_of(n=16, b=1, seed=3):

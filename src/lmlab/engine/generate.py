@@ -198,7 +198,6 @@ class Generation:
         texts = [""] * B
         emitted = [0] * B
         n_out = [0] * B
-        eos = torch.tensor(sorted(set(cfg.eos_token_ids)) or [-1], device=dev)
         rows = torch.arange(B, device=dev)  # original sequence index of each live row
         all_ids = ids  # uncached path: the whole sequence so far
 
