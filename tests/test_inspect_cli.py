@@ -137,3 +137,15 @@ def test_every_inspect_command_records_one_run_with_its_result(run, models):
     with RunStore() as store:
         assert store.count() == before + 2
         assert store.get("last")["status"] == "failed"
+
+
+def test_the_model_may_come_first_as_in_lmlab_shapes_MODEL_prompt(run, tmp_path):
+    from tiny import save_char_tokenizer
+
+    tokenizer_dir = tmp_path / "with-tokenizer"
+    make_tiny("llama", tokenizer_dir)
+    save_char_tokenizer(tokenizer_dir)
+    code, out, _ = run("shapes", tokenizer_dir, "abc", "--json")
+    assert code == 0 and json.loads(out)
+    code, _, err = run("inspect", tokenizer_dir, "abc", "extra")
+    assert code == 2 and "put the prompt in quotes" in err

@@ -114,6 +114,17 @@ def _emit(payload: dict, json_out: bool) -> bool:
     return json_out
 
 
+def _model_and_prompt(words: list[str] | None, model: str) -> tuple[str, str | None]:
+    """The positional words: [PROMPT] or [MODEL, PROMPT]."""
+    words = [words] if isinstance(words, str) else list(words or [])
+    if len(words) > 2:
+        raise LmlabError(f"expected a prompt (optionally after the model name) but got {len(words)} words; "
+                         'put the prompt in quotes, e.g. "The cat sat on the".')
+    if len(words) == 2:
+        return words[0], words[1]
+    return model, (words[0] if words else None)
+
+
 def _recorded(name: str, fn):
     """The command fn with --no-record/--wandb added, run inside its run record."""
     sig = inspect.signature(fn)
@@ -124,8 +135,12 @@ def _recorded(name: str, fn):
                           default=typer.Option(False, "--wandb", help="Mirror the run to wandb.")),
     ]
 
+    takes_prompt = "prompt" in sig.parameters
+
     @functools.wraps(fn)
     def command(*args, no_record: bool = False, wandb: bool = False, **kwargs):
+        if takes_prompt:
+            kwargs["model"], kwargs["prompt"] = _model_and_prompt(kwargs.get("prompt"), kwargs["model"])
         bound = sig.bind(*args, **kwargs)
         with ExitStack() as stack:
             token = _CURRENT.set({"name": name, "args": dict(bound.arguments), "stack": stack,
@@ -137,7 +152,13 @@ def _recorded(name: str, fn):
 
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
               for p in sig.parameters.values()]
+    if takes_prompt:  # `lmlab shapes "prompt"` and `lmlab shapes MODEL "prompt"` both work
+        params = [p.replace(annotation=list[str], default=typer.Argument(
+            None, metavar="[MODEL] PROMPT", help="The prompt, optionally after the model (same as -m MODEL).",
+            show_default=False)) if p.name == "prompt" else p for p in params]
     command.__signature__ = sig.replace(parameters=params + extra)
+    command.__annotations__ = {**fn.__annotations__, **({"prompt": list[str]} if takes_prompt else {}),
+                               "no_record": bool, "wandb": bool}
     return command
 
 
