@@ -30,3 +30,12 @@ def tiny(tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A private, empty LMLAB_HOME for one test, with the wandb mirror off."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("LMLAB_HOME", str(h))
+    monkeypatch.delenv("LMLAB_WANDB", raising=False)
+    return h

@@ -15,14 +15,6 @@ from lmlab.runs import RunStore, record_run
 
 
 @pytest.fixture()
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    monkeypatch.setenv("LMLAB_HOME", str(h))
-    monkeypatch.delenv("LMLAB_WANDB", raising=False)
-    return h
-
-
-@pytest.fixture()
 def cli():
     """Invoke `runs ...` through a bare typer app, as the main CLI will."""
     app = typer.Typer()

@@ -12,12 +12,6 @@ from lmlab.runs.report import render_html, render_markdown
 HOSTILE = '<script>alert("x")</script> | `code` ```fence``` <img src="https://evil.example/x.png">'
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LMLAB_WANDB", raising=False)
-
-
 def _bench_run(speedup: float, dtype_speed: dict) -> dict:
     points = [{"batch": b, "prompt_len": 128, "dtype": dt, "decode_tok_s": 20.0 * b * speedup * f,
                "prefill_tok_s": 900.0 * b, "ttft_ms": 15.0 * b, "peak_mem_bytes": 2**20 * (300 + 10 * b),

@@ -26,15 +26,6 @@ from lmlab.runs.store import SCHEMA_VERSION
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    """A private LMLAB_HOME for each test."""
-    h = tmp_path / "home"
-    monkeypatch.setenv("LMLAB_HOME", str(h))
-    monkeypatch.delenv("LMLAB_WANDB", raising=False)
-    return h
-
-
 def _child_env(home: Path) -> dict:
     """A child's environment: the same store, and its temp folder (where a run that cannot be
     recorded would go) under the test's own folder."""
