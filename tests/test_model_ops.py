@@ -57,3 +57,74 @@ def test_rmsnorm_equals_the_formula_in_float32(dtype, offset):
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
     want = (normed * (offset + norm.weight.float())).to(dtype) if offset else norm.weight * normed.to(dtype)
     torch.testing.assert_close(norm(x), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ----------------------------------------------------------------------------- prepacked weights
+
+from lmlab import kernels  # noqa: E402
+
+needs_onednn = pytest.mark.skipif(not kernels.prepack_supported(torch.float32, "cpu"), reason="no oneDNN in this torch build")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_prepacked_linear_equals_f_linear(dtype, rows):
+    if not kernels.prepack_supported(dtype, "cpu"):
+        pytest.skip(f"oneDNN has no fast {dtype} here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 96, bias=False)).to(dtype)
+    assert kernels.prepack(model) == (96 * 160 + 160 * 96) * model[0].weight.element_size()
+    x = torch.randn(2, rows, 96).to(dtype)
+    with torch.inference_mode():
+        got = linear(x, model[0])
+        assert kernels.packed_linear(x, model[0]) is not None  # the packed route was taken
+    want = F.linear(x.float(), model[0].weight.float(), model[0].bias.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == (2, rows, 160) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@needs_onednn
+def test_prepacked_weight_follows_in_place_edits_and_replacement():
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 48)
+    kernels.prepack(layer)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        before = linear(x, layer)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place edit moves the version counter
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, layer), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(linear(x, layer), before)
+    layer.weight = nn.Parameter(torch.zeros(48, 32))  # a replaced parameter
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, layer), layer.bias.expand(4, 48))
+
+
+@needs_onednn
+def test_prepacked_layer_still_trains():
+    layer = nn.Linear(16, 8)
+    kernels.prepack(layer)
+    x = torch.randn(3, 16)
+    assert kernels.packed_linear(x, layer) is None  # autograd needs the plain route
+    linear(x, layer).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_prepack_can_be_turned_off(tiny, monkeypatch):
+    import lmlab
+
+    lm = tiny("llama")
+    folder = lm.resolved.path
+    assert lmlab.load(folder, prepack=False).packed_bytes == 0
+    monkeypatch.setenv("LMLAB_PREPACK", "0")
+    off = lmlab.load(folder)
+    assert off.packed_bytes == 0 and all("packed" not in m.__dict__ for m in off.model.modules())
+    monkeypatch.delenv("LMLAB_PREPACK")
+    if kernels.prepack_supported(torch.float32, "cpu"):
+        on = lmlab.load(folder)
+        assert on.packed_bytes == sum(m.weight.numel() * 4 for m in on.model.modules() if isinstance(m, nn.Linear))
+        ids = torch.tensor([[1, 5, 9, 33]])
+        torch.testing.assert_close(on(ids), off(ids), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,8 @@ class LM:
     ``lm.run_with_cache`` looks inside.
     """
 
+    packed_bytes = 0  # bytes of the weights' second copy in oneDNN's layout (lmlab.kernels); 0 when off
+
     def __init__(self, model, tokenizer, *, name: str, resolved=None, dtype=torch.float32, load_seconds: float = 0.0):
         self.model = model
         self.tokenizer = tokenizer

@@ -38,11 +38,15 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None = None, n_layers: int | None = None):
+def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None = None, n_layers: int | None = None,
+         prepack: bool | None = None):
     """Load a model and its tokenizer; returns an ``lmlab.LM``.
 
     overrides: ModelConfig fields to change at load time (e.g. rope_theta, max_seq_len).
     n_layers: keep only the first n blocks (the rest are never read into memory).
+    prepack: on the CPU, keep a copy of the weights in oneDNN's layout for about 2x faster
+        matmuls (``lmlab.kernels``). None (the default) packs when the copy fits in free memory
+        and ``LMLAB_PREPACK`` is not 0.
     """
     from lmlab.lm import LM
 
@@ -73,10 +77,29 @@ def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None 
     cfg = _apply_overrides(cfg, overrides, n_layers)
     tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
     model = build_model(cfg, tensors, dtype, device)
+    packed_bytes = _prepack(model, dtype, device, prepack)
     lm = LM(model, tokenizer, name=str(name_or_path), resolved=res, dtype=dtype, load_seconds=time.perf_counter() - t0)
+    lm.packed_bytes = packed_bytes
     if res.kind == "gguf":
         lm.source_tensor_types = source.tensor_types()  # quant type of each tensor on disk
     return lm
+
+
+def _prepack(model, dtype: torch.dtype, device: torch.device, prepack: bool | None) -> int:
+    """Pack the weights for oneDNN where asked (or, by default, where it pays and fits)."""
+    from lmlab import kernels
+
+    if prepack is False or not kernels.prepack_supported(dtype, device):
+        return 0
+    if prepack is None:
+        if not kernels.prepack_enabled_by_env():
+            return 0
+        import psutil
+
+        need = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        if need + (1 << 30) > psutil.virtual_memory().available:
+            return 0  # a second copy would not fit with room to spare: keep the plain route
+    return kernels.prepack(model)
 
 
 def _apply_overrides(cfg: ModelConfig, overrides: dict | None, n_layers: int | None) -> ModelConfig:
