@@ -45,7 +45,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
     threads = torch.get_num_threads()
     entry = fake_entry(threads)
-    (tmp_path / MACHINE_FILE).write_text(json.dumps({"schema": 1, "entries": {host_key(entry["host"]): entry}}))
+    (tmp_path / MACHINE_FILE).write_text(json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}}))
 
     def no_measuring(*a, **k):
         raise AssertionError("the sweep measured the machine although machine.json had this host")
@@ -64,7 +64,7 @@ def sweep(tiny_dir, tmp_path_factory):
     os.environ["LMLAB_HOME"] = str(home)
     threads = torch.get_num_threads()
     entry = fake_entry(1)  # one thread: a tiny model gains nothing from more, and a busy machine stalls them
-    (home / MACHINE_FILE).write_text(json.dumps({"schema": 1, "entries": {host_key(entry["host"]): entry}}))
+    (home / MACHINE_FILE).write_text(json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}}))
     try:
         spec = SweepSpec(str(tiny_dir), batches=[1, 2], prompt_lens=[4, 9], new_tokens=[5], dtypes=["float32", "bfloat16"],
                          peers=["hf"], repeats=2, warmup=0, threads=1)
@@ -255,6 +255,29 @@ def test_machine_numbers_are_measured_once_and_cached(tmp_path, monkeypatch):
     other = torch.get_num_threads() + 1  # another thread count is another entry
     machine_limits("cpu", threads=other)
     assert len(calls) == 3 and len(json.loads((tmp_path / MACHINE_FILE).read_text())["entries"]) == 2
+
+
+def test_an_entry_of_an_older_schema_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    old = fake_entry(torch.get_num_threads())
+    (tmp_path / MACHINE_FILE).write_text(json.dumps({"schema": 1, "entries": {host_key(old["host"]): old}}))
+    calls = []
+    monkeypatch.setattr(machine_mod, "measure_machine", lambda *a, **k: calls.append(1) or fake_entry(torch.get_num_threads()))
+    machine_limits("cpu")
+    assert calls == [1] and json.loads((tmp_path / MACHINE_FILE).read_text())["schema"] == machine_mod.SCHEMA
+
+
+def test_bandwidth_is_the_faster_of_both_mat_vec_kernels(monkeypatch):
+    from lmlab import kernels
+
+    bw = machine_mod.measure_bandwidth("cpu", nbytes=16 << 20)
+    assert bw["matvec_gb_s"] > 0 and bw["read_gb_s"] > 0
+    if kernels.prepack_supported(torch.float32, "cpu"):
+        assert bw["onednn_matvec_gb_s"] > 0
+    faster = max(bw["matvec_gb_s"], bw["onednn_matvec_gb_s"] or 0.0)
+    monkeypatch.setattr(machine_mod, "measure_bandwidth", lambda device="cpu": dict(bw))
+    monkeypatch.setattr(machine_mod, "measure_matmul", lambda device="cpu": {})
+    assert machine_mod.measure_machine("cpu")["bandwidth_gb_s"] == faster
 
 
 def test_a_bench_never_stops_at_eos_and_restores_it(tiny_dir):
