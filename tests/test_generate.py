@@ -35,6 +35,20 @@ def test_greedy_equals_uncached_argmax_loop(lm):
     assert res.finish_reason == "length"
 
 
+def test_bf16_on_the_cpu_attends_in_float32_and_cached_equals_uncached(lm):
+    from lmlab.engine.cache import kv_dtype
+
+    folder = lm.resolved.path
+    half = lmlab.load(folder, dtype="bfloat16")
+    assert kv_dtype(half.dtype, half.device) == torch.float32
+    ids = prompt_ids(12, 0)
+    # the logits stay within bf16 rounding of the float32 model's
+    want, got = lm([ids])[0, -1], half([ids])[0, -1].float()
+    assert (got - want).abs().max() < 0.05 * (1 + want.abs().max())
+    res = half.generate(ids, max_new_tokens=12, temperature=0)
+    assert half.generate(ids, max_new_tokens=12, temperature=0, use_cache=False).token_ids == res.token_ids
+
+
 def test_ragged_batch_equals_each_prompt_alone(lm):
     prompts = [prompt_ids(n, s) for n, s in [(3, 1), (17, 2), (9, 3)]]
     batch = lm.generate(prompts, max_new_tokens=12, temperature=0)

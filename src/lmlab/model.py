@@ -185,6 +185,10 @@ class Attention(nn.Module):
             v = hook(self.names["v"], v)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D): everything cached so far
+        if x.device.type == "cpu" and x.dtype != torch.float32:
+            # The CPU's half-precision attention kernels are 3-6x slower than float32 ones at
+            # decode sizes: attend in float32 (the cache holds float32 for this: engine.cache.kv_dtype).
+            q, k, v = q.float(), k.float(), v.float()
         eager = hook is not None and (hook.wants(self.names["scores"]) or hook.wants(self.names["pattern"]))
         if eager or cfg.attn_logit_softcap:
             y = self._eager(q, k, v, mask, hook)
@@ -193,7 +197,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=False, scale=self.scale, enable_gqa=K != H
             )  # (B, H, T, D)
-        y = y.transpose(1, 2)  # (B, T, H, D)
+        y = y.to(x.dtype).transpose(1, 2)  # (B, T, H, D)
         if hook is not None:
             y = hook(self.names["head_out"], y)
         return linear(y.reshape(B, T, H * D), self.o)

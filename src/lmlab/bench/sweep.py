@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmlab.engine.cache import kv_bytes_per_token
+from lmlab.engine.cache import kv_bytes_per_token, kv_dtype
 from lmlab.errors import LmlabError
 
 KNOWN_PEERS = ("hf", "llama.cpp")
@@ -452,7 +452,7 @@ class LmlabRunner:
         self.dtype = str(lm.dtype).removeprefix("torch.")
         self.weight_bytes = weight_bytes_per_step(lm.model)
         self.stored_bytes = stored_bytes(lm.model)
-        self.kv_dtype = lm.dtype
+        self.kv_dtype = kv_dtype(lm.dtype, lm.device)
         self.matmul_dtype = self.dtype
 
     def trial(self, ids: list[list[int]], new_tokens: int) -> Trial:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from lmlab.engine.cache import KVCache
+from lmlab.engine.cache import KVCache, kv_dtype
 from lmlab.engine.sampling import Sampler, SamplingParams, entropy, top_alternatives, update_counts
 from lmlab.errors import LmlabError
 
@@ -191,7 +191,7 @@ class Generation:
 
         st = self.stats
         st.prompt_tokens, st.batch, st.device = int(lens.sum()), B, str(dev)
-        cache = KVCache(cfg, B, total, lm.dtype, dev) if self.use_cache else None
+        cache = KVCache(cfg, B, total, kv_dtype(lm.dtype, dev), dev) if self.use_cache else None
         st.kv_cache_bytes = cache.nbytes if cache is not None else 0
         tok = lm.tokenizer
         decoders = [tok.incremental_decoder() if tok is not None else None for _ in range(B)]

@@ -133,7 +133,7 @@ def _collapse(rows: list[ShapeRow], n_layers: int) -> list[ShapeRow]:
 @torch.inference_mode()
 def shape_trace(lm, prompt, collapse_layers: bool = True) -> ShapeTrace:
     """Record every hook point's shape through a prefill of ``prompt`` and one decode step."""
-    from lmlab.engine.cache import KVCache, kv_bytes_per_token
+    from lmlab.engine.cache import KVCache, kv_bytes_per_token, kv_dtype
 
     model = model_of(lm)
     cfg = model.cfg
@@ -143,7 +143,7 @@ def shape_trace(lm, prompt, collapse_layers: bool = True) -> ShapeTrace:
         from lmlab.errors import LmlabError
 
         raise LmlabError(f"the prompt fills the model's context ({cfg.max_seq_len} tokens), leaving no room for a decode step; shorten it.")
-    cache = KVCache(cfg, B, T + 1, lm.dtype, lm.device)
+    cache = KVCache(cfg, B, T + 1, kv_dtype(lm.dtype, lm.device), lm.device)
     recorded: list[tuple[str, tuple]] = []
 
     def look(x, name):
@@ -154,7 +154,7 @@ def shape_trace(lm, prompt, collapse_layers: bool = True) -> ShapeTrace:
         "shape_k_and_v_each": [cfg.n_layers, B, cfg.n_kv_heads, T + 1, cfg.head_dim],
         "dims": "n_layers, B, n_kv_heads, max_len, head_dim",
         "allocated_bytes": cache.nbytes,
-        "bytes_per_token": kv_bytes_per_token(cfg, lm.dtype, B),
+        "bytes_per_token": kv_bytes_per_token(cfg, kv_dtype(lm.dtype, lm.device), B),
     }
     with registered(model, [(n, look) for n in hook_names(cfg)]):
         logits = model(ids, cache=cache, last_only=True)  # prefill, as generation runs it
