@@ -114,3 +114,49 @@ def test_empty_prompt_without_bos_is_refused(lm):
             lm.generate("", max_new_tokens=4)
     finally:
         lm.config.bos_token_id = saved
+
+
+@pytest.mark.parametrize("check_every", [3, 16])
+def test_reading_back_every_few_steps_gives_the_same_results(lm, check_every):
+    # a GPU reads sampled ids back every 16 steps; rows that stop in between drop their extra tokens
+    prompts = [prompt_ids(n, s) for n, s in [(3, 1), (17, 2), (9, 3)]]
+    base = lm.generate(prompts, max_new_tokens=20, temperature=0)
+    stop = base[1].text[4:6]
+    eos = base[0].token_ids[5]
+    saved = list(lm.config.eos_token_ids)
+    lm.config.eos_token_ids = [eos]  # row 0 ends early on an EOS, row 1 on a stop string
+    try:
+        want = lm.generate(prompts, max_new_tokens=20, temperature=0, stop=[stop])
+        got = lm.generate(prompts, max_new_tokens=20, temperature=0, stop=[stop], check_every=check_every)
+    finally:
+        lm.config.eos_token_ids = saved
+    assert want[0].finish_reason == "eos" and want[1].finish_reason == "stop"
+    for a, b in zip(want, got):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        # rows kept longer change the batch's matmul shapes, so float rounding may differ
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_ctrl_c_between_read_backs_keeps_every_sampled_token(lm, monkeypatch):
+    calls = []
+    forward = type(lm.model).forward
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 6:  # the prefill and four decode steps ran: five tokens sampled
+            raise KeyboardInterrupt
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(type(lm.model), "forward", interrupted)
+    ids = prompt_ids(5, 0)
+    with pytest.raises(KeyboardInterrupt) as e:
+        lm.generate(ids, max_new_tokens=20, temperature=0, check_every=16)
+    monkeypatch.undo()
+    partial = e.value.partial[0]
+    assert partial.finish_reason == "interrupted"
+    assert partial.token_ids == lm.generate(ids, max_new_tokens=5, temperature=0).token_ids
+
+
+def test_check_every_must_be_positive(lm):
+    with pytest.raises(LmlabError, match="check_every must be a positive integer"):
+        lm.generate([1, 2], max_new_tokens=2, check_every=0)

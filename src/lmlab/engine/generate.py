@@ -4,8 +4,9 @@ A batch of prompts of different lengths is left-padded into one tensor; a key ma
 padding and each sequence's positions start at 0, so every prompt computes what it would alone.
 ``stream`` yields a TokenEvent per generated token; ``generate`` collects them into results.
 
-Host syncs: on a GPU each ``.tolist()`` waits for the device, so token ids are only read back
-when streaming needs them or every ``check_every`` steps to see whether all sequences stopped.
+Host syncs: on a GPU each ``.tolist()`` waits for the device, so token ids are read back every
+step only when streaming needs them; ``generate`` reads them back every ``check_every`` steps
+(16 on a GPU) to see which sequences stopped, and drops what a stopped row sampled after its stop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from lmlab.engine.cache import KVCache, kv_dtype
 from lmlab.engine.sampling import Sampler, SamplingParams, entropy, top_alternatives, update_counts
 from lmlab.errors import LmlabError
+
+
+GPU_CHECK_EVERY = 16  # generate() on a GPU reads sampled ids back once per this many steps
 
 
 @dataclass
@@ -122,7 +126,11 @@ class Generation:
         self.max_new_tokens = min(max_new_tokens, ctx - longest)  # never run past the context
         self.stats = GenerationStats()
         dev = lm.device
-        self.check_every = check_every or (1 if dev.type == "cpu" else 16)
+        # Read sampled ids back every step on the CPU (free there) and when streaming; on a GPU a
+        # read-back waits for the device, so generate() reads back every 16 steps instead.
+        if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+            raise LmlabError(f"check_every must be a positive integer, got {check_every!r}.")
+        self.check_every = check_every or 1
 
     # ------------------------------------------------------------------ prompts
 
@@ -194,41 +202,94 @@ class Generation:
         cache = KVCache(cfg, B, total, kv_dtype(lm.dtype, dev), dev) if self.use_cache else None
         st.kv_cache_bytes = cache.nbytes if cache is not None else 0
         tok = lm.tokenizer
-        decoders = [tok.incremental_decoder() if tok is not None else None for _ in range(B)]
-        texts = [""] * B
-        emitted = [0] * B
-        n_out = [0] * B
+        self._tok = tok
+        self._decoders = [tok.incremental_decoder() if tok is not None else None for _ in range(B)]
+        self._texts, self._emitted, self._n_out = [""] * B, [0] * B, [0] * B
         rows = torch.arange(B, device=dev)  # original sequence index of each live row
         all_ids = ids  # uncached path: the whole sequence so far
+        pending = []  # per step not yet read back: (ids, logprobs, entropy, alternatives) of the live rows
 
         t0 = time.perf_counter()
         logits = model(ids, positions=positions, cache=cache, key_mask=key_mask[:, :T0] if padded else None, last_only=True)[:, -1]
         step = 0
-        while True:
-            next_ids, logprobs = sampler(logits, counts, history)
-            if step == 0:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                st.prefill_s = st.ttft_s = time.perf_counter() - t0
-                t_decode = st.decode_started = time.perf_counter()
-            step += 1
-            ent = entropy(logits)
-            alts = top_alternatives(logits, self.alternatives) if self.alternatives else None
-            if counts is not None:
-                update_counts(counts, next_ids)
-            if history is not None:
-                history = torch.cat([history, next_ids[:, None]], dim=1)
+        t_decode = t0
+        try:
+            while True:
+                next_ids, logprobs = sampler(logits, counts, history)
+                if step == 0:
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    st.prefill_s = st.ttft_s = time.perf_counter() - t0
+                    t_decode = st.decode_started = time.perf_counter()
+                step += 1
+                alts = top_alternatives(logits, self.alternatives) if self.alternatives else None
+                pending.append((next_ids, logprobs, entropy(logits), alts))
+                if counts is not None:
+                    update_counts(counts, next_ids)
+                if history is not None:
+                    history = torch.cat([history, next_ids[:, None]], dim=1)
 
-            # ---- read back: the ids (and everything streamed) for the live rows
-            id_list = next_ids.tolist()
-            lp_list, ent_list = logprobs.tolist(), ent.tolist()
-            alt_list = (alts[0].tolist(), alts[1].tolist()) if alts is not None else None
-            finished_rows = []
-            for r, seq in enumerate(rows.tolist()):
-                tid = id_list[r]
+                # ---- read back every check_every steps (and at the last): ids, text, stops
+                if len(pending) >= self.check_every or step >= self.max_new_tokens:
+                    finished, chunk, pending = set(), pending, []
+                    yield from self._read_back(chunk, rows.tolist(), finished)
+                    n_live = len(rows)
+                    if len(finished) == n_live:
+                        break
+                    if finished:
+                        keep = torch.tensor([r for r in range(n_live) if r not in finished], device=dev)
+                        rows, next_ids = rows[keep], next_ids[keep]
+                        key_mask, next_pos = key_mask[keep], next_pos[keep]
+                        if cache is not None:
+                            cache.keep(keep)
+                        else:
+                            all_ids = all_ids[keep]
+                        if counts is not None:
+                            counts = counts[keep]
+                        if history is not None:
+                            history = history[keep]
+                        padded = padded and bool((~key_mask[:, :T0]).any())
+
+                # ---- next step
+                if cache is not None:
+                    km = key_mask[:, : cache.length + 1] if padded else None
+                    logits = model(next_ids[:, None], positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True)[:, -1]
+                else:  # uncached: recompute the whole sequence, the reference the cache must equal
+                    all_ids = torch.cat([all_ids, next_ids[:, None]], dim=1)
+                    S = all_ids.shape[1]
+                    pos = (key_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
+                    logits = model(all_ids, positions=pos, key_mask=key_mask[:, :S] if padded else None, last_only=True)[:, -1]
+                next_pos = next_pos + 1
+                st.decode_steps += 1
+        except KeyboardInterrupt:
+            if pending:  # what was sampled but not yet read back is generated too: hand it over
+                yield from self._read_back(pending, rows.tolist(), set())
+            raise
+        st.decode_s = time.perf_counter() - t_decode
+        st.peak_memory_bytes = peak_memory_bytes(dev)
+
+    def _read_back(self, pending, rows: list[int], finished: set) -> Iterator[TokenEvent]:
+        """Events of the sampled steps in ``pending``, in order; adds the rows that stop to ``finished``.
+
+        A row that stops (EOS, stop string, length) at one of these steps yields nothing after it:
+        tokens it sampled later, before this read-back, are dropped.
+        """
+        cfg, tok, st = self.lm.config, self._tok, self.stats
+        texts, emitted, n_out, decoders = self._texts, self._emitted, self._n_out, self._decoders
+        one = len(pending) == 1  # one host read per step, or one for the whole chunk
+        ids = pending[0][0][None].tolist() if one else torch.stack([p[0] for p in pending]).tolist()
+        lps = pending[0][1][None].tolist() if one else torch.stack([p[1] for p in pending]).tolist()
+        ents = pending[0][2][None].tolist() if one else torch.stack([p[2] for p in pending]).tolist()
+        alt_list = [(a[0].tolist(), a[1].tolist()) if a is not None else None for _, _, _, a in pending]
+        eos = self._eos_set(cfg)
+        for j in range(len(pending)):
+            for r, seq in enumerate(rows):
+                if r in finished:
+                    continue
+                tid = ids[j][r]
                 n_out[seq] += 1
                 reason = None
-                if tid in self._eos_set(cfg):
+                if tid in eos:
                     reason = "eos"  # the end-of-sequence token ends the text; its own text is not part of it
                 elif decoders[seq] is not None:
                     texts[seq] += decoders[seq].push(tid)
@@ -256,43 +317,13 @@ class Generation:
                 out_text = texts[seq][emitted[seq]:safe]
                 emitted[seq] = safe
                 alt = []
-                if alt_list is not None:
-                    alt = [(i, tok.token_str(i) if tok is not None else str(i), pr) for i, pr in zip(alt_list[1][r], alt_list[0][r])]
-                yield TokenEvent(seq, n_out[seq] - 1, tid, out_text, lp_list[r], ent_list[r], alt, reason)
+                if alt_list[j] is not None:
+                    probs, alt_ids = alt_list[j]
+                    alt = [(i, tok.token_str(i) if tok is not None else str(i), pr) for i, pr in zip(alt_ids[r], probs[r])]
                 st.generated_tokens += 1
                 if reason:
-                    finished_rows.append(r)
-
-            if len(finished_rows) == len(id_list):
-                break
-            if finished_rows:
-                live = [r for r in range(len(id_list)) if r not in set(finished_rows)]
-                keep = torch.tensor(live, device=dev)
-                rows, next_ids = rows[keep], next_ids[keep]
-                key_mask, next_pos = key_mask[keep], next_pos[keep]
-                if cache is not None:
-                    cache.keep(keep)
-                else:
-                    all_ids = all_ids[keep]
-                if counts is not None:
-                    counts = counts[keep]
-                if history is not None:
-                    history = history[keep]
-                padded = padded and bool((~key_mask[:, :T0]).any())
-
-            # ---- next step
-            if cache is not None:
-                km = key_mask[:, : cache.length + 1] if padded else None
-                logits = model(next_ids[:, None], positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True)[:, -1]
-            else:  # uncached: recompute the whole sequence, the reference the cache must equal
-                all_ids = torch.cat([all_ids, next_ids[:, None]], dim=1)
-                S = all_ids.shape[1]
-                pos = (key_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
-                logits = model(all_ids, positions=pos, key_mask=key_mask[:, :S] if padded else None, last_only=True)[:, -1]
-            next_pos = next_pos + 1
-            st.decode_steps += 1
-        st.decode_s = time.perf_counter() - t_decode
-        st.peak_memory_bytes = peak_memory_bytes(dev)
+                    finished.add(r)
+                yield TokenEvent(seq, n_out[seq] - 1, tid, out_text, lps[j][r], ents[j][r], alt, reason)
 
     def _eos_set(self, cfg) -> set[int]:
         if not hasattr(self, "_eos"):
@@ -305,6 +336,7 @@ class Generation:
 def generate(lm, prompts, **kw):
     """Generate for one prompt (-> GenerationResult) or a list (-> list of results, n per prompt)."""
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+    kw.setdefault("check_every", GPU_CHECK_EVERY if lm.device.type == "cuda" else 1)
     gen = Generation(lm, prompts, **kw)
     B = len(gen.prompt_ids)
     ids = [[] for _ in range(B)]
