@@ -276,10 +276,8 @@ class Generation:
         """
         cfg, tok, st = self.lm.config, self._tok, self.stats
         texts, emitted, n_out, decoders = self._texts, self._emitted, self._n_out, self._decoders
-        one = len(pending) == 1  # one host read per step, or one for the whole chunk
-        ids = pending[0][0][None].tolist() if one else torch.stack([p[0] for p in pending]).tolist()
-        lps = pending[0][1][None].tolist() if one else torch.stack([p[1] for p in pending]).tolist()
-        ents = pending[0][2][None].tolist() if one else torch.stack([p[2] for p in pending]).tolist()
+        # (steps, rows) each: one host read for the whole chunk
+        ids, lps, ents = (torch.stack([p[i] for p in pending]).tolist() for i in range(3))
         alt_list = [(a[0].tolist(), a[1].tolist()) if a is not None else None for _, _, _, a in pending]
         eos = self._eos_set(cfg)
         for j in range(len(pending)):
