@@ -86,6 +86,11 @@ def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor | None:
     return torch.ops.mkldnn._linear_pointwise(x, p.packed, layer.bias, "none", [], "")
 
 
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every Linear's weight in ``model``: what ``prepack`` adds."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def prepack(model: nn.Module) -> int:
     """Pack every Linear's weight of ``model`` (CPU, float32/bfloat16); returns the bytes added.
 
@@ -109,11 +114,9 @@ def prepack(model: nn.Module) -> int:
             return 0
     except RuntimeError:
         return 0
-    added = 0
     for m in linears:
         m.__dict__["packed"] = first if m.weight is w else PackedWeight(m.weight)
-        added += m.weight.numel() * m.weight.element_size()
-    return added
+    return linear_weight_bytes(model)
 
 
 def unpack(model: nn.Module) -> None:

@@ -125,7 +125,6 @@ class Generation:
         longest = max(len(ids) for ids in self.prompt_ids)
         self.max_new_tokens = min(max_new_tokens, ctx - longest)  # never run past the context
         self.stats = GenerationStats()
-        dev = lm.device
         # Read sampled ids back every step on the CPU (free there) and when streaming; on a GPU a
         # read-back waits for the device, so generate() reads back every 16 steps instead.
         if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
@@ -212,7 +211,6 @@ class Generation:
         t0 = time.perf_counter()
         logits = model(ids, positions=positions, cache=cache, key_mask=key_mask[:, :T0] if padded else None, last_only=True)[:, -1]
         step = 0
-        t_decode = t0
         try:
             while True:
                 next_ids, logprobs = sampler(logits, counts, history)

@@ -96,8 +96,7 @@ def _prepack(model, dtype: torch.dtype, device: torch.device, prepack: bool | No
             return 0
         import psutil
 
-        need = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        if need + (1 << 30) > psutil.virtual_memory().available:
+        if kernels.linear_weight_bytes(model) + (1 << 30) > psutil.virtual_memory().available:
             return 0  # a second copy would not fit with room to spare: keep the plain route
     return kernels.prepack(model)
 
