@@ -9,8 +9,8 @@ thread count, same prompt ids, greedy, in one run. Every number is timed by ``lm
 TTFT, decode tok/s = tokens after the first / (last token time - first token time); HF's
 per-step times come from a streamer. Rates are the best of ``--repeats`` after one warm-up.
 
-The roofline is the machine's fp32 mat-vec bandwidth (the faster of the BLAS and oneDNN kernels
-over 1 GiB, measured once, ``lmlab bench --machine``)
+The roofline is the machine's fp32 mat-vec bandwidth (the fastest of the BLAS, oneDNN and lmlab's
+native kernels over 1 GiB, measured once, ``lmlab bench --machine``)
 ÷ the bytes of weights a decode step reads (every stored weight once, the tied embedding/head
 once). This is a script that prints a table, not a test.
 """
@@ -131,9 +131,9 @@ def main() -> None:
 
     print(f"engine vs HF transformers · {machine['host']['cpu']} · {threads} threads · torch {torch.__version__} · "
           f"transformers {transformers.__version__} · python {platform.python_version()}")
-    onednn = machine.get("onednn_matvec_gb_s")
-    print(f"machine: {bw:.1f} GB/s fp32 mat-vec over 1 GiB (the faster of BLAS {machine['matvec_gb_s']:.1f}"
-          + (f" and oneDNN {onednn:.1f}" if onednn else "") + f"; a plain read: {machine['read_gb_s']:.1f}); matmul peak "
+    kernels = [("oneDNN", machine.get("onednn_matvec_gb_s")), ("lmlab native", machine.get("native_matvec_gb_s"))]
+    print(f"machine: {bw:.1f} GB/s fp32 mat-vec over 1 GiB (the fastest of BLAS {machine['matvec_gb_s']:.1f}"
+          + "".join(f", {k} {v:.1f}" for k, v in kernels if v) + f"; a plain read: {machine['read_gb_s']:.1f}); matmul peak "
           + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in machine["matmul_gflops"].items() if v)
           + (f" · load average (1, 5, 15 min) at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f},"
              f" at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""))

@@ -1,6 +1,6 @@
 """Matmul routes on the CPU for one model's weight shapes: the table in ``lmlab.kernels``.
 
-    python benchmarks/linear_routes.py [--model smollm2-135m] [--threads 2] [--rows 1,8,116]
+    python benchmarks/linear_routes.py [--model smollm2-135m] [--threads 2] [--rows 1,2,8,116]
 
 For every weight matrix of the model (one decode step's worth: each block's qkv, o, up and
 down, then the lm_head) it times the whole set of matmuls through each route, with random
@@ -8,9 +8,11 @@ inputs of ``rows`` rows, best of 7 after 2 warm-ups:
 
 - ``F.linear``: the BLAS on the plain row-major weight (what HF transformers runs);
 - ``W @ x.T``: the transposed product lmlab's fallback uses for few bf16 rows;
-- ``prepacked``: oneDNN on the weight reordered once (``lmlab.kernels``), lmlab's default.
+- ``prepacked``: oneDNN on the weight reordered once (``lmlab.kernels``), lmlab's route for
+  more than two rows;
+- ``native``: lmlab's own mat-vec kernel (``lmlab.native``), its route for one or two rows.
 
-GB/s is the weights' bytes ÷ the time. A script that prints a table, not a test.
+GB/s is the weights' bytes ÷ the fastest route's time; speed-up is F.linear's time ÷ that. A script that prints a table, not a test.
 """
 
 from __future__ import annotations
@@ -38,23 +40,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rows", default="1,8,116")
+    ap.add_argument("--rows", default="1,2,8,116")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import lmlab
-    from lmlab import kernels
+    from lmlab import kernels, native
     from lmlab.bench.machine import host_details
 
     lm = lmlab.load(args.model, dtype="float32", prepack=False)
     shapes = [tuple(m.weight.shape) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
     lm = None
     print(f"{args.model}: {len(shapes)} weight matmuls per step · {host_details()['cpu']} · "
-          f"{torch.get_num_threads()} threads · torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads · torch {torch.__version__} · native kernel {native.status()}")
     print()
-    head = f"{'dtype':<10}{'rows':>6}{'F.linear ms':>14}{'W @ x.T ms':>13}{'prepacked ms':>15}{'GB/s':>8}{'speed-up':>10}"
+    head = (f"{'dtype':<10}{'rows':>6}{'F.linear ms':>14}{'W @ x.T ms':>13}{'prepacked ms':>15}{'native ms':>12}"
+            f"{'GB/s':>8}{'speed-up':>10}")
     print(head)
     print("-" * len(head))
     with torch.inference_mode():
@@ -76,10 +79,14 @@ def main() -> None:
                 t_wxt = best_ms(lambda: [(w @ xs[w.shape[1]].T).T for w in weights])
                 t_pack = (best_ms(lambda: [kernels.packed_linear(xs[m.weight.shape[1]], m) for m in packed])
                           if packed else None)
-                gbs = nbytes / (min(t_lin, t_pack or t_lin) / 1e3) / 1e9
+                t_nat = (best_ms(lambda: [native.linear(xs[w.shape[1]], w, None) for w in weights])
+                         if native.available() and rows <= native.MAX_ROWS else None)
+                fastest = min(t for t in (t_lin, t_wxt, t_pack, t_nat) if t is not None)
+                gbs = nbytes / (fastest / 1e3) / 1e9
                 pk = "-" if t_pack is None else f"{t_pack:.1f}"
-                up = "-" if t_pack is None else f"{t_lin / t_pack:.2f}×"
-                print(f"{str(dtype).removeprefix('torch.'):<10}{rows:>6}{t_lin:>14.1f}{t_wxt:>13.1f}{pk:>15}{gbs:>8.1f}{up:>10}")
+                nat = "-" if t_nat is None else f"{t_nat:.1f}"
+                print(f"{str(dtype).removeprefix('torch.'):<10}{rows:>6}{t_lin:>14.1f}{t_wxt:>13.1f}{pk:>15}{nat:>12}"
+                      f"{gbs:>8.1f}{t_lin / fastest:>9.2f}×")
 
 
 if __name__ == "__main__":

@@ -267,14 +267,15 @@ def test_an_entry_of_an_older_schema_is_measured_again(tmp_path, monkeypatch):
     assert calls == [1] and json.loads((tmp_path / MACHINE_FILE).read_text())["schema"] == machine_mod.SCHEMA
 
 
-def test_bandwidth_is_the_faster_of_both_mat_vec_kernels(monkeypatch):
-    from lmlab import kernels
+def test_bandwidth_is_the_fastest_of_the_mat_vec_kernels(monkeypatch):
+    from lmlab import kernels, native
 
     bw = machine_mod.measure_bandwidth("cpu", nbytes=16 << 20)
     assert bw["matvec_gb_s"] > 0 and bw["read_gb_s"] > 0
     if kernels.prepack_supported(torch.float32, "cpu"):
         assert bw["onednn_matvec_gb_s"] > 0
-    faster = max(bw["matvec_gb_s"], bw["onednn_matvec_gb_s"] or 0.0)
+    assert (bw["native_matvec_gb_s"] or 0) > 0 if native.available() else bw["native_matvec_gb_s"] is None
+    faster = max(bw["matvec_gb_s"], bw["onednn_matvec_gb_s"] or 0.0, bw["native_matvec_gb_s"] or 0.0)
     monkeypatch.setattr(machine_mod, "measure_bandwidth", lambda device="cpu": dict(bw))
     monkeypatch.setattr(machine_mod, "measure_matmul", lambda device="cpu": {})
     assert machine_mod.measure_machine("cpu")["bandwidth_gb_s"] == faster

@@ -108,7 +108,7 @@ def test_prepacked_layer_still_trains():
     layer = nn.Linear(16, 8)
     kernels.prepack(layer)
     x = torch.randn(3, 16)
-    assert kernels.packed_linear(x, layer) is None  # autograd needs the plain route
+    assert kernels.fast_linear(x, layer) is None  # autograd needs the plain route
     linear(x, layer).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
@@ -128,3 +128,98 @@ def test_prepack_can_be_turned_off(tiny, monkeypatch):
         assert on.packed_bytes == sum(m.weight.numel() * 4 for m in on.model.modules() if isinstance(m, nn.Linear))
         ids = torch.tensor([[1, 5, 9, 33]])
         torch.testing.assert_close(on(ids), off(ids), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the native kernel
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lmlab import native  # noqa: E402
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags and " avx512bw" in flags
+
+
+def test_native_kernel_is_built_where_it_can_be():
+    import shutil
+
+    if not (_cpu_has_avx512() and (shutil.which("cc") or shutil.which("gcc"))):
+        pytest.skip("no AVX-512 or no C compiler: lmlab runs without the native kernel here")
+    assert native.available(), native.status()
+    assert native.status().startswith("on")
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel {native.status()}")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("K,N", [(1, 1), (15, 17), (16, 16), (33, 31), (576, 160), (100, 1000)])
+def test_native_linear_equals_f_linear(dtype, rows, K, N):
+    torch.manual_seed(K * N + rows)
+    x, w, b = torch.randn(rows, K).to(dtype), torch.randn(N, K).to(dtype), torch.randn(N).to(dtype)
+    for bias in (None, b):
+        got = native.linear(x, w, bias)
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert got.shape == (rows, N) and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K**0.5)
+        else:  # fp32 sums, rounded to bf16 once: within one bf16 step of the exact result
+            torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-4 * K**0.5)
+
+
+@needs_native
+def test_native_linear_declines_what_it_does_not_cover():
+    w = torch.randn(8, 16)
+    assert native.linear(torch.randn(3, 16), w, None) is None  # more rows than MAX_ROWS
+    assert native.linear(torch.randn(1, 16).half(), w.half(), None) is None  # fp16
+    assert native.linear(torch.randn(1, 16), w.bfloat16(), None) is None  # mixed dtypes
+    assert native.linear(torch.randn(16, 1).T, w, None) is not None  # a (1, 16) view is contiguous
+    assert native.linear(torch.randn(1, 32)[:, ::2], w, None) is None  # strided
+    assert native.linear(torch.randn(1, 16), w.T.contiguous().T, None) is None  # a transposed weight
+
+
+@needs_native
+def test_decoding_rows_take_the_native_route_and_see_edits(monkeypatch):
+    from lmlab import kernels
+
+    layer = nn.Linear(64, 48)
+    calls = []
+    real = native.linear
+    monkeypatch.setattr(native, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.inference_mode():
+        x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+        torch.testing.assert_close(linear(x1, layer), F.linear(x1, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        linear(x3, layer)
+    assert calls == [(1, 1, 64)]  # three rows went elsewhere
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # read where it lies: an edit is seen at once
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x1, layer), F.linear(x1, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 64, requires_grad=True)
+    frozen = nn.Linear(64, 48).requires_grad_(False)
+    assert kernels.fast_linear(x, frozen) is None  # a gradient to the input needs autograd's route
+    linear(x, frozen).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("env,why", [({"LMLAB_NATIVE": "0"}, "off (LMLAB_NATIVE=0)"), ({"CC": "false"}, "off: the build failed")])
+def test_without_the_native_kernel_lmlab_still_computes(tmp_path, env, why):
+    code = ("import torch, torch.nn.functional as F; from lmlab import native; from lmlab.model import linear\n"
+            "layer = torch.nn.Linear(16, 8); x = torch.randn(1, 16)\n"
+            "with torch.inference_mode(): assert torch.allclose(linear(x, layer), F.linear(x, layer.weight, layer.bias), atol=1e-6)\n"
+            "print(native.status())")
+    import os
+
+    full = {**os.environ, "LMLAB_HOME": str(tmp_path), **env}
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(why)

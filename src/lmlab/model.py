@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.kernels import packed_linear
+from lmlab.kernels import fast_linear
 
 # name pattern -> (shape, what it is). The table in docs/hooks.md is generated from this.
 HOOK_POINTS: dict[str, tuple[str, str]] = {
@@ -132,13 +132,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)``, i.e. x @ W.T + b.
 
-    On the CPU a weight prepacked by ``lmlab.kernels.prepack`` takes oneDNN's route (about 2x
-    faster for decoding). Without one, bf16 with few rows takes a faster route to the same
-    product: one row is a mat-vec W @ x, and up to 64 rows are W @ x.T, transposed back
-    (measured on a 2-core AVX512-BF16 Xeon, both read the weights 1.5x faster than the
-    general bf16 matmul).
+    On the CPU, outside autograd, ``lmlab.kernels.fast_linear`` picks a faster route to the same
+    product: a decoding step's one or two rows go to lmlab's native mat-vec kernel, more rows to
+    oneDNN on a prepacked weight. Without those, bf16 with few rows is a mat-vec W @ x (one
+    row) or W @ x.T transposed back (up to 64 rows), which read the weights faster than the
+    general bf16 matmul.
     """
-    y = packed_linear(x, layer)
+    y = fast_linear(x, layer)
     if y is not None:
         return y
     rows = x.numel() // x.shape[-1]

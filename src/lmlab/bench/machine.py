@@ -4,10 +4,10 @@
 (measuring once if they are absent) to say how close each point comes to the hardware.
 
 - **bandwidth** (GB/s): a float32 matrix-vector product over at least 1 GiB of "weights", the
-  access pattern of batch-1 decoding. Bigger than any cache, so it reads DRAM. Both mat-vec
-  kernels torch has are timed, the BLAS's ``torch.mv`` and oneDNN's on a prepacked weight
-  (``lmlab.kernels``), and the faster one is the machine's figure: on some CPUs the BLAS path
-  reads far below what the memory allows. A plain copy (read + write) and a plain read (a sum)
+  access pattern of batch-1 decoding. Bigger than any cache, so it reads DRAM. Every mat-vec
+  kernel at hand is timed: the BLAS's ``torch.mv``, oneDNN's on a prepacked weight
+  (``lmlab.kernels``) and lmlab's native kernel (``lmlab.native``), and the fastest is the
+  machine's figure: on some CPUs the BLAS path reads far below what the memory allows. A plain copy (read + write) and a plain read (a sum)
   are measured next to it for reference.
 - **matmul peak** (GFLOP/s): a large square GEMM per dtype (float32, bfloat16, float16), the
   best of several runs, again the faster of the BLAS and oneDNN.
@@ -30,7 +30,7 @@ import torch
 from lmlab.runs.store import cpu_model, lmlab_home
 
 MACHINE_FILE = "machine.json"
-SCHEMA = 2  # 2: bandwidth and matmul peak are the faster of the BLAS and oneDNN kernels
+SCHEMA = 3  # 2: bandwidth and matmul peak are the faster of the BLAS and oneDNN kernels; 3: and the native mat-vec
 GiB = 1 << 30
 
 
@@ -114,6 +114,7 @@ def measure_bandwidth(device="cpu", nbytes: int = GiB) -> dict:
     size = w.numel() * 4
     t_mv = _best_time(lambda: torch.mv(w, x, out=y), dev)
     t_onednn = _onednn_time(x[None], w, dev)
+    t_native = _native_time(x[None], w, dev)
     dst = torch.empty_like(w)
     t_copy = _best_time(lambda: dst.copy_(w), dev)
     del dst
@@ -121,10 +122,20 @@ def measure_bandwidth(device="cpu", nbytes: int = GiB) -> dict:
     return {
         "matvec_gb_s": size / t_mv / 1e9,
         "onednn_matvec_gb_s": size / t_onednn / 1e9 if t_onednn else None,
+        "native_matvec_gb_s": size / t_native / 1e9 if t_native else None,
         "copy_gb_s": 2 * size / t_copy / 1e9,  # a copy reads and writes every byte
         "read_gb_s": size / t_read / 1e9,
         "bandwidth_test_bytes": size,
     }
+
+
+def _native_time(x: torch.Tensor, w: torch.Tensor, dev: torch.device) -> float | None:
+    """Seconds of one ``x @ w.T`` through lmlab's native kernel, or None where it is not built."""
+    from lmlab import native
+
+    if dev.type != "cpu" or not native.available():
+        return None
+    return _best_time(lambda: native.linear(x, w, None), dev)
 
 
 def _onednn_time(x: torch.Tensor, w: torch.Tensor, dev: torch.device) -> float | None:
@@ -176,7 +187,7 @@ def measure_machine(device="cpu", threads: int | None = None) -> dict:
     with torch.inference_mode():
         entry = {"host": details, **measure_bandwidth(device), "matmul_gflops": measure_matmul(device)}
     # what bandwidth_pct and the roofline are relative to: the faster mat-vec this machine runs
-    entry["bandwidth_gb_s"] = max(entry["matvec_gb_s"], entry["onednn_matvec_gb_s"] or 0.0)
+    entry["bandwidth_gb_s"] = max(entry["matvec_gb_s"], entry["onednn_matvec_gb_s"] or 0.0, entry["native_matvec_gb_s"] or 0.0)
     entry["threads"] = details["threads"]
     entry["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return entry

@@ -73,10 +73,12 @@ def machine_table(entry: dict):
     t.add_row("threads", str(entry["threads"]))
     t.add_row("memory", _mb(h.get("ram_bytes")))
     t.add_row("torch", h["torch"])
-    t.add_row("bandwidth (fp32 mat-vec, faster kernel)", f"{entry['bandwidth_gb_s']:.1f} GB/s over {entry['bandwidth_test_bytes'] / 2**30:.0f} GiB")
+    t.add_row("bandwidth (fp32 mat-vec, fastest kernel)", f"{entry['bandwidth_gb_s']:.1f} GB/s over {entry['bandwidth_test_bytes'] / 2**30:.0f} GiB")
     t.add_row("  BLAS torch.mv", f"{entry['matvec_gb_s']:.1f} GB/s")
     if entry.get("onednn_matvec_gb_s"):
         t.add_row("  oneDNN, prepacked", f"{entry['onednn_matvec_gb_s']:.1f} GB/s")
+    if entry.get("native_matvec_gb_s"):
+        t.add_row("  lmlab native kernel", f"{entry['native_matvec_gb_s']:.1f} GB/s")
     t.add_row("copy (read + write)", f"{entry['copy_gb_s']:.1f} GB/s")
     t.add_row("read (sum)", f"{entry['read_gb_s']:.1f} GB/s")
     for name, g in entry["matmul_gflops"].items():
