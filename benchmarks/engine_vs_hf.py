@@ -10,7 +10,8 @@ TTFT, decode tok/s = tokens after the first / (last token time - first token tim
 per-step times come from a streamer. Rates are the best of ``--repeats`` after one warm-up.
 
 The roofline is the machine's fp32 mat-vec bandwidth (the fastest of the BLAS, oneDNN and lmlab's
-native kernels over 1 GiB, measured once, ``lmlab bench --machine``)
+native kernels over 1 GiB), measured again at the start of this run, since a shared machine's
+bandwidth moves from hour to hour (``--cached-machine`` takes ``lmlab bench --machine``'s figure),
 ÷ the bytes of weights a decode step reads (every stored weight once, the tied embedding/head
 once). This is a script that prints a table, not a test.
 """
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=116)
+    ap.add_argument("--cached-machine", action="store_true", help="use the cached machine figures instead of measuring")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
@@ -120,7 +122,8 @@ def main() -> None:
 
     from lmlab.bench.machine import machine_limits
 
-    machine = machine_limits("cpu", threads, on_measure=lambda m: print(m, file=sys.stderr))
+    machine = machine_limits("cpu", threads, remeasure=not args.cached_machine,
+                             on_measure=lambda m: print(m, file=sys.stderr))
     bw = machine["bandwidth_gb_s"]
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 

@@ -161,7 +161,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("K,N", [(1, 1), (15, 17), (16, 16), (33, 31), (576, 160), (100, 1000)])
 def test_native_linear_equals_f_linear(dtype, rows, K, N):
     torch.manual_seed(K * N + rows)
@@ -179,7 +179,7 @@ def test_native_linear_equals_f_linear(dtype, rows, K, N):
 @needs_native
 def test_native_linear_declines_what_it_does_not_cover():
     w = torch.randn(8, 16)
-    assert native.linear(torch.randn(3, 16), w, None) is None  # more rows than MAX_ROWS
+    assert native.linear(torch.randn(native.MAX_ROWS + 1, 16), w, None) is None  # more rows than MAX_ROWS
     assert native.linear(torch.randn(1, 16).half(), w.half(), None) is None  # fp16
     assert native.linear(torch.randn(1, 16), w.bfloat16(), None) is None  # mixed dtypes
     assert native.linear(torch.randn(16, 1).T, w, None) is not None  # a (1, 16) view is contiguous
@@ -196,10 +196,10 @@ def test_decoding_rows_take_the_native_route_and_see_edits(monkeypatch):
     real = native.linear
     monkeypatch.setattr(native, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.inference_mode():
-        x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+        x1, x_many = torch.randn(1, 1, 64), torch.randn(1, native.MAX_ROWS + 1, 64)
         torch.testing.assert_close(linear(x1, layer), F.linear(x1, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        linear(x3, layer)
-    assert calls == [(1, 1, 64)]  # three rows went elsewhere
+        linear(x_many, layer)
+    assert calls == [(1, 1, 64)]  # more rows went elsewhere
     with torch.no_grad():
         layer.weight.mul_(-1)  # read where it lies: an edit is seen at once
     with torch.inference_mode():

@@ -1,24 +1,25 @@
 """Matmuls on the CPU: the native kernel for decoding, and weights prepacked for oneDNN.
 
-``fast_linear`` is the route ``model.linear`` tries first. One or two rows of input (a decoding
-step) go to ``lmlab.native``, which streams the plain row-major weight (SmolLM2-135M fp32, a
-step's 121 matmuls: 18 ms, against 25-28 ms for oneDNN below). More rows (prefill, batches) go
-to oneDNN on a prepacked weight:
+``fast_linear`` is the route ``model.linear`` tries first. Up to four rows of input (a decoding
+step run through model.py, e.g. with hooks) go to ``lmlab.native``, which streams the plain
+row-major weight; a decoding step with no hook skips this module altogether and runs whole in
+``lmlab.native.decode_step``. More rows (prefill, big batches) go to oneDNN on a prepacked weight:
 
 ``F.linear`` on the CPU hands a plain row-major weight to the BLAS on every call. For the few
 rows of decoding that is far below what the memory allows, most of all on AMD CPUs, where the
 BLAS takes a generic path. oneDNN reads a weight that was reordered once, ahead of time, into the
 blocked layout its kernels stream; the product is the same x @ W.T + b.
 
-Measured on a 2-core AMD EPYC (AVX512-BF16), SmolLM2-135M's 121 weight matmuls of one step,
-2 threads (``benchmarks/linear_routes.py``):
+SmolLM2-135M's 121 weight matmuls of one step, 2 threads (``benchmarks/linear_routes.py``):
 
-    rows   dtype      F.linear   prepacked
-       1   float32      52 ms      28 ms
-       8   float32      66 ms      27 ms
-     116   float32     230 ms     163 ms
-       1   bfloat16     33 ms      20 ms
-       8   bfloat16     40 ms      16 ms
+    rows   dtype     AMD EPYC (Zen 4)        Xeon (Sapphire Rapids)
+                     F.linear  prepacked     F.linear  prepacked  native
+       1   float32     52 ms     28 ms        22.5 ms   29.2 ms   22.6 ms
+       4   float32       -         -          42.5 ms   30.7 ms   26.8 ms
+       8   float32     66 ms     27 ms        55.3 ms   35.0 ms   34.2 ms
+     116   float32    230 ms    163 ms       127.7 ms  122.5 ms      -
+       1   bfloat16    33 ms     20 ms        22.7 ms   17.0 ms   12.0 ms
+       8   bfloat16    40 ms     16 ms        24.5 ms   17.0 ms   19.2 ms
 
 The packed copy lives beside the parameter (the parameter stays what hooks, state_dict and
 training see), so it costs a second copy of the weights in memory; ``lmlab.load(...,
@@ -79,9 +80,9 @@ def _version(t: torch.Tensor) -> int | None:
 def fast_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor | None:
     """``x @ W.T + b`` through the fastest CPU route that applies, or None for ``F.linear``'s.
 
-    Applies on the CPU, outside autograd, with the input in the weight's dtype. A step of one or
-    two rows (decoding) takes the native kernel (``lmlab.native``); more rows take the packed
-    weight, where there is one.
+    Applies on the CPU, outside autograd, with the input in the weight's dtype. Up to
+    ``native.MAX_ROWS`` rows take the native kernel (``lmlab.native``); more rows take the
+    packed weight, where there is one.
     """
     w = layer.weight
     if x.dtype != w.dtype or x.device.type != "cpu":

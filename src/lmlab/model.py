@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab import native
 from lmlab.config import ModelConfig
 from lmlab.kernels import fast_linear
 
@@ -133,7 +134,7 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)``, i.e. x @ W.T + b.
 
     On the CPU, outside autograd, ``lmlab.kernels.fast_linear`` picks a faster route to the same
-    product: a decoding step's one or two rows go to lmlab's native mat-vec kernel, more rows to
+    product: a few rows (up to four) go to lmlab's native mat-vec kernel, more rows to
     oneDNN on a prepacked weight. Without those, bf16 with few rows is a mat-vec W @ x (one
     row) or W @ x.T transposed back (up to 64 rows), which read the weights faster than the
     general bf16 matmul.
@@ -324,6 +325,8 @@ class HookSet:
 
 
 class Transformer(nn.Module):
+    native_decode = True  # take lmlab.native's decoding step where it applies (False: always the code below)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -389,6 +392,11 @@ class Transformer(nn.Module):
         if cfg.pos == "rope":
             for theta in {self._theta(i) for i in range(cfg.n_layers)}:
                 ropes[theta] = rope_cos_sin(self._inv_freq(theta, x.device), positions, x.dtype)
+        if T == 1 and cache is not None and hook is None and self.native_decode:
+            # A decoding step with no hook: the same blocks, run by lmlab.native in one call.
+            logits = native.decode_step(self, x, ropes, cache, key_mask)
+            if logits is not None:
+                return logits
         masks = self._masks(B, T, start, key_mask, x.device)
 
         for i, block in enumerate(self.blocks):

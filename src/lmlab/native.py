@@ -1,4 +1,10 @@
-"""lmlab's one native kernel: the few-row matmul of a decoding step (``csrc/matvec.c``).
+"""lmlab's native code (``csrc/native.c``): the few-row matmul, and a whole decoding step.
+
+- ``linear``: ``x @ W.T + b`` for up to four rows, reading the plain row-major weight.
+- ``decode_step``: one new token per sequence through every block, the final norm and the
+  head, in one call, for a model with no hook registered. ``Transformer.forward`` takes it for
+  a cached one-token step; the PyTorch forward pass in ``lmlab/model.py`` is its reference
+  (tests compare the two for every family, in float32 and bfloat16).
 
 The C file is compiled once per machine, at first use, with the system's C compiler and
 ``-march=native -fopenmp``, into ``~/.lmlab/native/`` (``$LMLAB_HOME/native``). The library is
@@ -25,9 +31,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 2  # rows of x this kernel takes; from 3-4 rows oneDNN's blocked GEMM is as fast or faster
-SOURCE = Path(__file__).with_name("csrc") / "matvec.c"
-FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC"]
+MAX_ROWS = 4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
+SOURCE = Path(__file__).with_name("csrc") / "native.c"
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC"]
+
+_BLOCK_FIELDS = ("attn_norm_w", "attn_norm_b", "qkv_w", "qkv_b", "o_w", "o_b", "q_norm_w", "k_norm_w",
+                 "post_attn_norm_w", "post_attn_norm_b", "mlp_norm_w", "mlp_norm_b", "up_w", "up_b", "down_w", "down_b",
+                 "post_mlp_norm_w", "post_mlp_norm_b")
+
+
+class _Block(ctypes.Structure):  # lmlab_block in native.c
+    _fields_ = [(n, ctypes.c_void_p) for n in _BLOCK_FIELDS] + [("rope_table", ctypes.c_int64), ("window", ctypes.c_int64)]
+
+
+class _Model(ctypes.Structure):  # lmlab_model in native.c
+    _fields_ = ([(n, ctypes.c_int64) for n in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab",
+                                                 "rotary_dim", "layernorm", "sandwich", "qk_norm", "gated", "act",
+                                                 "parallel_residual", "bf16")]
+                + [(n, ctypes.c_double) for n in ("norm_eps", "norm_offset", "attn_scale", "attn_softcap", "final_softcap")]
+                + [(n, ctypes.c_void_p) for n in ("final_norm_w", "final_norm_b", "lm_head_w", "blocks")])
+
 
 _lib = None  # the loaded library, False once it has failed
 _status = "not built yet"
@@ -70,7 +93,7 @@ def _build(cc: str, out: Path) -> str | None:
     os.close(fd)
     try:
         for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang) it runs on one thread
-            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
                 return None
@@ -93,7 +116,7 @@ def _load():
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"matvec-{key}.so"
+    path = _cache_dir() / f"native-{key}.so"
     try:
         if not path.exists():
             err = _build(cc, path)
@@ -110,6 +133,8 @@ def _load():
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.lmlab_linear.argtypes = [vp, i, i, vp, i, vp, vp, i, i]
     lib.lmlab_linear.restype = i
+    lib.lmlab_decode_step.argtypes = [ctypes.POINTER(_Model), i, vp, vp, vp, ctypes.c_int64, ctypes.c_int64, vp, vp, vp, vp, i]
+    lib.lmlab_decode_step.restype = i
     _lib = lib
     bad = _self_check()
     if bad:
@@ -161,3 +186,144 @@ def _self_check() -> str | None:
             if err > tol * (1 + want.abs().max().item()):
                 return f"max error {err:.3g} for {rows}x{K} @ {N}x{K} {dtype}"
     return None
+
+
+# ----------------------------------------------------------------------------- the decoding step
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+_param_epoch = 0  # moves whenever any module gets a new Parameter: a plan's pointers may be stale then
+
+
+def _on_new_parameter(module, name, param):
+    global _param_epoch
+    _param_epoch += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_new_parameter)
+
+
+class DecodePlan:
+    """A model's parameters as the C structs ``lmlab_decode_step`` reads (pointers into the tensors).
+
+    Edits in place are seen, since the step reads the tensors' own memory. A parameter replaced
+    by another, or a model moved to another dtype or device, makes the plan stale; ``plan_for``
+    then builds a new one.
+    """
+
+    def __init__(self, model, key):
+        cfg = model.cfg
+        self.key = key
+        self.dtype = model.tok_embed.weight.dtype
+        self.reason = _unsupported(model)
+        if self.reason:
+            return
+
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        def norm_wb(n):
+            return (ptr(n.weight), ptr(n.bias)) if n is not None else (None, None)
+
+        self.thetas = []  # distinct RoPE bases, in the order of the tables passed to C
+        blocks = (_Block * cfg.n_layers)()
+        for i, blk in enumerate(model.blocks):
+            a, mlp = blk.attn, blk.mlp
+            v = dict(zip(("attn_norm_w", "attn_norm_b"), norm_wb(blk.attn_norm)))
+            v.update(qkv_w=ptr(a.qkv.weight), qkv_b=ptr(a.qkv.bias), o_w=ptr(a.o.weight), o_b=ptr(a.o.bias))
+            if cfg.qk_norm:
+                v.update(q_norm_w=ptr(a.q_norm.weight), k_norm_w=ptr(a.k_norm.weight))
+            if cfg.sandwich_norm:
+                v.update(zip(("post_attn_norm_w", "post_attn_norm_b"), norm_wb(blk.post_attn_norm)))
+                v.update(zip(("post_mlp_norm_w", "post_mlp_norm_b"), norm_wb(blk.post_mlp_norm)))
+            v.update(zip(("mlp_norm_w", "mlp_norm_b"), norm_wb(blk.mlp_norm)))
+            v.update(up_w=ptr(mlp.up.weight), up_b=ptr(mlp.up.bias), down_w=ptr(mlp.down.weight), down_b=ptr(mlp.down.bias))
+            for name, value in v.items():
+                setattr(blocks[i], name, value)
+            table = -1
+            if cfg.pos == "rope":
+                theta = model._theta(i)
+                if theta not in self.thetas:
+                    self.thetas.append(theta)
+                table = self.thetas.index(theta)
+            blocks[i].rope_table = table
+            blocks[i].window = cfg.sliding_window if cfg.layer_types[i] == "sliding" and cfg.sliding_window else 0
+        self.blocks = blocks  # kept alive: the struct below points into it
+        fn_w, fn_b = norm_wb(model.final_norm)
+        self.struct = _Model(
+            n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim, d_ff=cfg.d_ff, vocab=cfg.vocab_size, rotary_dim=cfg.rotary_dim if cfg.pos == "rope" else 0,
+            layernorm=int(cfg.norm == "layernorm"), sandwich=int(cfg.sandwich_norm), qk_norm=int(cfg.qk_norm),
+            gated=int(cfg.mlp == "gated"), act=ACT_CODES[cfg.act], parallel_residual=int(cfg.parallel_residual),
+            bf16=int(self.dtype == torch.bfloat16), norm_eps=cfg.norm_eps, norm_offset=cfg.norm_weight_offset,
+            attn_scale=model.blocks[0].attn.scale, attn_softcap=cfg.attn_logit_softcap or 0.0,
+            final_softcap=cfg.final_logit_softcap or 0.0, final_norm_w=fn_w, final_norm_b=fn_b,
+            lm_head_w=ptr(model.lm_head.weight), blocks=ctypes.cast(blocks, ctypes.c_void_p))
+        self.struct_ref = ctypes.byref(self.struct)
+
+
+def _unsupported(model) -> str | None:
+    """Why the native step cannot run this model as it is, or None."""
+    cfg = model.cfg
+    if not available():
+        return status()
+    if cfg.act not in ACT_CODES:
+        return f"activation {cfg.act!r}"
+    params = list(model.parameters())
+    dtype = params[0].dtype
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    for p in params:
+        if p.device.type != "cpu" or p.dtype != dtype or not p.is_contiguous():
+            return "parameters that are not contiguous CPU tensors of one dtype"
+    return None
+
+
+def plan_for(model) -> DecodePlan:
+    """The model's DecodePlan, built again when a parameter was replaced or the weights moved."""
+    w = model.tok_embed.weight
+    key = (_param_epoch, w.data_ptr(), w.dtype, w.device.type, model.lm_head.weight.data_ptr(), model.cfg.n_layers)
+    plan = model.__dict__.get("_decode_plan")
+    if plan is None or plan.key != key:
+        plan = model.__dict__["_decode_plan"] = DecodePlan(model, key)
+    return plan
+
+
+def decode_step(model, x: torch.Tensor, ropes: dict, cache, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Logits (B, 1, V) for one new token per row, or None where the native step does not apply.
+
+    x: (B, 1, C) the new tokens' embeddings, as ``Transformer.forward`` computed them.
+    ropes: {theta: (cos, sin)} each (B, 1, 1, rotary_dim), from ``rope_cos_sin``.
+    cache: the KVCache; this step writes slot ``cache.length`` of every layer and advances it.
+    key_mask: (B, S) bool, False on left padding (a row's padding is a prefix), or None.
+    """
+    lib = _lib if _lib is not None else _load()
+    if not lib or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    plan = plan_for(model)
+    if plan.reason or x.dtype != plan.dtype or x.device.type != "cpu":
+        return None
+    if torch.is_grad_enabled() and model.lm_head.weight.requires_grad:
+        return None  # training: autograd needs the PyTorch forward
+    k, v = cache.k, cache.v
+    B = x.shape[0]
+    if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[1] != B:
+        return None
+    if plan.thetas:
+        tables = [ropes[t] for t in plan.thetas]
+        cos = torch.stack([c for c, _ in tables]).reshape(len(tables), B, -1).float().contiguous()
+        sin = torch.stack([s for _, s in tables]).reshape(len(tables), B, -1).float().contiguous()
+    else:
+        cos = sin = None
+    first = None
+    if key_mask is not None:
+        first = key_mask.to(torch.uint8).argmax(-1)  # (B,) int64: the first slot each row may attend to
+    x = x.contiguous()
+    logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
+    rc = lib.lmlab_decode_step(plan.struct_ref, B, x.data_ptr(), k.data_ptr(), v.data_ptr(), cache.max_len, cache.length,
+                               first.data_ptr() if first is not None else None,
+                               cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
+                               logits.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        return None
+    cache.advance(1)
+    return logits

@@ -30,7 +30,8 @@ import torch
 from lmlab.runs.store import cpu_model, lmlab_home
 
 MACHINE_FILE = "machine.json"
-SCHEMA = 3  # 2: bandwidth and matmul peak are the faster of the BLAS and oneDNN kernels; 3: and the native mat-vec
+SCHEMA = 4  # 2: bandwidth and matmul peak are the faster of the BLAS and oneDNN kernels; 3: and the native mat-vec;
+# 4: the native mat-vec reads 8 rows side by side, with prefetch (csrc/native.c)
 GiB = 1 << 30
 
 

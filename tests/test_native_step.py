@@ -1,0 +1,154 @@
+"""The native decoding step (lmlab.native.decode_step) against the PyTorch forward pass it replaces.
+
+Every family's tiny random model takes the same cached steps twice, once through
+``csrc/native.c`` and once through ``model.py`` (``native_decode = False``); the logits must
+agree within 1e-4 in float32 (the parity bar) and within bf16 rounding in bfloat16. Ragged
+batches, sliding windows, more rows than one pass of the kernel serves, hooks and replaced
+parameters are covered too.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import lmlab
+from lmlab import native
+from lmlab.engine.cache import KVCache, kv_dtype
+from tiny import FAMILIES, VOCAB, make_tiny
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native code {native.status()}")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(family)
+            make_tiny(family, made[family])
+        return made[family]
+
+    return get
+
+
+def feed(n_rows, steps, seed=0):
+    """The tokens fed at each step, (rows, steps): row i gets the same tokens in any batch."""
+    return torch.randint(0, VOCAB, (n_rows, steps), generator=torch.Generator().manual_seed(seed))
+
+
+def run_steps(lm, prompts, steps, use_native, tokens=None):
+    """Prefill ragged prompts (left-padded, as the engine does), then `steps` decode steps; logits (B, steps, V)."""
+    m, cfg = lm.model, lm.config
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T0, dtype=torch.long)
+    key_mask = torch.ones(B, T0 + steps, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T0 - len(p):] = torch.tensor(p)
+        key_mask[i, : T0 - len(p)] = False
+    padded = bool((~key_mask).any())
+    positions = (key_mask[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
+    next_pos = torch.tensor([len(p) for p in prompts])
+    cache = KVCache(cfg, B, T0 + steps, kv_dtype(lm.dtype, "cpu"), "cpu")
+    tokens = feed(B, steps) if tokens is None else tokens
+    m.native_decode = use_native
+    out = []
+    try:
+        with torch.inference_mode():
+            m(ids, positions=positions, cache=cache, key_mask=key_mask[:, :T0] if padded else None, last_only=True)
+            for j in range(steps):
+                nxt = tokens[:, j : j + 1]
+                km = key_mask[:, : cache.length + 1] if padded else None
+                out.append(m(nxt, positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True).float())
+                next_pos = next_pos + 1
+    finally:
+        m.native_decode = True
+    return torch.cat(out, dim=1)
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def count_native_calls(monkeypatch):
+    calls = []
+    real = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_step_equals_the_pytorch_forward_float32(family, folders, monkeypatch):
+    lm = lmlab.load(folders(family))
+    # 3 ragged rows; 14 steps carry the gemma3/mistral rows past their 8-token sliding window
+    prompts = prompts_of([5, 11, 2])
+    calls = count_native_calls(monkeypatch)
+    got = run_steps(lm, prompts, 14, use_native=True)
+    assert len(calls) == 14 and native.plan_for(lm.model).reason is None
+    want = run_steps(lm, prompts, 14, use_native=False)
+    assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+    one = run_steps(lm, prompts[1:2], 14, use_native=True, tokens=feed(3, 14)[1:2])  # a row alone computes what it does in the batch
+    assert (one[0] - got[1]).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen3", "gpt_neox"])
+def test_native_step_bfloat16_rounds_where_the_pytorch_forward_does(family, folders):
+    lm = lmlab.load(folders(family), dtype="bfloat16")
+    ref = lmlab.load(folders(family))
+    prompts = prompts_of([6, 13])
+    got = run_steps(lm, prompts, 10, use_native=True)
+    want = run_steps(lm, prompts, 10, use_native=False)
+    exact = run_steps(ref, prompts, 10, use_native=False)
+    scale = 1 + exact.abs().max().item()
+    # both bf16 paths round at the same points; they differ by the order of fp32 sums, which
+    # can move a value by one bf16 step now and then: far less than bf16 is from fp32
+    assert (got - want).abs().max().item() < 0.03 * scale
+    assert (got - exact).abs().max().item() < 0.05 * scale
+    assert (got - want).abs().mean().item() < 0.25 * (want - exact).abs().mean().item() + 1e-3
+
+
+def test_more_rows_than_one_pass_serves(folders):
+    lm = lmlab.load(folders("llama"))
+    prompts = prompts_of([3, 7, 4, 9, 1, 6, 8, 2, 5, 10, 4])  # 11 rows: passes of 8 and 3
+    got = run_steps(lm, prompts, 4, use_native=True)
+    want = run_steps(lm, prompts, 4, use_native=False)
+    assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+
+
+def test_generation_uses_the_native_step_and_hooks_turn_it_off(folders, monkeypatch):
+    lm = lmlab.load(folders("llama"))
+    ids = prompts_of([9])[0]
+    calls = count_native_calls(monkeypatch)
+    fast = lm.generate(ids, max_new_tokens=10, temperature=0, ignore_eos=True).token_ids
+    assert len(calls) == 9  # every step after the first token
+    calls.clear()
+    seen = []
+    with lm.hooks({"blocks.0.resid_post": lambda x, name: seen.append(x.shape)}):
+        hooked = lm.generate(ids, max_new_tokens=10, temperature=0, ignore_eos=True).token_ids
+    assert calls == [] and len(seen) == 10  # the prefill and every step ran model.py, hook and all
+    assert hooked == fast
+
+
+def test_a_replaced_or_edited_weight_is_seen(folders):
+    lm = lmlab.load(folders("qwen2"))
+    prompts = prompts_of([7])
+    before = run_steps(lm, prompts, 3, use_native=True)
+    down = lm.model.blocks[1].mlp.down
+    down.weight = nn.Parameter(torch.randn_like(down.weight) * 0.3, requires_grad=False)  # a new tensor
+    with torch.no_grad():
+        lm.model.blocks[0].attn.qkv.bias.mul_(-1)  # an edit in place
+    got = run_steps(lm, prompts, 3, use_native=True)
+    want = run_steps(lm, prompts, 3, use_native=False)
+    assert (got - before).abs().max().item() > 1e-2
+    assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+
+
+def test_what_the_native_step_does_not_take_falls_back(folders, monkeypatch):
+    lm = lmlab.load(folders("llama"))
+    lm.model.half()  # float16: not a dtype the native step runs
+    assert native.plan_for(lm.model).reason == "dtype torch.float16"
+    lm.model.float()
+    assert native.plan_for(lm.model).reason is None
+    monkeypatch.setenv("LMLAB_NATIVE", "0")
+    assert not native.enabled_by_env()
