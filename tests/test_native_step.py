@@ -152,3 +152,32 @@ def test_what_the_native_step_does_not_take_falls_back(folders, monkeypatch):
     assert native.plan_for(lm.model).reason is None
     monkeypatch.setenv("LMLAB_NATIVE", "0")
     assert not native.enabled_by_env()
+
+
+def test_the_portable_avx2_build_computes_the_same(folders, tmp_path):
+    """The vector code as an AVX2-only CPU (most laptops) compiles it, run on this machine."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if " avx2" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True:
+        pytest.skip("not an x86 CPU with AVX2")
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import lmlab, torch
+from lmlab import native
+from test_native_step import run_steps, prompts_of
+assert native.status().startswith("on") and "AVX2" in native.status(), native.status()
+for family, folder in {{"llama": {str(folders("llama"))!r}, "gemma3": {str(folders("gemma3"))!r}}}.items():
+    for dtype in ("float32", "bfloat16"):
+        lm = lmlab.load(folder, dtype=dtype)
+        got = run_steps(lm, prompts_of([4, 10]), 12, use_native=True)
+        want = run_steps(lm, prompts_of([4, 10]), 12, use_native=False)
+        tol = (1e-4 if dtype == "float32" else 0.03) * (1 + want.abs().max().item())
+        assert (got - want).abs().max().item() < tol, (family, dtype, (got - want).abs().max().item())
+print("ok")
+"""
+    env = {**os.environ, "LMLAB_HOME": str(tmp_path), "LMLAB_NATIVE_MARCH": "x86-64-v3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -12,7 +12,7 @@ loaded with ctypes and called on tensors' memory; it links the OpenMP runtime to
 loaded, so it shares torch's threads. It reads each weight row once, front to back, in the
 ordinary layout, so it needs no second copy of the weights.
 
-Anything missing (no compiler, a CPU without AVX-512, a build error, a self-check that disagrees
+Anything missing (no compiler, a CPU without AVX2, AVX-512 or NEON, a build error, a self-check that disagrees
 with ``F.linear``) leaves ``available()`` False with the reason in ``status()``, and lmlab keeps
 its other matmul routes; nothing else changes. ``LMLAB_NATIVE=0`` turns it off.
 """
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 MAX_ROWS = 4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
 SOURCE = Path(__file__).with_name("csrc") / "native.c"
-FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC"]
+# LMLAB_NATIVE_MARCH builds for another CPU level than this one's (e.g. x86-64-v3, AVX2 only):
+# the tests use it to run the portable vector code on an AVX-512 machine.
+FLAGS = ["-O3", f"-march={os.environ.get('LMLAB_NATIVE_MARCH') or 'native'}", "-std=gnu11", "-shared", "-fPIC"]
 
 _BLOCK_FIELDS = ("attn_norm_w", "attn_norm_b", "qkv_w", "qkv_b", "o_w", "o_b", "q_norm_w", "k_norm_w",
                  "post_attn_norm_w", "post_attn_norm_b", "mlp_norm_w", "mlp_norm_b", "up_w", "up_b", "down_w", "down_b",
@@ -55,6 +57,7 @@ class _Model(ctypes.Structure):  # lmlab_model in native.c
 _lib = None  # the loaded library, False once it has failed
 _status = "not built yet"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+ISA_NAMES = {512: "AVX-512", 256: "AVX2", 128: "128-bit vectors"}
 
 
 def enabled_by_env() -> bool:
@@ -127,8 +130,9 @@ def _load():
     except (OSError, subprocess.SubprocessError) as e:
         _status = f"off: could not build or load {path} ({e})"
         return _lib
-    if lib.lmlab_isa() != 512:
-        _status = "off: this CPU has no AVX-512 (the kernel is written for it)"
+    isa = lib.lmlab_isa()
+    if not isa:
+        _status = "off: the compiler found no AVX2, AVX-512 or NEON vectors for this CPU"
         return _lib
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.lmlab_linear.argtypes = [vp, i, i, vp, i, vp, vp, i, i]
@@ -141,7 +145,7 @@ def _load():
         _lib = False
         _status = f"off: its self-check disagreed with F.linear ({bad})"
         return _lib
-    _status = f"on ({path.name}, AVX-512)"
+    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)})"
     return _lib
 
 

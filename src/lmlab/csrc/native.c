@@ -18,8 +18,10 @@
  *    same points as model.py does with bf16 tensors, so both paths give the same numbers up to
  *    the order of the sums.
  *
- * Built by lmlab/native.py with -march=native at first use; on a CPU without AVX-512 this file
- * compiles to lmlab_isa() == 0 and lmlab keeps its PyTorch routes.
+ * The vectors are GCC/Clang vector types, which the compiler maps onto the machine's registers
+ * (AVX-512, AVX2, NEON); only bf16's dot product is an x86 intrinsic. Built by lmlab/native.py
+ * with -march=native at first use; where there are no such vectors lmlab_isa() is 0 and lmlab
+ * keeps its PyTorch routes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,10 +51,57 @@ typedef struct { /* the ModelConfig fields a step needs (see lmlab/config.py) */
 
 #define MAXM 8 /* rows of x one pass over W serves */
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__ARM_NEON)
+#define LMLAB_VECTORS 1
 
-int lmlab_isa(void) { return 512; }
+int lmlab_isa(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 128;
+#endif
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define ACC 8 /* accumulators a tile keeps in registers: 8 vectors of 16 floats (AVX2 spills a little, and is still faster so) */
+#else
+#define ACC 4 /* NEON: each 16-float vector takes 4 of its 32 registers */
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 load_f32(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline f32x16 load_bf16(const uint16_t *p) { /* bf16 is the top half of an fp32: widen and shift */
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float hsum(f32x16 v) {
+    f32x8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (char *)&v + 32, 32);
+    a += b;
+    f32x4 c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (char *)&a + 16, 16);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -78,10 +127,6 @@ static inline float param(const void *p, int bf16, int64_t i) {
 
 /* ------------------------------------------------------------------------ mat-vec tiles */
 
-static inline __m512 widen16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
 /* Each tile also prefetches the same place in the rows this many rows further on: the rows are
  * short (a few KB), too short for the hardware prefetchers to ramp up on each. About 18 KB
  * ahead for a 576-wide model; measured on SmolLM2-135M's bf16 step, 10.5 -> 7.3 ms of matmuls
@@ -93,39 +138,37 @@ static inline __m512 widen16(const uint16_t *p, __mmask16 m) {
  * wbf16: w holds bf16 (widened on load), else float32. R and M are constants at each call. */
 static inline __attribute__((always_inline)) void tile_f32(const float *x, int K, const void *w, int wbf16,
                                                            int R, int M, float *y, int ldy) {
-    __m512 acc[MAXM];
-    for (int i = 0; i < R * M; i++) acc[i] = _mm512_setzero_ps();
+    f32x16 acc[MAXM];
+    for (int i = 0; i < R * M; i++) acc[i] = (f32x16){0};
+    const float *wf = w;
+    const uint16_t *wh = w;
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        __m512 xv[MAXM];
-        for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_ps(x + (size_t)m * K + k);
+        f32x16 xv[MAXM];
+        for (int m = 0; m < M; m++) xv[m] = load_f32(x + (size_t)m * K + k);
         for (int r = 0; r < R; r++) {
-            __m512 wv;
+            f32x16 wv;
             if (wbf16) {
-                wv = widen16((const uint16_t *)w + (size_t)r * K + k, 0xFFFF);
-                _mm_prefetch((const char *)((const uint16_t *)w + (size_t)(r + AHEAD_BF16) * K + k), _MM_HINT_T0);
+                wv = load_bf16(wh + (size_t)r * K + k);
+                __builtin_prefetch(wh + (size_t)(r + AHEAD_BF16) * K + k, 0, 3);
             } else {
-                wv = _mm512_loadu_ps((const float *)w + (size_t)r * K + k);
-                _mm_prefetch((const char *)((const float *)w + (size_t)(r + AHEAD_F32) * K + k), _MM_HINT_T0);
+                wv = load_f32(wf + (size_t)r * K + k);
+                __builtin_prefetch(wf + (size_t)(r + AHEAD_F32) * K + k, 0, 3);
             }
-            for (int m = 0; m < M; m++) acc[r * M + m] = _mm512_fmadd_ps(wv, xv[m], acc[r * M + m]);
-        }
-    }
-    if (k < K) {
-        __mmask16 km = (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv[MAXM];
-        for (int m = 0; m < M; m++) xv[m] = _mm512_maskz_loadu_ps(km, x + (size_t)m * K + k);
-        for (int r = 0; r < R; r++) {
-            __m512 wv = wbf16 ? widen16((const uint16_t *)w + (size_t)r * K + k, km)
-                              : _mm512_maskz_loadu_ps(km, (const float *)w + (size_t)r * K + k);
-            for (int m = 0; m < M; m++) acc[r * M + m] = _mm512_fmadd_ps(wv, xv[m], acc[r * M + m]);
+            for (int m = 0; m < M; m++) acc[r * M + m] += wv * xv[m];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) y[(size_t)m * ldy + r] = _mm512_reduce_add_ps(acc[r * M + m]);
+        for (int m = 0; m < M; m++) {
+            float sum = hsum(acc[r * M + m]);
+            for (int kk = k; kk < K; kk++) /* the tail, fewer than 16 */
+                sum += (wbf16 ? bf16_to_f32(wh[(size_t)r * K + kk]) : wf[(size_t)r * K + kk]) * x[(size_t)m * K + kk];
+            y[(size_t)m * ldy + r] = sum;
+        }
 }
 
 #ifdef __AVX512BF16__
+#include <immintrin.h>
 #define HAVE_DP 1
 /* The same for bf16 x and w: one instruction multiplies 32 pairs into 16 fp32 lanes. */
 static inline __attribute__((always_inline)) void tile_dp(const uint16_t *x, int K, const uint16_t *w, int R, int M,
@@ -138,7 +181,7 @@ static inline __attribute__((always_inline)) void tile_dp(const uint16_t *x, int
         for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(x + (size_t)m * K + k);
         for (int r = 0; r < R; r++) {
             __m512i wv = _mm512_loadu_si512(w + (size_t)r * K + k);
-            _mm_prefetch((const char *)(w + (size_t)(r + AHEAD_BF16) * K + k), _MM_HINT_T0);
+            __builtin_prefetch(w + (size_t)(r + AHEAD_BF16) * K + k, 0, 3);
             for (int m = 0; m < M; m++) acc[r * M + m] = _mm512_dpbf16_ps(acc[r * M + m], (__m512bh)wv, (__m512bh)xv[m]);
         }
     }
@@ -158,8 +201,8 @@ static inline __attribute__((always_inline)) void tile_dp(const uint16_t *x, int
 #define HAVE_DP 0
 #endif
 
-/* R rows of W side by side for M rows of x: as many accumulators as registers allow. */
-#define ROWS_FOR(M) ((M) == 1 ? 8 : (M) == 2 ? 4 : (M) <= 4 ? 2 : 1)
+/* R rows of W side by side for M rows of x: as many accumulators as registers allow (R * M <= MAXM). */
+#define ROWS_FOR(M) ((M) >= ACC ? 1 : ACC / (M))
 
 #define TILE_CASES(CALL) \
     switch (M) {         \
@@ -307,10 +350,10 @@ static void attend(const lmlab_model *m, const float *q, const float *kc, const 
     float mx = -INFINITY;
     for (int s = lo; s < S; s++) {
         const float *k = kc + (size_t)s * D;
-        __m512 acc = _mm512_setzero_ps();
+        f32x16 acc = {0};
         int d = 0;
-        for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-        float dot = _mm512_reduce_add_ps(acc);
+        for (; d + 16 <= D; d += 16) acc += load_f32(q + d) * load_f32(k + d);
+        float dot = hsum(acc);
         for (; d < D; d++) dot += q[d] * k[d];
         float sc = dot * scale;
         if (cap > 0) sc = cap * tanhf(sc / cap);
