@@ -7,9 +7,13 @@ Rows:
 - baseline: lmlab.model with every hook statement removed by an AST transform of its source
   (``if hook is not None: ...`` blocks dropped, ``hook is not None`` -> False). It is the same
   forward pass as if hooks had never been written, sharing the same weight tensors.
-- no hooks: the real model with ``model.hooks == {}`` (what every user runs). Target: within 3%.
+- no hooks: the real model with ``model.hooks == {}``. Target: within 3%.
 - identity hook on every resid_post: a look-only hook per block (attention stays fused).
 - identity hooks at every point: includes attn.scores/pattern, so attention runs eagerly.
+
+These four decode through model.py (``native_decode = False``): they measure what hook points
+cost in the PyTorch forward. The last row is what a user runs with no hook: the decode steps go
+to the native step (``lmlab.native.decode_step``); any hook sends them back to model.py.
 
 Runs are interleaved (each round times every row once) and the median is reported, so
 drift of the machine hits every row alike. Prints a table; not a test.
@@ -130,16 +134,18 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     look = lambda x, name: None  # noqa: E731
     every = hook_names(model.cfg)
-    rows = {
-        "baseline (hooks stripped from the source)": (base, []),
-        "lmlab, no hook registered": (model, []),
-        "identity hook on every resid_post": (model, [(n, look) for n in every if n.endswith("resid_post")]),
-        "identity hooks at every point (eager attention)": (model, [(n, look) for n in every]),
+    rows = {  # name: (model, hooks, native decoding step)
+        "baseline (hooks stripped from the source)": (base, [], False),
+        "lmlab, no hook registered": (model, [], False),
+        "identity hook on every resid_post": (model, [(n, look) for n in every if n.endswith("resid_post")], False),
+        "identity hooks at every point (eager attention)": (model, [(n, look) for n in every], False),
+        "no hook, native decoding step (the default)": (model, [], True),
     }
     times = {name: {"prefill": [], "decode": []} for name in rows}
     with torch.inference_mode():
         for r in range(args.rounds + 1):  # round 0 warms up
-            for name, (m, hooks) in rows.items():
+            for name, (m, hooks, native_step) in rows.items():
+                m.native_decode = native_step
                 with registered(m, hooks):
                     p = time_prefill(m, ids, sync)
                     d = time_decode(m, ids, args.decode_steps, sync)
