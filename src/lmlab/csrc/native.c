@@ -343,13 +343,15 @@ static void rope(float *x, int R, const float *cos, const float *sin, int bf16) 
     }
 }
 
-/* one query head over the cached slots [lo, S) of its k/v head: out = softmax(q.k * scale) @ v */
-static void attend(const lmlab_model *m, const float *q, const float *kc, const float *vc, int lo, int S, int D,
-                   float *scores, float *out) {
+/* one query head over slots [lo, S) of its k/v head: out = softmax(q.k * scale) @ v. Slots before
+ * S - 1 come from the caches kc, vc; the newest, S - 1, from klast, vlast (this step's own key
+ * and value, which another thread may be writing into the cache at the same time). */
+static void attend(const lmlab_model *m, const float *q, const float *kc, const float *vc, const float *klast,
+                   const float *vlast, int lo, int S, int D, float *scores, float *out) {
     const float scale = (float)m->attn_scale, cap = (float)m->attn_softcap;
     float mx = -INFINITY;
     for (int s = lo; s < S; s++) {
-        const float *k = kc + (size_t)s * D;
+        const float *k = s == S - 1 ? klast : kc + (size_t)s * D;
         f32x16 acc = {0};
         int d = 0;
         for (; d + 16 <= D; d += 16) acc += load_f32(q + d) * load_f32(k + d);
@@ -365,7 +367,7 @@ static void attend(const lmlab_model *m, const float *q, const float *kc, const 
     const float inv = 1.0f / sum;
     for (int d = 0; d < D; d++) out[d] = 0;
     for (int s = lo; s < S; s++) {
-        const float p = scores[s] * inv, *v = vc + (size_t)s * D;
+        const float p = scores[s] * inv, *v = s == S - 1 ? vlast : vc + (size_t)s * D;
         for (int d = 0; d < D; d++) out[d] += p * v[d];
     }
 }
@@ -433,10 +435,12 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
             split(NQKV, t, T, &r0, &r1);
             matmul_share(m, xn, xb, B, C, blk->qkv_w, blk->qkv_b, r0, r1, qkv, NQKV);
 #pragma omp barrier
-            /* per (row, kv head): its key and value into the cache, then its query heads */
-            for (int item = t; item < B * KH; item += T) {
-                const int b = item / KH, g = item % KH;
-                const float *row = qkv + (size_t)b * NQKV;
+            /* per (row, query head), spread over the threads: its k/v head's new key (normed and
+             * rotated; cheap, so each head's thread makes its own copy), then attention. The
+             * group's first head writes the new key and value into the cache. */
+            for (int item = t; item < B * H; item += T) {
+                const int b = item / H, h = item % H, g = h / G;
+                const float *row = qkv + (size_t)b * NQKV, *vnew = row + (size_t)(H + KH + g) * D;
                 const size_t base = ((((size_t)l * B + b) * KH + g) * max_len) * D;
                 float *kcache = kc + base, *vcache = vc + base;
                 const float *c = blk->rope_table >= 0 ? cos + ((size_t)blk->rope_table * B + b) * R : NULL;
@@ -444,18 +448,18 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
                 memcpy(kh, row + (size_t)(H + g) * D, sizeof(float) * D);
                 if (m->qk_norm) norm(m, kh, D, blk->k_norm_w, NULL, 1, kh);
                 if (c) rope(kh, R, c, s, bf16);
-                memcpy(kcache + (size_t)length * D, kh, sizeof(float) * D);
-                memcpy(vcache + (size_t)length * D, row + (size_t)(H + KH + g) * D, sizeof(float) * D);
+                if (h % G == 0) {
+                    memcpy(kcache + (size_t)length * D, kh, sizeof(float) * D);
+                    memcpy(vcache + (size_t)length * D, vnew, sizeof(float) * D);
+                }
                 int lo = first_slot ? (int)first_slot[b] : 0;
                 if (blk->window > 0 && S - blk->window > lo) lo = S - (int)blk->window;
-                for (int h = g * G; h < (g + 1) * G; h++) {
-                    memcpy(qh, row + (size_t)h * D, sizeof(float) * D);
-                    if (m->qk_norm) norm(m, qh, D, blk->q_norm_w, NULL, 1, qh);
-                    if (c) rope(qh, R, c, s, bf16);
-                    float *out = att + ((size_t)b * H + h) * D;
-                    attend(m, qh, kcache, vcache, lo, S, D, scores, out);
-                    for (int d = 0; d < D; d++) out[d] = rnd(out[d], bf16);
-                }
+                memcpy(qh, row + (size_t)h * D, sizeof(float) * D);
+                if (m->qk_norm) norm(m, qh, D, blk->q_norm_w, NULL, 1, qh);
+                if (c) rope(qh, R, c, s, bf16);
+                float *out = att + ((size_t)b * H + h) * D;
+                attend(m, qh, kcache, vcache, kh, vnew, lo, S, D, scores, out);
+                for (int d = 0; d < D; d++) out[d] = rnd(out[d], bf16);
             }
 #pragma omp barrier
             /* ---- o projection */

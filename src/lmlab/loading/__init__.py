@@ -78,6 +78,10 @@ def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None 
     tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
     model = build_model(cfg, tensors, dtype, device)
     packed_bytes = _prepack(model, dtype, device, prepack)
+    if device.type == "cpu":
+        from lmlab import native
+
+        native.available()  # build the native code now (once per machine, ~2 s): load time, not the first token's
     lm = LM(model, tokenizer, name=str(name_or_path), resolved=res, dtype=dtype, load_seconds=time.perf_counter() - t0)
     lm.packed_bytes = packed_bytes
     if res.kind == "gguf":
