@@ -103,6 +103,29 @@ static inline float hsum(f32x16 v) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+/* exp(x) for 16 floats at once, within 2 ulp for x in [-87, 88] (smaller x gives ~1e-38, not 0):
+ * x = k ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor-like polynomial, times 2^k.
+ * A softmax over a long context calls exp for every cached slot of every head. */
+static inline f32x16 exp16(f32x16 x) {
+    const f32x16 lo = {0}, shift = lo + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    i32x16 below = x < -87.0f, above = x > 88.0f;
+    x = (f32x16)((below & (i32x16)(lo - 87.0f)) | (~below & (i32x16)x));
+    x = (f32x16)((above & (i32x16)(lo + 88.0f)) | (~above & (i32x16)x));
+    f32x16 t = x * 1.44269504088896341f + shift, k = t - shift;
+    f32x16 r = x - k * 0.693359375f + k * 2.12194440e-4f; /* ln 2 in two parts, so r is exact */
+    f32x16 p = lo + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i32x16 ki = (i32x16)t - (i32x16)shift; /* k as an integer: the low bits of t */
+    return (f32x16)((i32x16)p + (ki << 23));
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -343,32 +366,59 @@ static void rope(float *x, int R, const float *cos, const float *sin, int bf16) 
     }
 }
 
-/* one query head over slots [lo, S) of its k/v head: out = softmax(q.k * scale) @ v. Slots before
- * S - 1 come from the caches kc, vc; the newest, S - 1, from klast, vlast (this step's own key
- * and value, which another thread may be writing into the cache at the same time). */
-static void attend(const lmlab_model *m, const float *q, const float *kc, const float *vc, const float *klast,
-                   const float *vlast, int lo, int S, int D, float *scores, float *out) {
+/* Attention of the G query heads q (G, D) that share one k/v head, over slots [s0, s1) of that
+ * head's cache: the part of softmax(q.k * scale) @ v these slots contribute, left unnormalised,
+ * so parts over other slots can be merged (each thread takes a range of slots):
+ * part[h] = (max score, sum of exp(score - max), sum of exp(score - max) * v (D floats)).
+ * Each cached key and value is read once for all G heads. The newest slot, S - 1, comes from
+ * klast, vlast (this step's own key and value, which another thread may be writing into the
+ * cache at the same time). */
+static void attend_part(const lmlab_model *m, const float *q, int G, const float *kc, const float *vc, const float *klast,
+                        const float *vlast, int s0, int s1, int S, int D, float *scores, float *part) {
     const float scale = (float)m->attn_scale, cap = (float)m->attn_softcap;
-    float mx = -INFINITY;
-    for (int s = lo; s < S; s++) {
-        const float *k = s == S - 1 ? klast : kc + (size_t)s * D;
-        f32x16 acc = {0};
-        int d = 0;
-        for (; d + 16 <= D; d += 16) acc += load_f32(q + d) * load_f32(k + d);
-        float dot = hsum(acc);
-        for (; d < D; d++) dot += q[d] * k[d];
-        float sc = dot * scale;
-        if (cap > 0) sc = cap * tanhf(sc / cap);
-        scores[s] = sc;
-        if (sc > mx) mx = sc;
+    const int n = s1 - s0;
+    for (int h = 0; h < G; h++) {
+        part[h * (D + 2)] = -INFINITY;
+        part[h * (D + 2) + 1] = 0;
+        for (int d = 0; d < D; d++) part[h * (D + 2) + 2 + d] = 0;
     }
-    float sum = 0;
-    for (int s = lo; s < S; s++) sum += (scores[s] = expf(scores[s] - mx));
-    const float inv = 1.0f / sum;
-    for (int d = 0; d < D; d++) out[d] = 0;
-    for (int s = lo; s < S; s++) {
-        const float p = scores[s] * inv, *v = s == S - 1 ? vlast : vc + (size_t)s * D;
-        for (int d = 0; d < D; d++) out[d] += p * v[d];
+    if (n <= 0) return;
+    for (int s = s0; s < s1; s++) {
+        const float *k = s == S - 1 ? klast : kc + (size_t)s * D;
+        for (int h = 0; h < G; h++) {
+            const float *qh = q + (size_t)h * D;
+            f32x16 acc = {0};
+            int d = 0;
+            for (; d + 16 <= D; d += 16) acc += load_f32(qh + d) * load_f32(k + d);
+            float dot = hsum(acc);
+            for (; d < D; d++) dot += qh[d] * k[d];
+            float sc = dot * scale;
+            if (cap > 0) sc = cap * tanhf(sc / cap);
+            scores[(size_t)h * n + (s - s0)] = sc;
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        float *sc = scores + (size_t)h * n, mx = -INFINITY, sum = 0;
+        for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
+        int i = 0;
+        f32x16 acc = {0};
+        for (; i + 16 <= n; i += 16) {
+            f32x16 e = exp16(load_f32(sc + i) - mx);
+            memcpy(sc + i, &e, sizeof e);
+            acc += e;
+        }
+        sum = hsum(acc);
+        for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
+        part[h * (D + 2)] = mx;
+        part[h * (D + 2) + 1] = sum;
+    }
+    for (int s = s0; s < s1; s++) {
+        const float *v = s == S - 1 ? vlast : vc + (size_t)s * D;
+        for (int h = 0; h < G; h++) {
+            const float p = scores[(size_t)h * n + (s - s0)];
+            float *o = part + h * (D + 2) + 2;
+            for (int d = 0; d < D; d++) o[d] += p * v[d];
+        }
     }
 }
 
@@ -403,11 +453,12 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
     if (threads < 1) threads = 1;
 
     /* shared: each thread writes its share of a matmul's outputs; everyone reads them after a barrier */
-    const size_t n_shared = (size_t)B * (NQKV + H * D + C + NUP + F + C + V);
+    const size_t n_parts = (size_t)B * H * threads * (D + 2); /* attention's per-range parts */
+    const size_t n_shared = (size_t)B * (NQKV + H * D + C + NUP + F + C + V) + n_parts;
     float *shared = malloc(sizeof(float) * n_shared);
     /* private, per thread: the residual stream and the inputs of the next matmul */
     const int widest = C > H * D ? (C > F ? C : F) : (H * D > F ? H * D : F);
-    const size_t n_private = (size_t)B * (3 * C + widest) + (size_t)max_len + 2 * (size_t)D + (size_t)B * widest / 2 + 8;
+    const size_t n_private = (size_t)B * (3 * C + widest) + (size_t)G * max_len + (size_t)(G + 1) * D + (size_t)B * widest / 2 + 8;
     float *priv = malloc(sizeof(float) * n_private * threads);
     if (!shared || !priv) {
         free(shared);
@@ -415,13 +466,13 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
         return -1;
     }
     float *qkv = shared, *att = qkv + (size_t)B * NQKV, *o_out = att + (size_t)B * H * D, *up = o_out + (size_t)B * C;
-    float *hact = up + (size_t)B * NUP, *d_out = hact + (size_t)B * F, *lg = d_out + (size_t)B * C;
+    float *hact = up + (size_t)B * NUP, *d_out = hact + (size_t)B * F, *lg = d_out + (size_t)B * C, *parts = lg + (size_t)B * V;
 
 #pragma omp parallel num_threads(threads)
     {
         const int t = thread_id(), T = thread_count();
         float *x = priv + n_private * t, *mid = x + (size_t)B * C, *xn = mid + (size_t)B * C;
-        float *xin = xn + (size_t)B * C, *scores = xin + (size_t)B * widest, *qh = scores + max_len, *kh = qh + D;
+        float *xin = xn + (size_t)B * C, *scores = xin + (size_t)B * widest, *qh = scores + (size_t)G * max_len, *kh = qh + (size_t)G * D;
         uint16_t *xb = dp ? (uint16_t *)(kh + D) : NULL; /* bf16 copy of a matmul's input */
         int r0, r1;
 
@@ -435,11 +486,12 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
             split(NQKV, t, T, &r0, &r1);
             matmul_share(m, xn, xb, B, C, blk->qkv_w, blk->qkv_b, r0, r1, qkv, NQKV);
 #pragma omp barrier
-            /* per (row, query head), spread over the threads: its k/v head's new key (normed and
-             * rotated; cheap, so each head's thread makes its own copy), then attention. The
-             * group's first head writes the new key and value into the cache. */
-            for (int item = t; item < B * H; item += T) {
-                const int b = item / H, h = item % H, g = h / G;
+            /* per (row, k/v head, range of slots), spread over the threads: the group's new key
+             * (normed and rotated; cheap, so each thread makes its own copy) and its query heads,
+             * then attention over the range. The first range's thread writes the new key and
+             * value into the cache. Then the ranges' parts merge into each head's output. */
+            for (int item = t; item < B * KH * T; item += T) {
+                const int b = item / (KH * T), g = (item / T) % KH, part_i = item % T;
                 const float *row = qkv + (size_t)b * NQKV, *vnew = row + (size_t)(H + KH + g) * D;
                 const size_t base = ((((size_t)l * B + b) * KH + g) * max_len) * D;
                 float *kcache = kc + base, *vcache = vc + base;
@@ -448,18 +500,38 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
                 memcpy(kh, row + (size_t)(H + g) * D, sizeof(float) * D);
                 if (m->qk_norm) norm(m, kh, D, blk->k_norm_w, NULL, 1, kh);
                 if (c) rope(kh, R, c, s, bf16);
-                if (h % G == 0) {
+                if (part_i == 0) {
                     memcpy(kcache + (size_t)length * D, kh, sizeof(float) * D);
                     memcpy(vcache + (size_t)length * D, vnew, sizeof(float) * D);
                 }
+                for (int j = 0; j < G; j++) {
+                    float *qj = qh + (size_t)j * D;
+                    memcpy(qj, row + (size_t)(g * G + j) * D, sizeof(float) * D);
+                    if (m->qk_norm) norm(m, qj, D, blk->q_norm_w, NULL, 1, qj);
+                    if (c) rope(qj, R, c, s, bf16);
+                }
                 int lo = first_slot ? (int)first_slot[b] : 0;
                 if (blk->window > 0 && S - blk->window > lo) lo = S - (int)blk->window;
-                memcpy(qh, row + (size_t)h * D, sizeof(float) * D);
-                if (m->qk_norm) norm(m, qh, D, blk->q_norm_w, NULL, 1, qh);
-                if (c) rope(qh, R, c, s, bf16);
-                float *out = att + ((size_t)b * H + h) * D;
-                attend(m, qh, kcache, vcache, kh, vnew, lo, S, D, scores, out);
-                for (int d = 0; d < D; d++) out[d] = rnd(out[d], bf16);
+                const int s0 = lo + (int)((long)(S - lo) * part_i / T), s1 = lo + (int)((long)(S - lo) * (part_i + 1) / T);
+                /* parts: (B, KH, T ranges, G heads, D + 2) */
+                attend_part(m, qh, G, kcache, vcache, kh, vnew, s0, s1, S, D, scores,
+                            parts + ((size_t)(b * KH + g) * T + part_i) * G * (D + 2));
+            }
+#pragma omp barrier
+            for (int item = t; item < B * H; item += T) { /* merge: softmax over all ranges */
+                const int b = item / H, h = item % H, g = h / G, j = h % G;
+                const float *p0 = parts + ((size_t)(b * KH + g) * T) * G * (D + 2) + (size_t)j * (D + 2);
+                float mx = -INFINITY, sum = 0, *out = att + ((size_t)b * H + h) * D;
+                for (int pi = 0; pi < T; pi++) mx = p0[(size_t)pi * G * (D + 2)] > mx ? p0[(size_t)pi * G * (D + 2)] : mx;
+                for (int d = 0; d < D; d++) out[d] = 0;
+                for (int pi = 0; pi < T; pi++) {
+                    const float *p = p0 + (size_t)pi * G * (D + 2);
+                    if (p[1] == 0) continue; /* an empty range */
+                    const float w = expf(p[0] - mx);
+                    sum += w * p[1];
+                    for (int d = 0; d < D; d++) out[d] += w * p[2 + d];
+                }
+                for (int d = 0; d < D; d++) out[d] = rnd(out[d] / sum, bf16);
             }
 #pragma omp barrier
             /* ---- o projection */
