@@ -181,3 +181,17 @@ print("ok")
     env = {**os.environ, "LMLAB_HOME": str(tmp_path), "LMLAB_NATIVE_MARCH": "x86-64-v3"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count_gives_the_same_logits(folders, threads):
+    lm = lmlab.load(folders("gemma3"))  # one k/v head: the slot ranges split what one group attends to
+    prompts = prompts_of([5, 12])
+    want = run_steps(lm, prompts, 12, use_native=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_steps(lm, prompts, 12, use_native=True)
+    finally:
+        torch.set_num_threads(before)
+    assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
