@@ -195,3 +195,40 @@ def test_any_thread_count_gives_the_same_logits(folders, threads):
     finally:
         torch.set_num_threads(before)
     assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+
+
+def test_a_build_without_openmp_is_used_only_on_one_thread(folders, tmp_path):
+    """A compiler without OpenMP (Apple's clang) gives a one-thread library: lmlab then keeps
+    torch's threads for anything run on more than one."""
+    import os
+    import shutil
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nargs=""\nfor a in "$@"; do [ "$a" = "-fopenmp" ] || args="$args \'$a\'"; done\neval exec {cc} $args\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    code = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import lmlab, torch
+from lmlab import native
+from test_native_step import run_steps, prompts_of, count_native_calls
+assert "one thread" in native.status(), native.status()
+lm = lmlab.load({str(folders("llama"))!r})
+torch.set_num_threads(2)
+with torch.inference_mode():
+    assert native.decode_step(lm.model, torch.zeros(1, 1, lm.config.d_model), {{}}, None, None) is None
+torch.set_num_threads(1)
+got = run_steps(lm, prompts_of([4, 9]), 6, use_native=True)
+want = run_steps(lm, prompts_of([4, 9]), 6, use_native=False)
+assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+print("ok")
+"""
+    env = {**os.environ, "LMLAB_HOME": str(tmp_path / "home"), "CC": str(wrapper)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

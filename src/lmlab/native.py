@@ -55,6 +55,7 @@ class _Model(ctypes.Structure):  # lmlab_model in native.c
 
 
 _lib = None  # the loaded library, False once it has failed
+_single_thread = False  # built without OpenMP (e.g. a clang without libomp): it runs on one thread only
 _status = "not built yet"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ISA_NAMES = {512: "AVX-512", 256: "AVX2", 128: "128-bit vectors"}
@@ -107,7 +108,7 @@ def _build(cc: str, out: Path) -> str | None:
 
 
 def _load():
-    global _lib, _status
+    global _lib, _status, _single_thread
     if _lib is not None:
         return _lib
     _lib = False
@@ -145,7 +146,8 @@ def _load():
         _lib = False
         _status = f"off: its self-check disagreed with F.linear ({bad})"
         return _lib
-    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)})"
+    _single_thread = not lib.lmlab_openmp()
+    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}" + (", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")")
     return _lib
 
 
@@ -165,8 +167,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return None
     lib = _lib if _lib is not None else _load()
-    if not lib:
-        return None
+    if not lib or (_single_thread and torch.get_num_threads() > 1):
+        return None  # one thread of C against torch's several would be a slow-down
     N = weight.shape[0]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     rc = lib.lmlab_linear(x.data_ptr(), rows, K, weight.data_ptr(), N, bias.data_ptr() if bias is not None else None,
@@ -301,7 +303,7 @@ def decode_step(model, x: torch.Tensor, ropes: dict, cache, key_mask: torch.Tens
     key_mask: (B, S) bool, False on left padding (a row's padding is a prefix), or None.
     """
     lib = _lib if _lib is not None else _load()
-    if not lib or (torch.is_grad_enabled() and x.requires_grad):
+    if not lib or (torch.is_grad_enabled() and x.requires_grad) or (_single_thread and torch.get_num_threads() > 1):
         return None
     plan = plan_for(model)
     if plan.reason or x.dtype != plan.dtype or x.device.type != "cpu":

@@ -54,6 +54,14 @@ typedef struct { /* the ModelConfig fields a step needs (see lmlab/config.py) */
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__ARM_NEON)
 #define LMLAB_VECTORS 1
 
+int lmlab_openmp(void) { /* 1 when built with OpenMP: the step runs on torch's thread count */
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int lmlab_isa(void) {
 #if defined(__AVX512F__)
     return 512;
@@ -595,6 +603,7 @@ int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, 
 
 #else
 
+int lmlab_openmp(void) { return 0; }
 int lmlab_isa(void) { return 0; }
 
 int lmlab_linear(const void *x, int M, int K, const void *w, int N, const void *b, void *y, int bf16, int threads) {
