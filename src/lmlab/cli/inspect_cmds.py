@@ -20,7 +20,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lmlab.cli.common import err, load_model, out, print_json
 from lmlab.errors import LmlabError
-from lmlab.inspect.display import rich_table, show_token as _token
+
+
+def rich_table(*args, **kw):
+    from lmlab.inspect.display import rich_table as table  # imports torch: only when a command runs
+
+    return table(*args, **kw)
+
+
+def _token(text: str) -> str:
+    from lmlab.inspect.display import show_token
+
+    return show_token(text)
 
 DEFAULT_MODEL = "smollm2-135m"
 
