@@ -326,3 +326,13 @@ def test_a_llama_cpp_crash_is_one_sentence_not_a_dead_sweep(tmp_path, monkeypatc
             runner.trial([[1, 2, 3]], 4)
     finally:
         runner.close()
+
+
+def test_llama_cpp_rows_name_the_files_own_quantization():
+    from bundled import gemma3_gguf_path, smollm2_gguf_path
+    from lmlab.bench.peers import gguf_facts
+
+    # Gemma's file is Q4_K_M although its biggest tensor (the tied embedding) is Q8_0
+    assert gguf_facts(gemma3_gguf_path())["quant"] == "Q4_K_M"
+    facts = gguf_facts(smollm2_gguf_path())
+    assert facts["quant"] == "Q4_1" and 90e6 < facts["weight_bytes"] < 100e6

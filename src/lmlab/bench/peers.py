@@ -163,6 +163,13 @@ def gguf_facts(path) -> dict:
         if len(t.shape) >= 2:
             types[t.tensor_type.name] += int(t.n_bytes)
     quant = types.most_common(1)[0][0] if types else "gguf"
+    # the file's own name for its mix (Q4_K_M: mostly Q4_K, some tensors kept at Q5/Q6/Q8), where it says
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        try:
+            quant = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+        except (ValueError, IndexError):
+            pass
     return {"weight_bytes": total, "quant": quant}
 
 
