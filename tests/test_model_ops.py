@@ -123,11 +123,27 @@ def test_prepack_can_be_turned_off(tiny, monkeypatch):
     off = lmlab.load(folder)
     assert off.packed_bytes == 0 and all("packed" not in m.__dict__ for m in off.model.modules())
     monkeypatch.delenv("LMLAB_PREPACK")
+    monkeypatch.setattr(kernels, "prepack_pays", lambda dtype: False)  # this machine measured no gain
+    assert lmlab.load(folder).packed_bytes == 0
+    monkeypatch.setattr(kernels, "prepack_pays", lambda dtype: True)
     if kernels.prepack_supported(torch.float32, "cpu"):
         on = lmlab.load(folder)
         assert on.packed_bytes == sum(m.weight.numel() * 4 for m in on.model.modules() if isinstance(m, nn.Linear))
         ids = torch.tensor([[1, 5, 9, 33]])
         torch.testing.assert_close(on(ids), off(ids), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_whether_prepacking_pays_is_measured_once_per_machine(home, monkeypatch):
+    plain, packed = kernels._time_routes(torch.float32)  # the real measurement: seconds, both routes
+    assert 0 < plain < 5 and 0 < packed < 5
+    calls = []
+    monkeypatch.setattr(kernels, "_time_routes", lambda dtype: calls.append(dtype) or (1.0, 0.8))
+    assert kernels.prepack_pays(torch.float32) is True  # 1.25x faster: worth a second copy
+    assert kernels.prepack_pays(torch.float32) is True and calls == [torch.float32]  # cached
+    assert (home / kernels.PAYS_FILE).is_file()
+    monkeypatch.setattr(kernels, "_time_routes", lambda dtype: (1.0, 0.95))
+    assert kernels.prepack_pays(torch.bfloat16) is False  # 5% is not worth it
 
 
 # ----------------------------------------------------------------------------- the native kernel

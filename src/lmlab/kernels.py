@@ -22,14 +22,20 @@ SmolLM2-135M's 121 weight matmuls of one step, 2 threads (``benchmarks/linear_ro
        8   bfloat16    40 ms     16 ms        24.5 ms   17.0 ms   19.2 ms
 
 The packed copy lives beside the parameter (the parameter stays what hooks, state_dict and
-training see), so it costs a second copy of the weights in memory; ``lmlab.load(...,
-prepack=False)`` or ``LMLAB_PREPACK=0`` turns it off. A weight changed in place (its version
+training see), so it costs a second copy of the weights in memory. So ``lmlab.load`` packs only
+where it pays: ``prepack_pays`` times a prefill-sized matmul both ways once per machine, dtype
+and thread count (cached in ``$LMLAB_HOME/kernels.json``) and packs when oneDNN is at least
+10% faster (the EPYC above: yes; the Xeon: 4%, no). ``lmlab.load(..., prepack=True/False)`` or
+``LMLAB_PREPACK=0`` decides instead. A weight changed in place (its version
 counter moves) or replaced is packed again on its next use, so the copy is never stale.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +61,63 @@ def prepack_supported(dtype: torch.dtype, device) -> bool:
 
 def prepack_enabled_by_env() -> bool:
     return os.environ.get("LMLAB_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+PAYS_FILE = "kernels.json"
+PAYS_MIN_SPEEDUP = 1.10  # a second copy of the weights is worth at least this much faster prefill
+PAYS_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K): one block of SmolLM2-135M
+PAYS_ROWS = 128  # a prefill's rows
+
+
+def prepack_pays(dtype: torch.dtype) -> bool:
+    """Whether oneDNN on packed weights beats ``F.linear`` by PAYS_MIN_SPEEDUP on this machine.
+
+    Measured once per CPU, torch version, dtype and thread count (~0.5 s), cached in
+    ``$LMLAB_HOME/kernels.json``.
+    """
+    from lmlab.runs.store import cpu_model, lmlab_home
+
+    path = lmlab_home() / PAYS_FILE
+    key = f"{cpu_model()} | {platform.machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype}"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if key not in cached:
+        plain, packed = _time_routes(dtype)
+        cached[key] = {"f_linear_ms": plain * 1e3, "prepacked_ms": packed * 1e3, "speedup": plain / packed}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached, indent=2))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable home only means measuring again next time
+    return cached[key]["speedup"] >= PAYS_MIN_SPEEDUP
+
+
+def _time_routes(dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds for PAYS_SHAPES' matmuls at PAYS_ROWS rows: (F.linear, prepacked), best of 5 each."""
+    g = torch.Generator().manual_seed(0)
+    layers = [nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False) for n, k in PAYS_SHAPES]
+    xs = [torch.randn(PAYS_ROWS, k, generator=g).to(dtype) for _, k in PAYS_SHAPES]
+    packs = [PackedWeight(m.weight) for m in layers]
+
+    def best(fn) -> float:
+        fn()
+        t_best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            t_best = min(t_best, time.perf_counter() - t)
+        return t_best
+
+    with torch.inference_mode():
+        plain = best(lambda: [F.linear(x, m.weight) for x, m in zip(xs, layers)])
+        packed = best(lambda: [torch.ops.mkldnn._linear_pointwise(x, p.packed, None, "none", [], "") for x, p in zip(xs, packs)])
+    return plain, packed
 
 
 class PackedWeight:

@@ -44,9 +44,10 @@ def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None 
 
     overrides: ModelConfig fields to change at load time (e.g. rope_theta, max_seq_len).
     n_layers: keep only the first n blocks (the rest are never read into memory).
-    prepack: on the CPU, keep a copy of the weights in oneDNN's layout for about 2x faster
-        matmuls (``lmlab.kernels``). None (the default) packs when the copy fits in free memory
-        and ``LMLAB_PREPACK`` is not 0.
+    prepack: on the CPU, keep a copy of the weights in oneDNN's layout for faster prefill
+        matmuls (``lmlab.kernels``). None (the default) packs when that is at least 10% faster
+        on this machine (measured once), the copy fits in free memory and ``LMLAB_PREPACK`` is
+        not 0.
     """
     from lmlab.lm import LM
 
@@ -102,6 +103,8 @@ def _prepack(model, dtype: torch.dtype, device: torch.device, prepack: bool | No
 
         if kernels.linear_weight_bytes(model) + (1 << 30) > psutil.virtual_memory().available:
             return 0  # a second copy would not fit with room to spare: keep the plain route
+        if not kernels.prepack_pays(dtype):
+            return 0  # not faster enough on this machine to be worth a second copy of the weights
     return kernels.prepack(model)
 
 
