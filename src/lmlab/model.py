@@ -152,6 +152,14 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
+CAUSAL = "causal"  # the mask of a prompt with no cache before it and no padding: query t sees keys 0..t
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    """CAUSAL as a boolean tensor (1, 1, T, T), True where a query may attend."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -191,12 +199,13 @@ class Attention(nn.Module):
             # decode sizes: attend in float32 (the cache holds float32 for this: engine.cache.kv_dtype).
             q, k, v = q.float(), k.float(), v.float()
         eager = hook is not None and (hook.wants(self.names["scores"]) or hook.wants(self.names["pattern"]))
+        causal = mask is CAUSAL  # plain causal over T == S slots: SDPA skips the masked half itself
         if eager or cfg.attn_logit_softcap:
-            y = self._eager(q, k, v, mask, hook)
+            y = self._eager(q, k, v, causal_mask(T, x.device) if causal else mask, hook)
         else:
             # Fused attention; k/v heads are shared by groups of query heads (GQA) inside the kernel.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=False, scale=self.scale, enable_gqa=K != H
+                q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=self.scale, enable_gqa=K != H
             )  # (B, H, T, D)
         y = y.to(x.dtype).transpose(1, 2)  # (B, T, H, D)
         if hook is not None:
@@ -423,8 +432,11 @@ class Transformer(nn.Module):
             return cfg.rope_local_theta
         return cfg.rope_theta
 
-    def _masks(self, B, T, start, key_mask, device) -> dict[str, torch.Tensor | None]:
+    def _masks(self, B, T, start, key_mask, device) -> dict[str, torch.Tensor | str | None]:
         """Boolean masks (B or 1, 1, T, S), True where a query may attend, per layer type.
+
+        None: no mask (one new token); CAUSAL: plain causal over a whole prompt, which the
+        attention kernel applies without a mask tensor.
 
         Keys are cache slots 0..S-1; query t sits in slot start + t. A left-padded batch
         keeps each sequence's tokens contiguous, so slot distance equals token distance and
@@ -436,6 +448,8 @@ class Transformer(nn.Module):
         need_sliding = "sliding" in cfg.layer_types and window is not None and S > window
         if T == 1 and key_mask is None and not need_sliding:
             return {"full": None, "sliding": None}  # one new token sees every cached one
+        if start == 0 and key_mask is None and not need_sliding:
+            return {"full": CAUSAL, "sliding": CAUSAL}  # a whole prompt, no padding: SDPA's is_causal
         q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
         full = k_slot <= q_slot  # causal (T, S)
