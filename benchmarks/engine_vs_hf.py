@@ -7,7 +7,11 @@ Same machine, same weights (transformers reads the same GGUF file, dequantized t
 thread count, same prompt ids, greedy, in one run. Every number is timed by ``lmlab.bench``
 (one place for timing): TTFT = call -> first token on the host, prefill tok/s = prompt tokens /
 TTFT, decode tok/s = tokens after the first / (last token time - first token time); HF's
-per-step times come from a streamer. Rates are the best of ``--repeats`` after one warm-up.
+per-step times come from a streamer. Decode rates are the best of ``--repeats`` after one warm-up.
+Prefill and TTFT are measured apart, with both engines' fp32 models loaded at once and their
+first tokens timed in alternation (``--prefill-rounds``, median): prefill is compute-bound in the
+same GEMM library for both, and engines timed minutes apart on a shared machine compare the
+machine's drift more than the engines.
 
 The roofline is the machine's fp32 mat-vec bandwidth (the fastest of the BLAS, oneDNN and lmlab's
 native kernels over 1 GiB), measured again at the start of this run, since a shared machine's
@@ -44,6 +48,25 @@ def measure_engine(make_runner, ids_b1, ids_b8, new_tokens, repeats, with_b8=Tru
         gc.collect()
 
 
+def interleaved_ttft(make_runners, ids, rounds: int) -> dict:
+    """Median first-token seconds per engine, the engines alternating round by round."""
+    import statistics
+
+    runners = {name: make() for name, make in make_runners.items()}
+    try:
+        times = {name: [] for name in runners}
+        for r in range(rounds + 1):  # round 0 warms up
+            for name, runner in runners.items():
+                t = runner.trial(ids, 1).stamps[0]
+                if r:
+                    times[name].append(t)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+    finally:
+        for runner in runners.values():
+            runner.close()
+        gc.collect()
+
+
 def bench_model(name: str, args, bandwidth_gb_s: float) -> list[tuple]:
     import lmlab
     from lmlab.bench.peers import HFRunner
@@ -73,6 +96,13 @@ def bench_model(name: str, args, bandwidth_gb_s: float) -> list[tuple]:
             except LmlabError as e:
                 print(f"  {engine} {dtype} skipped: {e}", file=sys.stderr)
                 res[engine, dtype] = None
+
+    print(f"  {name}: prefill, lmlab and hf in alternation ...", file=sys.stderr, flush=True)
+    ttft = interleaved_ttft({"lmlab": lmlab_runner("float32"), "hf": hf_runner("float32")}, ids1, args.prefill_rounds)
+    prompt = len(ids1[0])
+    for engine in ("lmlab", "hf"):
+        if res.get((engine, "float32")):
+            res[engine, "float32"]["b1"].update(ttft_ms=ttft[engine] * 1e3, prefill_tok_s=prompt / ttft[engine])
 
     def get(engine, dtype, batch, key):
         r = res.get((engine, dtype))
@@ -111,6 +141,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=116)
+    ap.add_argument("--prefill-rounds", type=int, default=9, help="alternating first-token rounds (median)")
     ap.add_argument("--cached-machine", action="store_true", help="use the cached machine figures instead of measuring")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,8 +171,9 @@ def main() -> None:
           + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in machine["matmul_gflops"].items() if v)
           + (f" · load average (1, 5, 15 min) at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f},"
              f" at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""))
-    print(f"prompt {args.prompt_len} tokens of stdlib source, {args.new_tokens} new tokens, greedy; "
-          f"best of {args.repeats} after 1 warm-up")
+    print(f"prompt {args.prompt_len} tokens of stdlib source, {args.new_tokens} new tokens, greedy; decode: "
+          f"best of {args.repeats} after 1 warm-up; prefill and TTFT: median of {args.prefill_rounds} rounds, "
+          "lmlab and HF alternating")
     print()
     w = max(len(r[1]) for r in rows) + 2
     head = f"{'model':<14}{'':<{w}}{'lmlab':>10}{'HF':>10}{'lmlab/HF':>10}{'target':>10}  met"
