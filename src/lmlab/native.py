@@ -213,7 +213,8 @@ class DecodePlan:
 
     Edits in place are seen, since the step reads the tensors' own memory. A parameter replaced
     by another, or a model moved to another dtype or device, makes the plan stale; ``plan_for``
-    then builds a new one.
+    then builds a new one. (Assigning to one parameter's ``.data`` is not seen: assign a new
+    ``nn.Parameter``, or edit in place.)
     """
 
     def __init__(self, model, key):
