@@ -76,3 +76,48 @@ def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(tmp_path):
     err = err.decode()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "decode" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    """A tiny model with room for a fake-chat transcript (one character per token)."""
+    d = tmp_path_factory.mktemp("tiny_long")
+    make_tiny("llama", d, max_position_embeddings=1024)
+    save_char_tokenizer(d)
+    return d
+
+
+def test_chat_keeps_history_reuses_the_cache_and_takes_commands(long_dir, capfd, monkeypatch, home):
+    lines = iter(["hello", "/set temperature 0", "and again", "/reset", "third", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "-m", str(long_dir), "--max-new-tokens", "5", "--no-record"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.count("bot> ") == 3
+    err = " ".join(captured.err.split())  # the stats line may wrap
+    assert "temperature = 0.0" in err and "history cleared" in err
+    stats = [s for s in err.split("prompt ")[1:] if " tok" in s]
+    assert len(stats) == 3
+    # the second turn's prompt starts with the first turn's: its keys/values are not recomputed
+    assert "cached" not in stats[0].split("·")[0]
+    assert "cached)" in stats[1].split("·")[0]
+    assert "cached" not in stats[2].split("·")[0]  # /reset dropped the cache with the history
+
+
+def test_a_reused_cache_gives_what_a_fresh_prefill_gives(tiny_dir):
+    import lmlab
+    from lmlab.engine.generate import Generation
+
+    lm = lmlab.load(tiny_dir)
+
+    def run(text, reuse=None, n=8):
+        g = Generation(lm, text, max_new_tokens=n, temperature=0, ignore_eos=True, reuse=reuse)
+        return [e.id for e in g.events()], g
+
+    first, g1 = run("The cat sat on")
+    follow = "The cat sat on" + lm.decode(first) + " and then the dog, much later, sat down too"
+    fresh, _ = run(follow, n=30)
+    reused, g2 = run(follow, g1.kv_state, n=30)  # needs more slots than the first call had: the cache grows
+    assert reused == fresh
+    assert g2.stats.cached_prompt_tokens == len(lm.encode("The cat sat on")) + len(first) - 1
+    other, g3 = run("Something else entirely", g2.kv_state)  # no common prefix: a plain prefill
+    assert other == run("Something else entirely")[0] and g3.stats.cached_prompt_tokens == 0

@@ -39,7 +39,8 @@ def format_stats(timings: dict, load_s: float | None = None) -> str:
     if load_s is not None:
         parts.append(f"load {load_s:.2f} s")
     parts += [
-        f"prompt {timings.get('prompt_tokens', 0)} tok",
+        f"prompt {timings.get('prompt_tokens', 0)} tok"
+        + (f" ({timings['cached_prompt_tokens']} cached)" if timings.get("cached_prompt_tokens") else ""),
         f"generated {timings.get('generated_tokens', 0)} tok",
         f"TTFT {timings.get('ttft_ms', 0):.0f} ms",
         f"prefill {timings.get('prefill_tok_s', 0):.0f} tok/s",
@@ -257,6 +258,7 @@ def chat(
                     seed=seed, inputs={"system": system}, record=not no_record) as run:
         turns = []
         run.outputs = {"turns": turns}
+        kv = None  # the last answer's KV cache: the next turn prefills only what the history adds
         while True:
             try:
                 line = input("you> ")
@@ -269,6 +271,8 @@ def chat(
             if not line:
                 continue
             if line.startswith("/"):
+                if line.split()[0].lower() == "/reset":
+                    kv = None
                 if not _chat_command(line, knobs, history, system):
                     break
                 continue
@@ -278,7 +282,8 @@ def chat(
             from lmlab.engine.generate import Generation
 
             try:
-                gen = Generation(lm, text, max_new_tokens=knobs["max_new_tokens"], stop=stops, add_special=add_special, **sk)
+                gen = Generation(lm, text, max_new_tokens=knobs["max_new_tokens"], stop=stops, add_special=add_special,
+                                 reuse=kv, **sk)
             except LmlabError as e:
                 history.pop()
                 err.print(f"error: {e}")
@@ -295,6 +300,7 @@ def chat(
                 err.print("[yellow](answer interrupted)[/]")
             out.print()
             reply = "".join(answer).strip()
+            kv = gen.kv_state
             history.append({"role": "assistant", "content": reply})
             timings = gen.stats.as_dict()
             err.print("[dim]" + format_stats(timings) + "[/]")

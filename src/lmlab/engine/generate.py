@@ -40,6 +40,16 @@ class TokenEvent:
 
 
 @dataclass
+class KVState:
+    """What a finished call leaves for the next one (a chat's next turn): the token ids whose
+    keys and values ``cache`` holds, in order. ``Generation(..., reuse=state)`` prefills only
+    what follows the longest common prefix of these ids and its own prompt (one sequence)."""
+
+    token_ids: list[int]
+    cache: KVCache | None
+
+
+@dataclass
 class GenerationResult:
     prompt: str | None
     prompt_ids: list[int]
@@ -60,6 +70,7 @@ class GenerationStats:
     """Timings of one generate/stream call (seconds, tokens, tokens/s, bytes)."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, tokens whose keys/values came from a previous call (chat turns)
     batch: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
@@ -78,7 +89,7 @@ class GenerationStats:
         if not self.peak_memory_bytes:
             self.peak_memory_bytes = peak_memory_bytes(torch.device(self.device))
         d = {k: v for k, v in self.__dict__.items() if k not in ("decode_started", "device")}
-        d["prefill_tok_s"] = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        d["prefill_tok_s"] = (self.prompt_tokens - self.cached_prompt_tokens) / self.prefill_s if self.prefill_s else 0.0
         # decode rate counts every token after the first of each sequence (the first comes from prefill)
         after_first = self.generated_tokens - self.batch
         d["decode_tok_s"] = after_first / self.decode_s if self.decode_s and after_first > 0 else 0.0
@@ -103,8 +114,10 @@ class Generation:
     def __init__(self, lm, prompts, *, max_new_tokens: int = 64, stop=None, alternatives: int = 0,
                  use_cache: bool = True, truncate: str | None = None, chat: bool = False,
                  add_special: bool = True, check_every: int | None = None, ignore_eos: bool = False,
-                 **sampling):
+                 reuse: "KVState | None" = None, **sampling):
         self.lm = lm
+        self.reuse = reuse  # a previous call's KVState: its keys/values for a common prefix are not recomputed
+        self.kv_state: KVState | None = None  # after events(): this call's tokens and cache, to pass as `reuse`
         self.ignore_eos = ignore_eos  # run every sequence to max_new_tokens (benchmarks)
         self.params = SamplingParams(**sampling)
         self.params.validate()
@@ -198,7 +211,12 @@ class Generation:
 
         st = self.stats
         st.prompt_tokens, st.batch, st.device = int(lens.sum()), B, str(dev)
-        cache = KVCache(cfg, B, total, kv_dtype(lm.dtype, dev), dev) if self.use_cache else None
+        cache, start = None, 0
+        if self.use_cache:
+            cache, start = self._reused_cache(B, total) if self.reuse is not None and B == 1 else (None, 0)
+            if cache is None:
+                cache = KVCache(cfg, B, total, kv_dtype(lm.dtype, dev), dev)
+        st.cached_prompt_tokens = start
         st.kv_cache_bytes = cache.nbytes if cache is not None else 0
         tok = lm.tokenizer
         self._tok = tok
@@ -209,7 +227,13 @@ class Generation:
         pending = []  # per step not yet read back: (ids, logprobs, entropy, alternatives) of the live rows
 
         t0 = time.perf_counter()
-        logits = model(ids, positions=positions, cache=cache, key_mask=key_mask[:, :T0] if padded else None, last_only=True)[:, -1]
+        # the prompt's first `start` tokens are in the cache already (one row, no padding): prefill the rest
+        logits = model(ids[:, start:], positions=positions[:, start:], cache=cache, key_mask=key_mask[:, :T0] if padded else None,
+                       last_only=True)[:, -1]
+        fed = None
+        if B == 1 and cache is not None:  # what a next call may reuse: the tokens whose k/v the cache holds
+            fed = list(self.prompt_ids[0])
+            self.kv_state = KVState(fed, cache)
         step = 0
         try:
             while True:
@@ -249,6 +273,8 @@ class Generation:
                         padded = padded and bool((~key_mask[:, :T0]).any())
 
                 # ---- next step
+                if fed is not None:  # (on a GPU this reads the id back; a chat streams, so it has it anyway)
+                    fed.append(int(next_ids[0]))
                 if cache is not None:
                     km = key_mask[:, : cache.length + 1] if padded else None
                     logits = model(next_ids[:, None], positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True)[:, -1]
@@ -265,6 +291,28 @@ class Generation:
             raise
         st.decode_s = time.perf_counter() - t_decode
         st.peak_memory_bytes = peak_memory_bytes(dev)
+
+    def _reused_cache(self, B: int, total: int) -> tuple[KVCache | None, int]:
+        """(cache, n): the previous call's cache holding this prompt's first n tokens, grown to
+        ``total`` slots if need be; (None, 0) when nothing can be reused."""
+        prev, prompt = self.reuse, self.prompt_ids[0]
+        n = 0
+        for a, b in zip(prev.token_ids, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1, prev.cache.length)  # at least one token to prefill: it gives the logits
+        cache = prev.cache
+        if n <= 0 or cache.k.shape[1] != B or cache.k.device != self.lm.device:
+            return None, 0
+        if cache.max_len < total:  # grow: a new cache, the reused slots copied over
+            grown = KVCache(self.lm.config, B, total, cache.k.dtype, cache.k.device)
+            grown.k[:, :, :, :n] = cache.k[:, :, :, :n]
+            grown.v[:, :, :, :n] = cache.v[:, :, :, :n]
+            cache = grown
+        cache.length = n  # slots after n are written again
+        prev.cache = None  # the cache now belongs to this call
+        return cache, n
 
     def _read_back(self, pending, rows: list[int], finished: set) -> Iterator[TokenEvent]:
         """Events of the sampled steps in ``pending``, in order; adds the rows that stop to ``finished``.
