@@ -121,3 +121,14 @@ def test_a_reused_cache_gives_what_a_fresh_prefill_gives(tiny_dir):
     assert g2.stats.cached_prompt_tokens == len(lm.encode("The cat sat on")) + len(first) - 1
     other, g3 = run("Something else entirely", g2.kv_state)  # no common prefix: a plain prefill
     assert other == run("Something else entirely")[0] and g3.stats.cached_prompt_tokens == 0
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context(long_dir, capfd, monkeypatch, home):
+    long = "a long message " * 20  # 300 characters, one token each: the 1024-token context fills by turn 3
+    lines = iter([long, long, long, long, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "-m", str(long_dir), "--max-new-tokens", "5", "--no-record", "--temperature", "0"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.count("bot> ") == 4  # every turn answered
+    err = " ".join(captured.err.split())
+    assert "to fit the 1024-token context" in err and "error" not in err

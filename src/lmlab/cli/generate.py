@@ -277,7 +277,7 @@ def chat(
                     break
                 continue
             history.append({"role": "user", "content": line})
-            text, stops, add_special = render(lm.tokenizer, history, mode, shots)
+            text, stops, add_special = _fit_context(lm, history, mode, shots, knobs["max_new_tokens"], bool(system))
             sk = {k: v for k, v in knobs.items() if k != "max_new_tokens"}
             from lmlab.engine.generate import Generation
 
@@ -306,6 +306,24 @@ def chat(
             err.print("[dim]" + format_stats(timings) + "[/]")
             turns.append({"user": line, "assistant": reply, "timings": timings})
             run.checkpoint()
+
+
+def _fit_context(lm, history: list, mode: str, shots, max_new_tokens: int, has_system: bool):
+    """The transcript of ``history``, dropping its oldest exchanges (in place) until the prompt
+    and an answer of ``max_new_tokens`` fit the model's context; says so when it drops any."""
+    from lmlab.engine.prompting import render
+
+    ctx, first, dropped = lm.config.max_seq_len, 1 if has_system else 0, 0
+    while True:
+        text, stops, add_special = render(lm.tokenizer, history, mode, shots)
+        fits = len(lm.tokenizer.encode(text, add_special=add_special)) + max_new_tokens <= ctx
+        if fits or len(history) - first <= 1:  # a lone message that does not fit: Generation says so
+            break
+        del history[first:first + 2]  # the oldest user message and its answer
+        dropped += 1
+    if dropped:
+        err.print(f"[dim](dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the {ctx}-token context)[/]")
+    return text, stops, add_special
 
 
 def _chat_command(line: str, knobs: dict, history: list, system: str | None) -> bool:
