@@ -242,7 +242,7 @@ def chat(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Chat with a model: history, /reset, /set KNOB VALUE, stats after each answer."""
-    from lmlab.engine.prompting import default_mode, read_few_shot, render
+    from lmlab.engine.prompting import default_mode, read_few_shot
     from lmlab.engine.sampling import SamplingParams
     from lmlab.runs import record_run
 
