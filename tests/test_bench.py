@@ -336,3 +336,19 @@ def test_llama_cpp_rows_name_the_files_own_quantization():
     assert gguf_facts(gemma3_gguf_path())["quant"] == "Q4_K_M"
     facts = gguf_facts(smollm2_gguf_path())
     assert facts["quant"] == "Q4_1" and 90e6 < facts["weight_bytes"] < 100e6
+
+
+def test_the_machine_table_says_which_decoding_step_runs(monkeypatch):
+    from rich.console import Console
+
+    from lmlab import native
+    from lmlab.cli.bench import machine_table
+
+    entry = {"host": host_details("cpu"), "threads": 2, "bandwidth_gb_s": 20.0, "bandwidth_test_bytes": 1 << 30,
+             "matvec_gb_s": 20.0, "copy_gb_s": 30.0, "read_gb_s": 25.0, "matmul_gflops": {"float32": 100.0},
+             "measured_at": "2026-12-05T00:00:00+00:00"}
+    console = Console(record=True, width=200)
+    console.print(machine_table(entry))
+    text = console.export_text()
+    want = "native (lmlab.native): on" if native.available() else "PyTorch (model.py): native code off"
+    assert "decoding step" in text and want in text

@@ -84,6 +84,11 @@ def machine_table(entry: dict):
     for name, g in entry["matmul_gflops"].items():
         t.add_row(f"matmul peak {name}", "-" if g is None else f"{g:,.0f} GFLOP/s")
     t.add_row("measured", entry["measured_at"])
+    if h["device"] == "cpu":
+        from lmlab import native
+
+        t.add_row("decoding step", "native (lmlab.native): " + native.status() if native.available()
+                  else "PyTorch (model.py): native code " + native.status())
     return t
 
 
