@@ -151,6 +151,15 @@ def _load():
     return _lib
 
 
+def _usable():
+    """The library, or None where it is not built or would be slower: a build without OpenMP
+    runs on one thread, against torch's several."""
+    lib = _lib if _lib is not None else _load()
+    if not lib or (_single_thread and torch.get_num_threads() > 1):
+        return None
+    return lib
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``x @ weight.T + bias`` through the native kernel, or None where it does not apply.
 
@@ -166,9 +175,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return None
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         return None
-    lib = _lib if _lib is not None else _load()
-    if not lib or (_single_thread and torch.get_num_threads() > 1):
-        return None  # one thread of C against torch's several would be a slow-down
+    lib = _usable()
+    if lib is None:
+        return None
     N = weight.shape[0]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     rc = lib.lmlab_linear(x.data_ptr(), rows, K, weight.data_ptr(), N, bias.data_ptr() if bias is not None else None,
@@ -303,8 +312,8 @@ def decode_step(model, x: torch.Tensor, ropes: dict, cache, key_mask: torch.Tens
     cache: the KVCache; this step writes slot ``cache.length`` of every layer and advances it.
     key_mask: (B, S) bool, False on left padding (a row's padding is a prefix), or None.
     """
-    lib = _lib if _lib is not None else _load()
-    if not lib or (torch.is_grad_enabled() and x.requires_grad) or (_single_thread and torch.get_num_threads() > 1):
+    lib = _usable()
+    if lib is None or (torch.is_grad_enabled() and x.requires_grad):
         return None
     plan = plan_for(model)
     if plan.reason or x.dtype != plan.dtype or x.device.type != "cpu":

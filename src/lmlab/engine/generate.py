@@ -41,9 +41,10 @@ class TokenEvent:
 
 @dataclass
 class KVState:
-    """What a finished call leaves for the next one (a chat's next turn): the token ids whose
-    keys and values ``cache`` holds, in order. ``Generation(..., reuse=state)`` prefills only
-    what follows the longest common prefix of these ids and its own prompt (one sequence)."""
+    """What a finished call leaves for the next one (a chat's next turn): the prompt's and the
+    generated token ids, in order; ``cache`` holds keys and values for the first ``cache.length``
+    of them. ``Generation(..., reuse=state)`` prefills only what follows the longest common
+    prefix of these ids and its own prompt (one sequence)."""
 
     token_ids: list[int]
     cache: KVCache | None
@@ -230,10 +231,8 @@ class Generation:
         # the prompt's first `start` tokens are in the cache already (one row, no padding): prefill the rest
         logits = model(ids[:, start:], positions=positions[:, start:], cache=cache, key_mask=key_mask[:, :T0] if padded else None,
                        last_only=True)[:, -1]
-        fed = None
-        if B == 1 and cache is not None:  # what a next call may reuse: the tokens whose k/v the cache holds
-            fed = list(self.prompt_ids[0])
-            self.kv_state = KVState(fed, cache)
+        if B == 1 and cache is not None:  # what a next call may reuse; _read_back adds each token as it is read
+            self.kv_state = KVState(list(self.prompt_ids[0]), cache)
         step = 0
         try:
             while True:
@@ -273,8 +272,6 @@ class Generation:
                         padded = padded and bool((~key_mask[:, :T0]).any())
 
                 # ---- next step
-                if fed is not None:  # (on a GPU this reads the id back; a chat streams, so it has it anyway)
-                    fed.append(int(next_ids[0]))
                 if cache is not None:
                     km = key_mask[:, : cache.length + 1] if padded else None
                     logits = model(next_ids[:, None], positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True)[:, -1]
@@ -331,6 +328,8 @@ class Generation:
                 if r in finished:
                     continue
                 tid = ids[j][r]
+                if self.kv_state is not None:  # one row: its ids as read back (the last is never fed; reuse stops at cache.length)
+                    self.kv_state.token_ids.append(tid)
                 n_out[seq] += 1
                 reason = None
                 if tid in eos:
