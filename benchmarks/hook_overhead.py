@@ -11,9 +11,11 @@ Rows:
 - identity hook on every resid_post: a look-only hook per block (attention stays fused).
 - identity hooks at every point: includes attn.scores/pattern, so attention runs eagerly.
 
-These four decode through model.py (``native_decode = False``): they measure what hook points
-cost in the PyTorch forward. The last row is what a user runs with no hook: the decode steps go
-to the native step (``lmlab.native.decode_step``); any hook sends them back to model.py.
+Every row prefills and decodes through the engine's steps (``lmlab.engine.steps``). The first
+four decode through model.py (``use_native=False``, what ``lm.native_decode = False`` gives):
+they measure what hook points cost in the PyTorch forward. The last row is what a user runs
+with no hook: the decode steps go to the native step (``lmlab.native.decode_step``); any hook
+sends them back to model.py.
 
 Runs are interleaved (each round times every row once) and the median is reported, so
 drift of the machine hits every row alike. Prints a table; not a test.
@@ -34,6 +36,7 @@ import torch
 import lmlab.model
 from lmlab.config import ModelConfig
 from lmlab.engine.cache import KVCache
+from lmlab.engine.steps import decode_one_token, prefill
 from lmlab.inspect.hooks import hook_names, registered
 
 SMOLLM2_135M = dict(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
@@ -96,16 +99,18 @@ def time_prefill(model, ids, sync) -> float:
     return time.perf_counter() - t0
 
 
-def time_decode(model, ids, steps: int, sync) -> float:
+def time_decode(model, ids, steps: int, sync, use_native: bool) -> float:
     """Seconds per decode step after a prefill of ids (the prefill is not timed)."""
     cfg = model.cfg
-    cache = KVCache(cfg, ids.shape[0], ids.shape[1] + steps, next(model.parameters()).dtype, ids.device)
-    logits = model(ids, cache=cache, last_only=True)
-    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    B, T = ids.shape
+    cache = KVCache(cfg, B, T + steps, next(model.parameters()).dtype, ids.device)
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    nxt = prefill(model, ids, positions, cache, None).argmax(-1, keepdim=True)  # (B, 1)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        nxt = model(nxt, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        pos = torch.full((B, 1), cache.length, device=ids.device)
+        nxt = decode_one_token(model, nxt, pos, cache, None, use_native=use_native).argmax(-1, keepdim=True)
     sync()
     return (time.perf_counter() - t0) / steps
 
@@ -145,10 +150,9 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for r in range(args.rounds + 1):  # round 0 warms up
             for name, (m, hooks, native_step) in rows.items():
-                m.native_decode = native_step
                 with registered(m, hooks):
                     p = time_prefill(m, ids, sync)
-                    d = time_decode(m, ids, args.decode_steps, sync)
+                    d = time_decode(m, ids, args.decode_steps, sync, use_native=native_step)
                 if r:
                     times[name]["prefill"].append(p)
                     times[name]["decode"].append(d)

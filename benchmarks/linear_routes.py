@@ -48,7 +48,7 @@ def main() -> None:
 
     import lmlab
     from lmlab import kernels, native
-    from lmlab.bench.machine import host_details
+    from lmlab.host import host_details
 
     lm = lmlab.load(args.model, dtype="float32", prepack=False)
     shapes = [tuple(m.weight.shape) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]

@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from lmlab.bench import machine as machine_mod
-from lmlab.bench.machine import MACHINE_FILE, host_details, host_key, machine_limits
-from lmlab.bench.sweep import (
-    SweepSpec,
-    bench_prompts,
-    estimate_memory,
-    parse_int_list,
-    run_sweep,
-    weight_bytes_per_step,
-)
+from lmlab.bench.machine import MACHINE_FILE, host_key, machine_limits
+from lmlab.bench.runner import weight_bytes_per_step
+from lmlab.bench.sweep import SweepSpec, bench_prompts, estimate_memory, parse_int_list, run_sweep
 from lmlab.engine.cache import kv_bytes_per_token
 from lmlab.errors import LmlabError
+from lmlab.host import host_details
 from tiny import make_tiny, save_char_tokenizer
 
 BANDWIDTH_GB_S = 10.0

@@ -5,7 +5,7 @@ import torch
 
 import lmlab
 from lmlab.errors import LmlabError
-from tiny import VOCAB, make_tiny, save_char_tokenizer
+from tiny import BF16_TIE, VOCAB, assert_same_greedy, make_tiny, near_ties, save_char_tokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
@@ -45,8 +45,12 @@ def test_bf16_on_the_cpu_attends_in_float32_and_cached_equals_uncached(lm):
     # the logits stay within bf16 rounding of the float32 model's
     want, got = lm([ids])[0, -1], half([ids])[0, -1].float()
     assert (got - want).abs().max() < 0.05 * (1 + want.abs().max())
-    res = half.generate(ids, max_new_tokens=12, temperature=0)
-    assert half.generate(ids, max_new_tokens=12, temperature=0, use_cache=False).token_ids == res.token_ids
+    # bf16 logits sit on a coarse grid, so the top two often tie exactly (gpt2 here: a gap of 0;
+    # llama: one bf16 step), and which of them a path picks depends on how this CPU's bf16
+    # matmuls round: tokens must match except at a near-tie within BF16_TIE (see tiny.py)
+    res = half.generate(ids, max_new_tokens=12, temperature=0, alternatives=3)
+    uncached = half.generate(ids, max_new_tokens=12, temperature=0, use_cache=False).token_ids
+    assert_same_greedy(res.token_ids, uncached, near_ties(res.alternatives, BF16_TIE), "cached vs uncached, bf16")
 
 
 def test_ragged_batch_equals_each_prompt_alone(lm):
@@ -138,16 +142,18 @@ def test_reading_back_every_few_steps_gives_the_same_results(lm, check_every):
 
 
 def test_ctrl_c_between_read_backs_keeps_every_sampled_token(lm, monkeypatch):
+    from lmlab.engine import generate as engine
+
     calls = []
-    forward = type(lm.model).forward
+    step = engine.decode_one_token
 
-    def interrupted(self, *a, **k):
+    def interrupted(*a, **k):
         calls.append(1)
-        if len(calls) == 6:  # the prefill and four decode steps ran: five tokens sampled
+        if len(calls) == 5:  # the prefill and four decode steps ran: five tokens sampled
             raise KeyboardInterrupt
-        return forward(self, *a, **k)
+        return step(*a, **k)
 
-    monkeypatch.setattr(type(lm.model), "forward", interrupted)
+    monkeypatch.setattr(engine, "decode_one_token", interrupted)
     ids = prompt_ids(5, 0)
     with pytest.raises(KeyboardInterrupt) as e:
         lm.generate(ids, max_new_tokens=20, temperature=0, check_every=16)

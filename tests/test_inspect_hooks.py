@@ -2,10 +2,14 @@
 
 Exactness: hooks that return their input (or None) leave the forward pass bit-identical
 (torch.equal). A hook on attn.scores / attn.pattern switches that layer from fused SDPA to the
-eager computation, which equals SDPA to float rounding (within 1e-5), not bit for bit; so
-"identity hooks at every point" is compared bit for bit with the eager path, and the eager
-path with SDPA within 1e-5 (torch.allclose with rtol = atol = 1e-5; Gemma's extra norms take the
-largest absolute difference of its logits, about 5 in size, to 1.1e-5).
+eager computation, which equals SDPA to float rounding, not bit for bit; so "identity hooks at
+every point" is compared bit for bit with the eager path, and the eager path with SDPA to
+float rounding: within 1e-5 of the logits' scale (atol = 1e-5 x the largest |logit|, rtol =
+1e-5). The rounding of a logit comes from the numbers it is computed from, not from its own
+size, so a logit near 0 carries the absolute error of its neighbours: Gemma's extra norms take
+the largest difference to 1.1e-5 with logits up to 9, which a plain atol of 1e-5 (plus 1e-5 x
+|logit|) allowed by only 1.5x on this Intel Xeon; other CPUs' kernels round differently. Measured
+here: at most 0.1 of the tolerance (Gemma), 0.07 for the other families.
 """
 
 from pathlib import Path
@@ -14,7 +18,6 @@ import pytest
 import torch
 
 import lmlab
-import lmlab.inspect  # noqa: F401  (attaches lm.hooks, lm.run_with_cache, ...)
 from lmlab.errors import LmlabError
 from lmlab.inspect.hooks import hook_names, markdown_table, parse_heads, parse_layers, resolve_names
 from lmlab.model import HOOK_POINTS
@@ -138,7 +141,7 @@ def test_eager_pattern_equals_sdpa_and_is_a_distribution(tiny, family):
     ids = ids_of(n=20)
     sdpa = lm(ids)
     logits, cache = lm.run_with_cache(ids, names="blocks.*.attn.pattern")
-    assert torch.allclose(logits, sdpa, rtol=1e-5, atol=1e-5), (logits - sdpa).abs().max()
+    assert torch.allclose(logits, sdpa, rtol=1e-5, atol=1e-5 * sdpa.abs().max().item()), (logits - sdpa).abs().max()
     T = ids.shape[1]
     causal = torch.ones(T, T).tril().bool()
     for i in range(lm.config.n_layers):

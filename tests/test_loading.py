@@ -91,7 +91,13 @@ def test_bfloat16_load(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(ids).logits
-    assert (lm(ids).float() - ref).abs().max().item() < 0.25  # bf16 keeps ~3 significant digits
+        hf_bf16 = hf.to(torch.bfloat16)(ids).logits.float()  # transformers' own bf16 run, same weights
+    # bf16 keeps ~3 significant digits; how far that puts the logits from float32 depends on the
+    # prompt and on this CPU's bf16 matmul kernels (0.19 to 0.42 here over four prompts, logits up
+    # to 10), so the bound is what transformers' bf16 run of the same weights reaches on this
+    # input and CPU: lmlab's bf16 error measured 0.73x to 1.17x of it (12 prompts, 3 families)
+    ours, theirs = (lm(ids).float() - ref).abs().max().item(), (hf_bf16 - ref).abs().max().item()
+    assert ours < 2 * theirs, (ours, theirs)
 
 
 # ----------------------------------------------------------------------------- bad input via the CLI

@@ -1,11 +1,12 @@
-"""The model's own fast routes compute the same thing as the plain formulas."""
+"""The fast routes (lmlab.kernels, lmlab.native) compute the same thing as the plain formulas."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.model import Norm, apply_rope, linear, rope_cos_sin, rope_inv_freq
+from lmlab.kernels import linear
+from lmlab.model import Norm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 64, 65, 130])
@@ -233,7 +234,7 @@ def test_decoding_rows_take_the_native_route_and_see_edits(monkeypatch):
 
 @pytest.mark.parametrize("env,why", [({"LMLAB_NATIVE": "0"}, "off (LMLAB_NATIVE=0)"), ({"CC": "false"}, "off: the build failed")])
 def test_without_the_native_kernel_lmlab_still_computes(tmp_path, env, why):
-    code = ("import torch, torch.nn.functional as F; from lmlab import native; from lmlab.model import linear\n"
+    code = ("import torch, torch.nn.functional as F; from lmlab import native; from lmlab.kernels import linear\n"
             "layer = torch.nn.Linear(16, 8); x = torch.randn(1, 16)\n"
             "with torch.inference_mode(): assert torch.allclose(linear(x, layer), F.linear(x, layer.weight, layer.bias), atol=1e-6)\n"
             "print(native.status())")

@@ -1,10 +1,10 @@
 """The native decoding step (lmlab.native.decode_step) against the PyTorch forward pass it replaces.
 
-Every family's tiny random model takes the same cached steps twice, once through
-``csrc/native.c`` and once through ``model.py`` (``native_decode = False``); the logits must
-agree within 1e-4 in float32 (the parity bar) and within bf16 rounding in bfloat16. Ragged
-batches, sliding windows, more rows than one pass of the kernel serves, hooks and replaced
-parameters are covered too.
+Every family's tiny random model takes the same cached steps twice, through the engine's
+``decode_one_token``: once through ``csrc/native.c`` and once through ``model.py``
+(``use_native=False``); the logits must agree within 1e-4 in float32 (the parity bar) and
+within bf16 rounding in bfloat16. Ragged batches, sliding windows, more rows than one pass of
+the kernel serves, buffers that grow, hooks and replaced parameters are covered too.
 """
 
 import pytest
@@ -14,6 +14,7 @@ from torch import nn
 import lmlab
 from lmlab import native
 from lmlab.engine.cache import KVCache, kv_dtype
+from lmlab.engine.steps import decode_one_token, prefill
 from tiny import FAMILIES, VOCAB, make_tiny
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native code {native.status()}")
@@ -51,18 +52,15 @@ def run_steps(lm, prompts, steps, use_native, tokens=None):
     next_pos = torch.tensor([len(p) for p in prompts])
     cache = KVCache(cfg, B, T0 + steps, kv_dtype(lm.dtype, "cpu"), "cpu")
     tokens = feed(B, steps) if tokens is None else tokens
-    m.native_decode = use_native
     out = []
-    try:
-        with torch.inference_mode():
-            m(ids, positions=positions, cache=cache, key_mask=key_mask[:, :T0] if padded else None, last_only=True)
-            for j in range(steps):
-                nxt = tokens[:, j : j + 1]
-                km = key_mask[:, : cache.length + 1] if padded else None
-                out.append(m(nxt, positions=next_pos[:, None], cache=cache, key_mask=km, last_only=True).float())
-                next_pos = next_pos + 1
-    finally:
-        m.native_decode = True
+    with torch.inference_mode():
+        prefill(m, ids, positions, cache, key_mask[:, :T0] if padded else None)
+        for j in range(steps):
+            nxt = tokens[:, j : j + 1]
+            km = key_mask[:, : cache.length + 1] if padded else None
+            logits = decode_one_token(m, nxt, next_pos[:, None], cache, km, use_native=use_native)  # (B, V)
+            out.append(logits[:, None].float())
+            next_pos = next_pos + 1
     return torch.cat(out, dim=1)
 
 
@@ -72,9 +70,17 @@ def prompts_of(lengths, seed=1):
 
 
 def count_native_calls(monkeypatch):
+    """The native steps taken: one entry per call of native.decode_step that gave logits (not None)."""
     calls = []
     real = native.decode_step
-    monkeypatch.setattr(native, "decode_step", lambda *a: calls.append(1) or real(*a))
+
+    def counted(*a):
+        logits = real(*a)
+        if logits is not None:
+            calls.append(1)
+        return logits
+
+    monkeypatch.setattr(native, "decode_step", counted)
     return calls
 
 
@@ -114,6 +120,22 @@ def test_more_rows_than_one_pass_serves(folders):
     got = run_steps(lm, prompts, 4, use_native=True)
     want = run_steps(lm, prompts, 4, use_native=False)
     assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+
+
+def test_one_model_steps_batches_caches_and_thread_counts_of_any_size(folders):
+    """The step's buffers are made once per model and grow when a call needs more rows, cache
+    slots or threads: every call computes what model.py does."""
+    lm = lmlab.load(folders("gemma3"))
+    before = torch.get_num_threads()
+    try:
+        for lengths, steps, threads in (([4], 3, 1), ([6, 2, 9], 12, 1), ([3], 2, 1), ([5, 12], 10, 3), (list(range(1, 12)), 4, 2)):
+            torch.set_num_threads(threads)
+            prompts = prompts_of(lengths)
+            got = run_steps(lm, prompts, steps, use_native=True)
+            want = run_steps(lm, prompts, steps, use_native=False)
+            assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item()), (lengths, steps, threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_generation_uses_the_native_step_and_hooks_turn_it_off(folders, monkeypatch):
@@ -218,11 +240,16 @@ import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 import lmlab, torch
 from lmlab import native
 from test_native_step import run_steps, prompts_of, count_native_calls
+from lmlab.engine.cache import KVCache
 assert "one thread" in native.status(), native.status()
 lm = lmlab.load({str(folders("llama"))!r})
 torch.set_num_threads(2)
 with torch.inference_mode():
-    assert native.decode_step(lm.model, torch.zeros(1, 1, lm.config.d_model), {{}}, None, None) is None
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    cache = KVCache(lm.config, 1, 4, torch.float32, "cpu")
+    assert native.decode_step(lm.model, ids, ids.clone(), cache, None) is None and cache.length == 0
+    torch.set_num_threads(1)
+    assert native.decode_step(lm.model, ids, ids.clone(), cache, None) is not None  # the same call, on one thread
 torch.set_num_threads(1)
 got = run_steps(lm, prompts_of([4, 9]), 6, use_native=True)
 want = run_steps(lm, prompts_of([4, 9]), 6, use_native=False)
@@ -231,4 +258,33 @@ print("ok")
 """
     env = {**os.environ, "LMLAB_HOME": str(tmp_path / "home"), "CC": str(wrapper)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_activation_codes_are_the_c_enum():
+    """native.py's ACT_CODES and enum lmlab_act in csrc/native.c give the same code to each name."""
+    lib = native._lib  # loaded: the module is skipped where native.available() is False
+    for name, code in native.ACT_CODES.items():
+        assert lib.lmlab_act_code(name.encode()) == code, name
+    assert lib.lmlab_act_code(b"relu") == -1
+
+
+def test_the_parameter_hook_is_registered_at_the_first_plan_only(folders):
+    """Importing lmlab puts no hook on every nn.Module; the first DecodePlan registers one, once."""
+    import subprocess
+    import sys
+
+    code = f"""
+import lmlab, torch
+from lmlab import native
+from torch.nn.modules import module
+assert not module._global_parameter_registration_hooks
+lm = lmlab.load({str(folders("llama"))!r})
+assert not module._global_parameter_registration_hooks
+native.plan_for(lm.model)
+native.plan_for(lmlab.load({str(folders("qwen2"))!r}).model)
+assert len(module._global_parameter_registration_hooks) == 1
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

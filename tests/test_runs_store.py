@@ -317,7 +317,7 @@ def test_v1_database_migrates_to_current_with_data_intact(home):
     assert store.get("00000abc0002")["incomplete"] is True
     store.close()
     conn = sqlite3.connect(home / "runs.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert conn.execute("SELECT count(*) FROM file_hashes").fetchone()[0] == 0
     conn.close()
     with record_run("generate", model="gpt2") as run:  # and it is usable for new runs

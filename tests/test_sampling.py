@@ -75,13 +75,23 @@ def test_top_k_zero_or_whole_vocab_is_off():
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
+    # p is kept 0.01 away from the cumulative sums (0.5, 0.8, 0.95): computed through softmax they
+    # are only near those values (0.8 came out 0.80000007, one float32 step above p = 0.8f, on this
+    # CPU), and which side of p an exact boundary lands on depends on how the CPU's exp rounds
     logits = from_probs(0.5, 0.3, 0.15, 0.05)
-    assert kept(top_p_filter(logits, 0.8)) == [[0, 1]]
+    assert kept(top_p_filter(logits, 0.79)) == [[0, 1]]
     assert kept(top_p_filter(logits, 0.81)) == [[0, 1, 2]]
-    assert kept(top_p_filter(logits, 0.5)) == [[0]]
+    assert kept(top_p_filter(logits, 0.49)) == [[0]]
+    assert kept(top_p_filter(logits, 0.51)) == [[0, 1]]
     # order in the vocabulary does not matter, only probability
     shuffled = from_probs(0.05, 0.3, 0.15, 0.5)
-    assert kept(top_p_filter(shuffled, 0.8)) == [[1, 3]]
+    assert kept(top_p_filter(shuffled, 0.79)) == [[1, 3]]
+    # reaching p exactly is enough: equal logits give probabilities 1/4 and sums 0.25, 0.5, 0.75
+    # with no rounding at all (exp(0) = 1, then powers of two), so the boundary is exact on any CPU
+    equal = torch.zeros(1, 4)
+    assert kept(top_p_filter(equal, 0.5)) == [[0, 1]]
+    assert kept(top_p_filter(equal, 0.75)) == [[0, 1, 2]]
+    assert kept(top_p_filter(equal, 0.25)) == [[0]]
 
 
 def test_top_p_always_keeps_one_token_and_one_is_off():

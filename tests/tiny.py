@@ -93,3 +93,51 @@ def save_char_tokenizer(folder, bos: int | None = None) -> None:
     cfg = {"add_bos_token": bos is not None, "bos_token": char_vocab()[bos] if bos is not None else None, "eos_token": None}
     with open(f"{folder}/tokenizer_config.json", "w") as f:
         json.dump(cfg, f)
+
+
+# ----------------------------------------------------------------------------- comparing greedy runs
+#
+# Two computations of the same logits (cached or recomputed, batched or alone, another kernel,
+# another CPU: MKL, oneDNN and the native step round differently on Intel and on AMD) agree only
+# to float rounding. Measured on these tiny models: at most 1e-5 apart in float32 (3e-6 between
+# cached and uncached decoding, 9e-6 against transformers). bfloat16 logits sit on a grid with
+# steps of 0.03 to 0.06 for logits of 4 to 16, so two paths that round differently land a step or
+# two apart (7e-3 between cached and uncached log-probs of gemma3 here), and top logits often
+# tie exactly.
+# Where the top two logits of a step are closer than that, either token is a right greedy pick,
+# and which one a path takes depends on the CPU; so greedy runs are compared token for token
+# except at such a near-tie, where each path may take either of the tied tokens.
+FP32_TIE = 1e-4  # float32: 10x the largest rounding difference measured
+BF16_TIE = 0.125  # bfloat16: two bf16 steps for logits below 16 (these models' stay below 15)
+
+
+def near_ties(alternatives, tol: float) -> list[set[int]]:
+    """Per step, the ids within ``tol`` (in logit) of the top one, from a run's ``alternatives``
+    (per step, ``(id, piece, prob)`` of its top k >= 2 tokens, as generate(alternatives=k) gives)."""
+    import math
+
+    out = []
+    for alts in alternatives:
+        assert len(alts) >= 2, "near_ties needs generate(..., alternatives=k) with k >= 2"
+        top = math.log(alts[0][2])
+        out.append({i for i, _, p in alts if p > 0 and top - math.log(p) <= tol})
+    return out
+
+
+def assert_same_greedy(want: list[int], got: list[int], ties: list[set[int]], what: str = "") -> bool:
+    """Two greedy runs of one prompt by two computation paths pick the same tokens.
+
+    ``ties[i]``: the ids of step i of ``want`` within the tolerance of its top logit (near_ties).
+    Every step must match, except a step where ``want``'s top logits nearly tie: there ``got``
+    may take another of the tied tokens, and as the runs then go on from different prefixes,
+    nothing after it is compared. Returns True when the runs are equal (the caller may then
+    compare what follows from the tokens: text, finish reason), False after such a tie.
+    """
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a != b:
+            assert len(ties[i]) > 1 and {a, b} <= ties[i], (
+                f"{what}: step {i} took {b} where the reference took {a}, and they do not nearly tie "
+                f"(tokens within the tolerance of the top logit there: {sorted(ties[i])})")
+            return False
+    assert len(want) == len(got), f"{what}: {len(want)} tokens against {len(got)}"
+    return True

@@ -1,6 +1,11 @@
 """Matmuls on the CPU: the native kernel for decoding, and weights prepacked for oneDNN.
 
-``fast_linear`` is the route ``model.linear`` tries first. Up to four rows of input (a decoding
+``lmlab.load`` calls ``speed_up(model)``: every ``nn.Linear`` of the model becomes a
+``FastLinear`` (the same module and parameters; only ``forward`` differs), whose ``linear``
+picks the fastest route to ``x @ W.T + b``, and a half-precision model on the CPU attends in
+float32. ``model.py`` itself stays the plain reference.
+
+``fast_linear`` is the route ``linear`` tries first. Up to four rows of input (a decoding
 step run through model.py, e.g. with hooks) go to ``lmlab.native``, which streams the plain
 row-major weight; a decoding step with no hook skips this module altogether and runs whole in
 ``lmlab.native.decode_step``. More rows (prefill, big batches) go to oneDNN on a prepacked weight:
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab import native
+from lmlab.host import cpu_model, env_flag, lmlab_home
 
 # oneDNN picks its blocked layout for an expected row count; these hints gave the fastest
 # layout across 1, 8 and 116 rows in the measurements above.
@@ -60,7 +66,7 @@ def prepack_supported(dtype: torch.dtype, device) -> bool:
 
 
 def prepack_enabled_by_env() -> bool:
-    return os.environ.get("LMLAB_PREPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("LMLAB_PREPACK", True)
 
 
 PAYS_FILE = "kernels.json"
@@ -75,8 +81,6 @@ def prepack_pays(dtype: torch.dtype) -> bool:
     Measured once per CPU, torch version, dtype and thread count (~0.5 s), cached in
     ``$LMLAB_HOME/kernels.json``.
     """
-    from lmlab.runs.store import cpu_model, lmlab_home
-
     path = lmlab_home() / PAYS_FILE
     key = f"{cpu_model()} | {platform.machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype}"
     try:
@@ -172,6 +176,52 @@ def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor | None:
     if not p.current(w):
         p = layer.__dict__["packed"] = PackedWeight(w)
     return torch.ops.mkldnn._linear_pointwise(x, p.packed, layer.bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``, i.e. x @ W.T + b, through the fastest route that applies.
+
+    On the CPU, outside autograd, ``fast_linear``: a few rows (up to four) go to lmlab's native
+    mat-vec kernel, more rows to oneDNN on a prepacked weight. Without those, bf16 with few rows
+    is a mat-vec W @ x (one row) or W @ x.T transposed back (up to 64 rows), which read the
+    weights faster than the general bf16 matmul.
+    """
+    y = fast_linear(x, layer)
+    if y is not None:
+        return y
+    rows = x.numel() // x.shape[-1]
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= 64:
+        x2 = x.reshape(rows, x.shape[-1])
+        y = torch.mv(layer.weight, x2[0])[None] if rows == 1 else (layer.weight @ x2.T).T.contiguous()
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+class FastLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is ``linear``: same parameters, state_dict and hooks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self)
+
+
+def speed_up(model: nn.Module) -> None:
+    """Swap the fast routes into a loaded model: FastLinear for each nn.Linear, and float32
+    attention for a half-precision model on the CPU.
+
+    The CPU's half-precision attention kernels are 3-6x slower than float32 ones at decode sizes
+    (``engine.cache.kv_dtype`` keeps the cache in float32 for the same reason).
+    """
+    from lmlab.model import Attention
+
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FastLinear  # the module keeps its parameters; only forward changes
+        elif isinstance(m, Attention):
+            w = m.qkv.weight
+            half_on_cpu = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+            m.compute_dtype = torch.float32 if half_on_cpu else None
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

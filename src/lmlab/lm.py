@@ -15,6 +15,7 @@ class LM:
     """
 
     packed_bytes = 0  # bytes of the weights' second copy in oneDNN's layout (lmlab.kernels); 0 when off
+    native_decode = True  # the engine's hook-free decoding steps run in lmlab.native (False: always model.py)
 
     def __init__(self, model, tokenizer, *, name: str, resolved=None, dtype=torch.float32, load_seconds: float = 0.0):
         self.model = model
@@ -61,10 +62,18 @@ class LM:
         return generate(self, prompts, **kw)
 
     def stream(self, prompts, **kw):
-        """Yield a TokenEvent (id, text, logprob, entropy, alternatives) per generated token."""
+        """A Generation: iterate it for a TokenEvent (id, text, logprob, entropy, alternatives,
+        finish_reason) per generated token; ``.stats`` are its timings, ``.result()`` the result."""
         from lmlab.engine.generate import stream
 
         return stream(self, prompts, **kw)
+
+    def chat(self, system: str | None = None, **kw):
+        """A Chat: a conversation that keeps its history and reuses its KV cache turn to turn
+        (``lmlab.engine.chat``)."""
+        from lmlab.engine.chat import Chat
+
+        return Chat(self, system=system, **kw)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         self._need_tokenizer()
@@ -78,8 +87,38 @@ class LM:
         if self.tokenizer is None:
             raise LmlabError(f"{self.name} has no tokenizer (no tokenizer.json beside it); pass token ids, or add the tokenizer files to the model folder.")
 
+    # Looking inside (lmlab.inspect does the work; imported on first use, so loading a model stays cheap)
+
+    def hooks(self, spec=None, **named):
+        """Context manager: run fn(tensor, name) at the named points (patterns allowed) inside the block."""
+        from lmlab.inspect.hooks import hooked
+
+        return hooked(self, spec, **named)
+
+    def run_with_cache(self, prompt, names=None, **kw):
+        """One forward pass keeping the activations at ``names`` -> (logits, ActivationCache)."""
+        from lmlab.inspect.cache import run_with_cache
+
+        return run_with_cache(self, prompt, names, **kw)
+
+    def intervene(self, *interventions):
+        """Context manager: apply interventions (AblateHeads, SkipLayers, Patch, Steer, ...) together."""
+        from lmlab.inspect.interventions import intervene
+
+        return intervene(self, *interventions)
+
+    def logit_lens(self, prompt, k: int = 5, layers=None):
+        """Top-k tokens per layer and position (final norm, then unembedding, at each resid_post)."""
+        from lmlab.inspect.lens import logit_lens
+
+        return logit_lens(self, prompt, k, layers)
+
+    def hook_names(self):
+        """Every hook name of this model, in forward order."""
+        from lmlab.inspect.hooks import hook_names
+
+        return hook_names(self.config)
+
     def __repr__(self) -> str:
         c = self.config
         return f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
-
-import lmlab.inspect  # noqa: E402,F401  (attaches lm.hooks, run_with_cache, intervene, logit_lens)

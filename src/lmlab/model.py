@@ -6,9 +6,13 @@ read this file top to bottom and you have read every model lmlab runs.
 Shapes in comments use: B batch, T new tokens this call, S = cached + new tokens (keys),
 C = d_model, H = n_heads, K = n_kv_heads, D = head_dim, F = d_ff, V = vocab.
 
-Hook points: at every meaningful point the forward pass calls ``self._hook(name, x)``.
-With no hook registered that is a dict lookup skipped by one ``if`` per block, so it costs
-nothing measurable. ``lmlab.inspect`` registers hooks by these names (see HOOK_POINTS).
+Hook points: at every meaningful point the forward pass calls ``hook(name, x)``. With no hook
+registered ``hook`` is None and each point is one skipped ``if``, so it costs nothing
+measurable. ``lmlab.inspect`` registers hooks by these names (see HOOK_POINTS).
+
+This file is the reference: it holds no kernel or device code. Speed is applied from outside:
+``lmlab.kernels`` swaps faster CPU matmuls in for ``nn.Linear`` at load, and the engine runs a
+hook-free decoding step through ``lmlab.native``, which tests hold to this forward pass.
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab import native
 from lmlab.config import ModelConfig
-from lmlab.kernels import fast_linear
 
 # name pattern -> (shape, what it is). The table in docs/hooks.md is generated from this.
 HOOK_POINTS: dict[str, tuple[str, str]] = {
@@ -130,37 +132,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- blocks
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)``, i.e. x @ W.T + b.
-
-    On the CPU, outside autograd, ``lmlab.kernels.fast_linear`` picks a faster route to the same
-    product: a few rows (up to four) go to lmlab's native mat-vec kernel, more rows to
-    oneDNN on a prepacked weight. Without those, bf16 with few rows is a mat-vec W @ x (one
-    row) or W @ x.T transposed back (up to 64 rows), which read the weights faster than the
-    general bf16 matmul.
-    """
-    y = fast_linear(x, layer)
-    if y is not None:
-        return y
-    rows = x.numel() // x.shape[-1]
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= 64:
-        x2 = x.reshape(rows, x.shape[-1])
-        y = torch.mv(layer.weight, x2[0])[None] if rows == 1 else (layer.weight @ x2.T).T.contiguous()
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.view(*x.shape[:-1], -1)
-    return F.linear(x, layer.weight, layer.bias)
-
-
-CAUSAL = "causal"  # the mask of a prompt with no cache before it and no padding: query t sees keys 0..t
-
-
 def causal_mask(T: int, device) -> torch.Tensor:
-    """CAUSAL as a boolean tensor (1, 1, T, T), True where a query may attend."""
+    """The causal mask as a boolean tensor (1, 1, T, T), True where a query may attend."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
 
 
 class Attention(nn.Module):
+    # The dtype attention computes in; None: the activations'. lmlab.kernels sets float32 for a
+    # half-precision model on the CPU, whose half-precision attention kernels are slow.
+    compute_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -175,11 +156,13 @@ class Attention(nn.Module):
         p = f"blocks.{layer}.attn."
         self.names = {n: p + n for n in ("q", "k", "v", "scores", "pattern", "head_out")}
 
-    def forward(self, x, rope, mask, cache, hook) -> torch.Tensor:
+    def forward(self, x, rope, mask, is_causal, cache, hook) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). mask: (B or 1, 1, T, S) bool, True where a query may attend,
+        or None; is_causal: no mask tensor, plain causal over a whole prompt (T == S)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv = linear(x, self.qkv).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D): q heads, k heads, v heads
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D): q heads, k heads, v heads
         q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -194,23 +177,21 @@ class Attention(nn.Module):
             v = hook(self.names["v"], v)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D): everything cached so far
-        if x.device.type == "cpu" and x.dtype != torch.float32:
-            # The CPU's half-precision attention kernels are 3-6x slower than float32 ones at
-            # decode sizes: attend in float32 (the cache holds float32 for this: engine.cache.kv_dtype).
-            q, k, v = q.float(), k.float(), v.float()
+        if self.compute_dtype is not None:
+            q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
         eager = hook is not None and (hook.wants(self.names["scores"]) or hook.wants(self.names["pattern"]))
-        causal = mask is CAUSAL  # plain causal over T == S slots: SDPA skips the masked half itself
         if eager or cfg.attn_logit_softcap:
-            y = self._eager(q, k, v, causal_mask(T, x.device) if causal else mask, hook)
+            y = self._eager(q, k, v, causal_mask(T, x.device) if is_causal else mask, hook)
         else:
-            # Fused attention; k/v heads are shared by groups of query heads (GQA) inside the kernel.
+            # Fused attention; k/v heads are shared by groups of query heads (GQA) inside the kernel,
+            # and with is_causal it skips the masked half without a mask tensor.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=self.scale, enable_gqa=K != H
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=K != H
             )  # (B, H, T, D)
         y = y.to(x.dtype).transpose(1, 2)  # (B, T, H, D)
         if hook is not None:
             y = hook(self.names["head_out"], y)
-        return linear(y.reshape(B, T, H * D), self.o)
+        return self.o(y.reshape(B, T, H * D))
 
     def _eager(self, q, k, v, mask, hook) -> torch.Tensor:
         """Attention written out, so scores and pattern can be seen and changed."""
@@ -251,7 +232,7 @@ class MLP(nn.Module):
         self.names = (f"blocks.{layer}.mlp.pre", f"blocks.{layer}.mlp.post")
 
     def forward(self, x, hook) -> torch.Tensor:
-        h = linear(x, self.up)  # (B, T, F) or (B, T, 2F)
+        h = self.up(x)  # (B, T, F) or (B, T, 2F)
         if self.gated:
             gate, up = h.split(self.d_ff, dim=-1)
             if hook is not None:
@@ -263,7 +244,7 @@ class MLP(nn.Module):
             h = self.act(h)
         if hook is not None:
             h = hook(self.names[1], h)
-        return linear(h, self.down)
+        return self.down(h)
 
 
 class Block(nn.Module):
@@ -278,11 +259,11 @@ class Block(nn.Module):
         p = f"blocks.{layer}."
         self.names = {n: p + n for n in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")}
 
-    def forward(self, x, rope, mask, cache, hook) -> torch.Tensor:
+    def forward(self, x, rope, mask, is_causal, cache, hook) -> torch.Tensor:
         n = self.names
         if hook is not None:
             x = hook(n["resid_pre"], x)
-        a = self.attn(self.attn_norm(x), rope, mask, cache, hook)
+        a = self.attn(self.attn_norm(x), rope, mask, is_causal, cache, hook)
         if self.cfg.sandwich_norm:
             a = self.post_attn_norm(a)
         if hook is not None:
@@ -310,21 +291,24 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- hooks
 
 
-class HookSet:
-    """The hooks active for one forward: name -> functions f(tensor, name) -> tensor or None.
+class HookContext:
+    """The hooks active for one forward pass, and the facts position-aware hooks need about it.
 
-    A function that returns a tensor replaces the activation; one that returns None only looks.
+    ``hooks``: name -> functions. A function is called ``fn(x, name)``, or ``fn(x, name, ctx)``
+    when it has the attribute ``wants_context = True``; one that returns a tensor replaces the
+    activation, one that returns None only looks.
+    ``input_ids``: (B, T) the tokens of this call; ``positions``: (B, T) their positions.
     """
 
-    def __init__(self, hooks: dict[str, list[HookFn]]):
-        self.hooks = hooks
+    def __init__(self, hooks: dict[str, list[HookFn]], input_ids: torch.Tensor, positions: torch.Tensor):
+        self.hooks, self.input_ids, self.positions = hooks, input_ids, positions
 
     def wants(self, name: str) -> bool:
         return name in self.hooks
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         for fn in self.hooks.get(name, ()):
-            out = fn(x, name)
+            out = fn(x, name, self) if getattr(fn, "wants_context", False) else fn(x, name)
             if out is not None:
                 x = out
         return x
@@ -334,8 +318,6 @@ class HookSet:
 
 
 class Transformer(nn.Module):
-    native_decode = True  # take lmlab.native's decoding step where it applies (False: always the code below)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -348,16 +330,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
         self.hooks: dict[str, list[HookFn]] = {}  # managed by lmlab.inspect
-        self.step_start, self.step_positions = 0, None
         self._rope_cache: dict = {}
-
-    # -- RoPE tables, built lazily per device so a model can move between devices
-    def _inv_freq(self, theta: float, device) -> torch.Tensor:
-        key = (theta, str(device))
-        if key not in self._rope_cache:
-            inv = rope_inv_freq(self.cfg.rotary_dim, theta, self.cfg.rope_scaling if theta == self.cfg.rope_theta else None)
-            self._rope_cache[key] = inv.to(device)
-        return self._rope_cache[key]
 
     def forward(
         self,
@@ -378,14 +351,24 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        S = start + T
         if positions is None:
-            positions = torch.arange(start, S, device=input_ids.device).expand(B, T)
-        hook = HookSet(self.hooks) if self.hooks else None
-        # Hooks that act on positions (patching, per-position ablation) read this: the cache
-        # slot of the first new token and the (B, T) positions of this call.
-        self.step_start, self.step_positions = start, positions
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        hook = HookContext(self.hooks, input_ids, positions) if self.hooks else None
 
+        x = self.embed(input_ids, positions, hook)  # (B, T, C)
+        ropes = self.rope_tables(positions, x.dtype)
+        masks, is_causal = self._masks(B, T, start, key_mask, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ropes.get(self._theta(i)), masks[cfg.layer_types[i]], is_causal, cache, hook)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x, hook)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor, hook: HookContext | None = None) -> torch.Tensor:
+        """The residual stream's start (B, T, C): token embeddings, plus learned positions (gpt2)."""
+        cfg = self.cfg
         x = self.tok_embed(input_ids)  # (B, T, C)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the model dtype, like the reference
@@ -396,35 +379,35 @@ class Transformer(nn.Module):
             if hook is not None:
                 p = hook("pos_embed", p)
             x = x + p
+        return x
 
-        ropes = {}
-        if cfg.pos == "rope":
-            for theta in {self._theta(i) for i in range(cfg.n_layers)}:
-                ropes[theta] = rope_cos_sin(self._inv_freq(theta, x.device), positions, x.dtype)
-        if T == 1 and cache is not None and hook is None and self.native_decode:
-            # A decoding step with no hook: the same blocks, run by lmlab.native in one call.
-            logits = native.decode_step(self, x, ropes, cache, key_mask)
-            if logits is not None:
-                return logits
-        masks = self._masks(B, T, start, key_mask, x.device)
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+        """{theta: (cos, sin)}, each (B, 1, T, rotary_dim), for every RoPE base the layers use ({} without RoPE)."""
+        if self.cfg.pos != "rope":
+            return {}
+        thetas = {self._theta(i) for i in range(self.cfg.n_layers)}
+        return {theta: rope_cos_sin(self._inv_freq(theta, positions.device), positions, dtype) for theta in thetas}
 
-        for i, block in enumerate(self.blocks):
-            rope = ropes.get(self._theta(i))
-            x = block(x, rope, masks[cfg.layer_types[i]], cache, hook)
-        if cache is not None:
-            cache.advance(T)
-
-        if last_only:
-            x = x[:, -1:]
+    def head(self, x: torch.Tensor, hook: HookContext | None = None) -> torch.Tensor:
+        """Logits (B, T, V) from the residual stream (B, T, C): final norm, then the unembedding."""
         x = self.final_norm(x)
         if hook is not None:
             x = hook("final_norm", x)
-        logits = linear(x, self.lm_head)  # (B, T, V)
-        if cfg.final_logit_softcap:
-            logits = cfg.final_logit_softcap * torch.tanh(logits / cfg.final_logit_softcap)
+        logits = self.lm_head(x)  # (B, T, V)
+        softcap = self.cfg.final_logit_softcap
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
         if hook is not None:
             logits = hook("logits", logits)
         return logits
+
+    # -- RoPE tables, built lazily per device so a model can move between devices
+    def _inv_freq(self, theta: float, device) -> torch.Tensor:
+        key = (theta, str(device))
+        if key not in self._rope_cache:
+            inv = rope_inv_freq(self.cfg.rotary_dim, theta, self.cfg.rope_scaling if theta == self.cfg.rope_theta else None)
+            self._rope_cache[key] = inv.to(device)
+        return self._rope_cache[key]
 
     def _theta(self, layer: int) -> float:
         cfg = self.cfg
@@ -432,11 +415,10 @@ class Transformer(nn.Module):
             return cfg.rope_local_theta
         return cfg.rope_theta
 
-    def _masks(self, B, T, start, key_mask, device) -> dict[str, torch.Tensor | str | None]:
-        """Boolean masks (B or 1, 1, T, S), True where a query may attend, per layer type.
-
-        None: no mask (one new token); CAUSAL: plain causal over a whole prompt, which the
-        attention kernel applies without a mask tensor.
+    def _masks(self, B, T, start, key_mask, device) -> tuple[dict[str, torch.Tensor | None], bool]:
+        """({layer type: mask}, is_causal). A mask is (B or 1, 1, T, S) bool, True where a query
+        may attend, or None: one new token sees every cached one, or, with is_causal, a whole
+        prompt with no padding is plain causal, which the attention kernel applies itself.
 
         Keys are cache slots 0..S-1; query t sits in slot start + t. A left-padded batch
         keeps each sequence's tokens contiguous, so slot distance equals token distance and
@@ -447,9 +429,9 @@ class Transformer(nn.Module):
         window = cfg.sliding_window
         need_sliding = "sliding" in cfg.layer_types and window is not None and S > window
         if T == 1 and key_mask is None and not need_sliding:
-            return {"full": None, "sliding": None}  # one new token sees every cached one
+            return {"full": None, "sliding": None}, False  # one new token sees every cached one
         if start == 0 and key_mask is None and not need_sliding:
-            return {"full": CAUSAL, "sliding": CAUSAL}  # a whole prompt, no padding: SDPA's is_causal
+            return {"full": None, "sliding": None}, True  # a whole prompt, no padding: SDPA's is_causal
         q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
         k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
         full = k_slot <= q_slot  # causal (T, S)
@@ -462,7 +444,7 @@ class Transformer(nn.Module):
         masks = {"full": full, "sliding": full}
         if need_sliding:
             masks["sliding"] = full & (q_slot - k_slot < window)[None, None]
-        return masks
+        return masks, False
 
     @property
     def num_parameters(self) -> int:

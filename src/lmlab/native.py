@@ -2,9 +2,11 @@
 
 - ``linear``: ``x @ W.T + b`` for up to four rows, reading the plain row-major weight.
 - ``decode_step``: one new token per sequence through every block, the final norm and the
-  head, in one call, for a model with no hook registered. ``Transformer.forward`` takes it for
-  a cached one-token step; the PyTorch forward pass in ``lmlab/model.py`` is its reference
-  (tests compare the two for every family, in float32 and bfloat16).
+  head, in one call, for a model with no hook registered. The engine takes it for a cached
+  one-token step (``engine.steps.decode_one_token``); the PyTorch forward pass in
+  ``lmlab/model.py`` is its reference (tests compare the two for every family, in float32 and
+  bfloat16). Its buffers (``lmlab_state`` in the C file) are made once per model, by its
+  ``DecodePlan``, and freed with it.
 
 The C file is compiled once per machine, at first use, with the system's C compiler and
 ``-march=native -fopenmp``, into ``~/.lmlab/native/`` (``$LMLAB_HOME/native``). The library is
@@ -22,14 +24,16 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from lmlab.host import cpu_signature, env_flag, lmlab_home
 
 MAX_ROWS = 4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
 SOURCE = Path(__file__).with_name("csrc") / "native.c"
@@ -62,7 +66,7 @@ ISA_NAMES = {512: "AVX-512", 256: "AVX2", 128: "128-bit vectors"}
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("LMLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag("LMLAB_NATIVE", True)
 
 
 def status() -> str:
@@ -73,21 +77,6 @@ def status() -> str:
 
 def available() -> bool:
     return bool(_load())
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(sorted(set(keep)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    home = os.environ.get("LMLAB_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".lmlab") / "native"
 
 
 def _build(cc: str, out: Path) -> str | None:
@@ -119,8 +108,8 @@ def _load():
     if cc is None:
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"native-{key}.so"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[:16]
+    path = lmlab_home() / "native" / f"native-{key}.so"
     try:
         if not path.exists():
             err = _build(cc, path)
@@ -138,13 +127,25 @@ def _load():
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.lmlab_linear.argtypes = [vp, i, i, vp, i, vp, vp, i, i]
     lib.lmlab_linear.restype = i
-    lib.lmlab_decode_step.argtypes = [ctypes.POINTER(_Model), i, vp, vp, vp, ctypes.c_int64, ctypes.c_int64, vp, vp, vp, vp, i]
+    lib.lmlab_decode_step.argtypes = [ctypes.POINTER(_Model), vp, i, vp, vp, vp, ctypes.c_int64, ctypes.c_int64, vp, vp, vp,
+                                      vp, i]
     lib.lmlab_decode_step.restype = i
+    lib.lmlab_state_new.argtypes = [ctypes.POINTER(_Model)]
+    lib.lmlab_state_new.restype = vp
+    lib.lmlab_state_free.argtypes = [vp]
+    lib.lmlab_state_free.restype = None
+    lib.lmlab_act_code.argtypes = [ctypes.c_char_p]
+    lib.lmlab_act_code.restype = i
     _lib = lib
     bad = _self_check()
     if bad:
         _lib = False
         _status = f"off: its self-check disagreed with F.linear ({bad})"
+        return _lib
+    wrong = [name for name, code in ACT_CODES.items() if lib.lmlab_act_code(name.encode()) != code]
+    if wrong:
+        _lib = False
+        _status = f"off: ACT_CODES and enum lmlab_act in csrc/native.c disagree on {', '.join(wrong)} (make them agree)"
         return _lib
     _single_thread = not lib.lmlab_openmp()
     _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}" + (", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")")
@@ -205,8 +206,11 @@ def _self_check() -> str | None:
 
 # ----------------------------------------------------------------------------- the decoding step
 
+# ModelConfig.act -> its code in the C file: enum lmlab_act in csrc/native.c (LMLAB_ACT_SILU, ...),
+# the same names in the same order. _load checks that they agree (lmlab_act_code).
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _param_epoch = 0  # moves whenever any module gets a new Parameter: a plan's pointers may be stale then
+_watching_parameters = False  # _on_new_parameter is registered (at the first DecodePlan)
 
 
 def _on_new_parameter(module, name, param):
@@ -214,7 +218,13 @@ def _on_new_parameter(module, name, param):
     _param_epoch += 1
 
 
-torch.nn.modules.module.register_module_parameter_registration_hook(_on_new_parameter)
+def _watch_parameters():
+    """Count new Parameters from now on. A hook on every nn.Module in the process, so it is
+    registered only once a plan exists whose pointers it could make stale."""
+    global _watching_parameters
+    if not _watching_parameters:
+        torch.nn.modules.module.register_module_parameter_registration_hook(_on_new_parameter)
+        _watching_parameters = True
 
 
 class DecodePlan:
@@ -224,9 +234,16 @@ class DecodePlan:
     by another, or a model moved to another dtype or device, makes the plan stale; ``plan_for``
     then builds a new one. (Assigning to one parameter's ``.data`` is not seen: assign a new
     ``nn.Parameter``, or edit in place.)
+
+    It also owns the step's buffers (``state``, an ``lmlab_state`` made by ``lmlab_state_new``):
+    sized at the first step, grown only when a step needs more, freed with the plan. ``lock``
+    keeps two Python threads from stepping the same model at once in them.
     """
 
+    state = None  # the lmlab_state, None until the plan is built (or where it does not apply)
+
     def __init__(self, model, key):
+        _watch_parameters()
         cfg = model.cfg
         self.key = key
         self.dtype = model.tok_embed.weight.dtype
@@ -275,6 +292,16 @@ class DecodePlan:
             final_softcap=cfg.final_logit_softcap or 0.0, final_norm_w=fn_w, final_norm_b=fn_b,
             lm_head_w=ptr(model.lm_head.weight), blocks=ctypes.cast(blocks, ctypes.c_void_p))
         self.struct_ref = ctypes.byref(self.struct)
+        self.lock = threading.Lock()
+        self._free = _lib.lmlab_state_free  # kept: the module's globals may be gone when __del__ runs at exit
+        self.state = _lib.lmlab_state_new(self.struct_ref)
+        if not self.state:
+            self.reason = "out of memory for the step's buffers"
+
+    def __del__(self):
+        if self.state:
+            self._free(self.state)
+            self.state = None
 
 
 def _unsupported(model) -> str | None:
@@ -304,27 +331,33 @@ def plan_for(model) -> DecodePlan:
     return plan
 
 
-def decode_step(model, x: torch.Tensor, ropes: dict, cache, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache,
+                key_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Logits (B, 1, V) for one new token per row, or None where the native step does not apply.
 
-    x: (B, 1, C) the new tokens' embeddings, as ``Transformer.forward`` computed them.
-    ropes: {theta: (cos, sin)} each (B, 1, 1, rotary_dim), from ``rope_cos_sin``.
+    input_ids: (B, 1) int64, the new tokens; positions: (B, 1) their positions.
     cache: the KVCache; this step writes slot ``cache.length`` of every layer and advances it.
     key_mask: (B, S) bool, False on left padding (a row's padding is a prefix), or None.
+    Embeddings and RoPE tables come from ``model.embed`` and ``model.rope_tables``, as in
+    ``Transformer.forward``.
     """
     lib = _usable()
-    if lib is None or (torch.is_grad_enabled() and x.requires_grad):
+    if lib is None or cache is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu":
         return None
     plan = plan_for(model)
-    if plan.reason or x.dtype != plan.dtype or x.device.type != "cpu":
+    if plan.reason:
         return None
-    if torch.is_grad_enabled() and model.lm_head.weight.requires_grad:
+    if torch.is_grad_enabled() and (model.lm_head.weight.requires_grad or model.tok_embed.weight.requires_grad):
         return None  # training: autograd needs the PyTorch forward
     k, v = cache.k, cache.v
-    B = x.shape[0]
+    B = input_ids.shape[0]
     if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[1] != B:
         return None
+    x = model.embed(input_ids, positions)  # (B, 1, C)
+    if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != plan.dtype or x.device.type != "cpu":
+        return None
     if plan.thetas:
+        ropes = model.rope_tables(positions, x.dtype)  # {theta: (cos, sin)} each (B, 1, 1, rotary_dim)
         tables = [ropes[t] for t in plan.thetas]
         cos = torch.stack([c for c, _ in tables]).reshape(len(tables), B, -1).float().contiguous()
         sin = torch.stack([s for _, s in tables]).reshape(len(tables), B, -1).float().contiguous()
@@ -335,10 +368,11 @@ def decode_step(model, x: torch.Tensor, ropes: dict, cache, key_mask: torch.Tens
         first = key_mask.to(torch.uint8).argmax(-1)  # (B,) int64: the first slot each row may attend to
     x = x.contiguous()
     logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
-    rc = lib.lmlab_decode_step(plan.struct_ref, B, x.data_ptr(), k.data_ptr(), v.data_ptr(), cache.max_len, cache.length,
-                               first.data_ptr() if first is not None else None,
-                               cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-                               logits.data_ptr(), torch.get_num_threads())
+    with plan.lock:
+        rc = lib.lmlab_decode_step(plan.struct_ref, plan.state, B, x.data_ptr(), k.data_ptr(), v.data_ptr(), cache.max_len,
+                                   cache.length, first.data_ptr() if first is not None else None,
+                                   cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
+                                   logits.data_ptr(), torch.get_num_threads())
     if rc != 0:
         return None
     cache.advance(1)

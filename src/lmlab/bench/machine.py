@@ -20,59 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from lmlab.runs.store import cpu_model, lmlab_home
+from lmlab.host import host_details, lmlab_home
 
 MACHINE_FILE = "machine.json"
 SCHEMA = 4  # 2: bandwidth and matmul peak are the faster of the BLAS and oneDNN kernels; 3: and the native mat-vec;
 # 4: the native mat-vec reads 8 rows side by side, with prefetch (csrc/native.c)
 GiB = 1 << 30
-
-
-def _cpu_flags() -> list[str]:
-    """The instruction-set extensions that decide matmul speed on CPU."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
-def host_details(device: str | torch.device = "cpu", threads: int | None = None) -> dict:
-    """What the measurements depend on: CPU, cores, threads, memory, torch, device."""
-    import psutil
-
-    dev = torch.device(device)
-    d = {
-        "cpu": cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count(),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads or torch.get_num_threads(),
-        "ram_bytes": psutil.virtual_memory().total,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": dev.type,
-    }
-    if dev.type == "cuda":
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        d["device"] = f"cuda:{idx} {props.name}"
-        d["gpu_memory_bytes"] = props.total_memory
-        d["cuda"] = torch.version.cuda
-    return d
 
 
 def host_key(details: dict) -> str:

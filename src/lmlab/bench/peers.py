@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from lmlab.bench.runner import Trial, stored_bytes, weight_bytes_per_step
 from lmlab.errors import LmlabError
 
 INSTALL = {
@@ -70,8 +71,6 @@ class HFRunner:
     def __init__(self, resolved, dtype: str, device):
         import transformers
 
-        from lmlab.bench.sweep import stored_bytes, weight_bytes_per_step
-
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if resolved is None or resolved.kind not in ("hf", "gguf"):
@@ -109,8 +108,6 @@ class HFRunner:
 
     def trial(self, ids: list[list[int]], new_tokens: int):
         from transformers.generation.streamers import BaseStreamer
-
-        from lmlab.bench.sweep import Trial
 
         class Stamps(BaseStreamer):
             def __init__(self):
@@ -232,8 +229,6 @@ class LlamaCppRunner:
             "pip install --force-reinstall --no-cache-dir llama-cpp-python.")
 
     def trial(self, ids: list[list[int]], new_tokens: int):
-        from lmlab.bench.sweep import Trial
-
         if len(ids) != 1:
             raise LmlabError("the llama.cpp peer runs batch 1 only; use --batch 1 for it.")
         stamps = self._ask(("trial", [int(t) for t in ids[0]], int(new_tokens)))

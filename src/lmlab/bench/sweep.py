@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmlab.bench.runner import Trial, stored_bytes, weight_bytes_per_step
 from lmlab.engine.cache import kv_bytes_per_token, kv_dtype
 from lmlab.errors import LmlabError
+from lmlab.host import host_details
 
 KNOWN_PEERS = ("hf", "llama.cpp")
+QUANTS = ("none",)  # weight quantizations a sweep can run
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -88,63 +91,7 @@ def parse_peers(peers) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------- quantization
-
-
-def apply_quant(lm, quant: str | None):
-    """The one place the bench asks for a quantized model.
-
-    ``none`` returns the model as loaded. Anything else is handed to ``lmlab.quant.quantize(lm,
-    scheme)`` once that module exists (a later issue); the bench needs no change then, because
-    every byte count below is taken from the model's actual tensor storage.
-    """
-    if quant in (None, "", "none"):
-        return lm
-    return quantizer(quant)(lm, quant)
-
-
-def quantizer(quant: str):
-    """The function that quantizes a model to ``quant``, or the sentence saying it does not exist yet."""
-    try:
-        from lmlab.quant import quantize  # type: ignore[import-not-found]
-    except ImportError:
-        raise LmlabError(f"quantization {quant!r} is not available yet; --quant none is the only value for now.") from None
-    return quantize
-
-
 # ----------------------------------------------------------------------------- model arithmetic
-
-
-def stored_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every tensor in the state dict (parameters and buffers, packed ones included),
-    each storage counted once (tied weights)."""
-    seen, total = set(), 0
-    for t in module.state_dict(keep_vars=True).values():
-        t = t.detach() if isinstance(t, torch.Tensor) else t
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
-
-
-def weight_bytes_per_step(module: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every stored tensor once, except embedding tables that are only
-    gathered (an untied input embedding, learned positions). A table tied to the output head is
-    read whole by the head, so it counts."""
-    out = None
-    if hasattr(module, "lm_head"):
-        out = module.lm_head.weight
-    elif hasattr(module, "get_output_embeddings") and module.get_output_embeddings() is not None:
-        out = module.get_output_embeddings().weight
-    gathered = 0
-    for m in module.modules():
-        if isinstance(m, torch.nn.Embedding) and (out is None or m.weight.data_ptr() != out.data_ptr()):
-            gathered += m.weight.numel() * m.weight.element_size()
-    return stored_bytes(module) - gathered
 
 
 @dataclass
@@ -285,31 +232,6 @@ def _token_stream(lm) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Trial:
-    """One timed generation: seconds from the call to each step's tokens being on the host."""
-
-    batch: int
-    prompt_len: int
-    stamps: list[float]  # seconds since the call, one per generated step (step 0 = first token)
-
-    @property
-    def ttft_s(self) -> float:
-        return self.stamps[0]
-
-    @property
-    def decode_s(self) -> float:
-        return self.stamps[-1] - self.stamps[0]
-
-    @property
-    def decode_steps(self) -> int:
-        return len(self.stamps) - 1
-
-    @property
-    def step_latencies_s(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def _malloc_trim() -> None:
@@ -492,6 +414,11 @@ class SweepSpec:
     threads: int | None = None
     device: str = "cpu"
 
+    def __post_init__(self):
+        # an unknown scheme fails when the spec is built, before anything loads
+        if self.quant not in (None, "", *QUANTS):
+            raise LmlabError(f"quantization {self.quant!r} is not available yet; --quant none is the only value for now.")
+
     def grid(self, dtype: str):
         for prompt_len in self.prompt_lens:
             for batch in self.batches:
@@ -542,7 +469,7 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     """
     import lmlab
     from lmlab.loading import parse_device
-    from lmlab.bench.machine import host_details, machine_limits
+    from lmlab.bench.machine import machine_limits
     from lmlab.bench.peers import make_peer, peer_check
 
     log = log or (lambda msg: None)
@@ -557,8 +484,6 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     threads = torch.get_num_threads()
     device = parse_device(spec.device)
     load = load or (lambda dtype: lmlab.load(spec.model, dtype=dtype, device=device))
-    if spec.quant not in (None, "", "none"):
-        quantizer(spec.quant)  # an unknown scheme fails before anything loads
     for p in peers:  # a peer that is not installed fails before anything is measured
         peer_check(p)
 
@@ -567,7 +492,7 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     host = host_details(device, threads)
 
     dtypes = list(spec.dtypes)
-    lm = apply_quant(load(dtypes[0]), spec.quant)
+    lm = load(dtypes[0])
     cfg = lm.config
     for p in peers:  # a peer that cannot run on these weights says so before anything is measured
         peer_check(p, lm)
@@ -607,7 +532,7 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
 
     for i, dtype in enumerate(dtypes):
         if i > 0:
-            lm = apply_quant(load(dtype), spec.quant)
+            lm = load(dtype)
         runner = LmlabRunner(lm)
         run_engine(runner, list(spec.grid(dtype)), f"lmlab {dtype}", lm.dtype, runner.matmul_dtype)
         # only one engine's model in memory at a time: peak memory stays per engine

@@ -112,7 +112,7 @@ def bench(
 ):
     """Benchmark a model: TTFT, prefill and decode tokens/s, latency, memory, bandwidth and FLOP/s
     against the machine's limits, next to HF transformers and llama.cpp."""
-    from lmlab.bench.sweep import SweepSpec, parse_dtype_list, parse_int_list, parse_peers, quantizer
+    from lmlab.bench.sweep import SweepSpec, parse_dtype_list, parse_int_list, parse_peers
     from lmlab.runs import record_run
 
     if machine:
@@ -130,8 +130,6 @@ def bench(
         threads=threads,
         device=device,
     )
-    if quant not in (None, "", "none"):
-        quantizer(quant)  # one sentence before anything loads
     from lmlab.bench.peers import peer_check
 
     for p in spec.peers:
@@ -211,7 +209,8 @@ def _sweep_with_progress(spec, run) -> dict:
 def _machine(device: str, threads: int | None, json_out: bool, no_record: bool) -> None:
     import torch
 
-    from lmlab.bench.machine import MACHINE_FILE, lmlab_home, machine_limits
+    from lmlab.bench.machine import MACHINE_FILE, machine_limits
+    from lmlab.host import lmlab_home
     from lmlab.loading import parse_device
     from lmlab.runs import record_run
 

@@ -75,6 +75,7 @@ def generate(
     seed: int = typer.Option(None, help="Same seed, same output."),
     n: int = typer.Option(1, "-n", help="Samples per prompt."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the end-of-sequence token: run to --max-new-tokens."),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tokens (default on a terminal)."),
     show_probs: bool = typer.Option(False, "--show-probs", help="Colour each token by its probability."),
     alternatives: int = typer.Option(0, "--alternatives", help="Show the top K alternatives of each token."),
@@ -124,7 +125,7 @@ def generate(
     if len(texts) > 1 or n > 1 or json_out:
         stream = False
     gen_kw = dict(max_new_tokens=max_new_tokens, stop=stops, alternatives=max(alternatives, 5 if show_probs else 0),
-                  use_cache=not no_cache, truncate=truncate, add_special=add_special, **sk)
+                  use_cache=not no_cache, truncate=truncate, add_special=add_special, ignore_eos=ignore_eos, **sk)
     config = dict(dtype=dtype, device=device, chat=chat, fake_chat=fake_chat, few_shot=str(few_shot) if few_shot else None, **gen_kw)
     with record_run("generate", model=model, model_path=_model_path(lm), config=config, seed=seed,
                     inputs={"prompts": prompts, "rendered": texts}, record=not no_record, wandb=wandb or None) as run:
@@ -140,12 +141,10 @@ def _model_path(lm):
 
 def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
     """Print tokens as they come. Ctrl-C prints what was generated and the stats so far, exit 130."""
-    from lmlab.engine.generate import Generation
-
-    gen = Generation(lm, text, **gen_kw)
+    gen = lm.stream(text, **gen_kw)
     pieces, ids, alts = [], [], []
     try:
-        for ev in gen.events():
+        for ev in gen:
             pieces.append(ev.text)
             ids.append(ev.id)
             if show_probs:
@@ -167,7 +166,7 @@ def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
     if alternatives:
         _print_alternatives(lm, ids, alts)
     err.print(format_stats(timings, lm.load_seconds))
-    run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": ["done"]}
+    run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": [gen.result().finish_reason]}
     run.timings = timings
     run.add_metrics(decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"])
 
@@ -222,6 +221,7 @@ def _print_alternatives(lm, ids, alts):
 
 # ----------------------------------------------------------------------------- chat
 
+CHAT_KNOBS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "max_new_tokens", "seed")
 CHAT_HELP = "commands: /reset  /set KNOB VALUE (temperature top_k top_p min_p typical_p repetition_penalty max_new_tokens seed)  /show  /quit"
 
 
@@ -242,23 +242,24 @@ def chat(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Chat with a model: history, /reset, /set KNOB VALUE, stats after each answer."""
+    from lmlab.engine.chat import Chat
     from lmlab.engine.prompting import default_mode, read_few_shot
     from lmlab.engine.sampling import SamplingParams
     from lmlab.runs import record_run
 
     knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                 max_new_tokens=max_new_tokens, seed=seed, typical_p=1.0)
-    SamplingParams(**{k: v for k, v in knobs.items() if k != "max_new_tokens"}).validate()
+                 seed=seed, typical_p=1.0)
+    SamplingParams(**knobs)  # bad values fail before the model loads
+    if max_new_tokens <= 0:
+        raise LmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 256.")
     lm = load_model(model, dtype, device)
     mode = "fake" if fake_chat else default_mode(lm.tokenizer)
-    shots = read_few_shot(few_shot) if few_shot else None
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    conv = Chat(lm, system=system, mode=mode, few_shot=read_few_shot(few_shot) if few_shot else None,
+                max_new_tokens=max_new_tokens, **knobs)
     err.print(f"chatting with {lm.name} ({'chat template' if mode == 'template' else 'fake-chat transcript'}); {CHAT_HELP}")
-    with record_run("chat", model=model, model_path=_model_path(lm), config=dict(mode=mode, dtype=dtype, **knobs),
+    with record_run("chat", model=model, model_path=_model_path(lm), config=dict(mode=mode, dtype=dtype, **conv.settings),
                     seed=seed, inputs={"system": system}, record=not no_record) as run:
-        turns = []
-        run.outputs = {"turns": turns}
-        kv = None  # the last answer's KV cache: the next turn prefills only what the history adds
+        run.outputs = {"turns": conv.turns}
         while True:
             try:
                 line = input("you> ")
@@ -271,94 +272,55 @@ def chat(
             if not line:
                 continue
             if line.startswith("/"):
-                if line.split()[0].lower() == "/reset":
-                    kv = None
-                if not _chat_command(line, knobs, history, system):
+                if not _chat_command(line, conv):
                     break
                 continue
-            history.append({"role": "user", "content": line})
-            text, stops, add_special = _fit_context(lm, history, mode, shots, knobs["max_new_tokens"], bool(system))
-            sk = {k: v for k, v in knobs.items() if k != "max_new_tokens"}
-            from lmlab.engine.generate import Generation
-
             try:
-                gen = Generation(lm, text, max_new_tokens=knobs["max_new_tokens"], stop=stops, add_special=add_special,
-                                 reuse=kv, **sk)
+                turn = conv.send(line)
             except LmlabError as e:
-                history.pop()
                 err.print(f"error: {e}")
                 continue
-            answer = []
+            if turn.dropped_exchanges:
+                n = turn.dropped_exchanges
+                err.print(f"[dim](dropped the oldest {n} exchange{'s' if n > 1 else ''} to fit the {lm.config.max_seq_len}-token context)[/]")
             out.print("bot> ", end="")
             try:
-                for ev in gen.events():
-                    answer.append(ev.text)
+                for ev in turn:
                     out.print(ev.text, end="", markup=False, highlight=False)
                     sys.stdout.flush()
             except KeyboardInterrupt:
                 out.print()
                 err.print("[yellow](answer interrupted)[/]")
             out.print()
-            reply = "".join(answer).strip()
-            kv = gen.kv_state
-            history.append({"role": "assistant", "content": reply})
-            timings = gen.stats.as_dict()
-            err.print("[dim]" + format_stats(timings) + "[/]")
-            turns.append({"user": line, "assistant": reply, "timings": timings})
+            err.print("[dim]" + format_stats(turn.stats.as_dict()) + "[/]")
             run.checkpoint()
 
 
-def _fit_context(lm, history: list, mode: str, shots, max_new_tokens: int, has_system: bool):
-    """The transcript of ``history``, dropping its oldest exchanges (in place) until the prompt
-    and an answer of ``max_new_tokens`` fit the model's context; says so when it drops any."""
-    from lmlab.engine.prompting import render
-
-    ctx, first, dropped = lm.config.max_seq_len, 1 if has_system else 0, 0
-    while True:
-        text, stops, add_special = render(lm.tokenizer, history, mode, shots)
-        fits = len(lm.tokenizer.encode(text, add_special=add_special)) + max_new_tokens <= ctx
-        if fits or len(history) - first <= 1:  # a lone message that does not fit: Generation says so
-            break
-        del history[first:first + 2]  # the oldest user message and its answer
-        dropped += 1
-    if dropped:
-        err.print(f"[dim](dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the {ctx}-token context)[/]")
-    return text, stops, add_special
-
-
-def _chat_command(line: str, knobs: dict, history: list, system: str | None) -> bool:
-    """Handle a /command; False means quit."""
-    from lmlab.engine.sampling import SamplingParams
-
+def _chat_command(line: str, conv) -> bool:
+    """Handle a /command on the Chat; False means quit."""
     parts = line.split()
     cmd = parts[0].lower()
     if cmd in ("/quit", "/exit", "/q"):
         return False
     if cmd == "/reset":
-        del history[:]
-        if system:
-            history.append({"role": "system", "content": system})
+        conv.reset()
         err.print("history cleared")
     elif cmd == "/show":
-        err.print(" ".join(f"{k}={v}" for k, v in knobs.items()))
+        err.print(" ".join(f"{k}={v}" for k, v in conv.settings.items() if k in CHAT_KNOBS))
     elif cmd == "/set" and len(parts) == 3:
         key, raw = parts[1].replace("-", "_"), parts[2]
-        if key not in knobs:
-            err.print(f"unknown knob {key!r}; one of: {', '.join(knobs)}")
+        if key not in CHAT_KNOBS:
+            err.print(f"unknown knob {key!r}; one of: {', '.join(CHAT_KNOBS)}")
             return True
         try:
             value = None if raw.lower() == "none" else (int(raw) if key in ("top_k", "max_new_tokens", "seed") else float(raw))
-            trial = {**knobs, key: value}
-            SamplingParams(**{k: v for k, v in trial.items() if k != "max_new_tokens"}).validate()
-            if trial["max_new_tokens"] is None or trial["max_new_tokens"] <= 0:
-                raise LmlabError("max_new_tokens must be a positive integer.")
+            conv.set(key, value)
         except ValueError:
             err.print(f"{raw!r} is not a number for {key}")
             return True
         except LmlabError as e:
             err.print(f"error: {e}")
             return True
-        knobs[key] = value
         err.print(f"{key} = {value}")
     else:
         err.print(CHAT_HELP)

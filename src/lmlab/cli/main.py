@@ -7,12 +7,12 @@ Errors: an LmlabError prints its one sentence on stderr and exits 2 (no tracebac
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import typer
 
 from lmlab.errors import LmlabError
+from lmlab.host import env_flag
 
 app = typer.Typer(
     name="lmlab",
@@ -42,7 +42,7 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     global _DEBUG
     argv = list(sys.argv[1:] if argv is None else argv)
-    _DEBUG = "--debug" in argv or os.environ.get("LMLAB_DEBUG") == "1"
+    _DEBUG = "--debug" in argv or env_flag("LMLAB_DEBUG", False)
     _register()
     try:
         rv = app(argv, standalone_mode=False)

@@ -11,12 +11,22 @@
  *
  * 2. lmlab_decode_step: a decoding step (one new token per sequence) through every block,
  *    following the same ModelConfig fields as lmlab/model.py, which is its reference and
- *    defines what each operation means. One OpenMP parallel region covers the whole step:
- *    the threads split each matmul's output features and meet at a barrier after it; the small
- *    per-token operations (norms, residual adds) each thread repeats on its own copy of the
- *    residual stream, which costs less than another barrier. A bf16 model rounds to bf16 at the
- *    same points as model.py does with bf16 tensors, so both paths give the same numbers up to
- *    the order of the sums.
+ *    defines what each operation means. It reads like Transformer.forward: attention_layer and
+ *    mlp_layer per block, then lm_head, each with the model.py lines it transcribes in comments.
+ *    One OpenMP parallel region covers the whole step: the threads split each matmul's output
+ *    features and meet at a barrier after it; the small per-token operations (norms, residual
+ *    adds) each thread repeats on its own copy of the residual stream, which costs less than
+ *    another barrier. A bf16 model rounds to bf16 at the same points as model.py does with bf16
+ *    tensors, so both paths give the same numbers up to the order of the sums.
+ *
+ * Three structs, as in llama2.c's run.c: lmlab_model (the config and pointers to the weights,
+ * filled by native.py), lmlab_state (every buffer a step works in, each with its shape; made
+ * once per model by lmlab_state_new and grown only when a call needs more rows, threads or
+ * cache slots than it was sized for) and lmlab_thread_state (one thread's own buffers).
+ *
+ * Shapes use model.py's letters: B rows (sequences), C d_model, H query heads, K k/v heads,
+ * G = H / K query heads per k/v head, D head_dim, F d_ff, V vocab, L layers; and P, the slot
+ * ranges attention splits each k/v head's cache into (one per thread).
  *
  * The vectors are GCC/Clang vector types, which the compiler maps onto the machine's registers
  * (AVX-512, AVX2, NEON); only bf16's dot product is an x86 intrinsic. Built by lmlab/native.py
@@ -31,7 +41,20 @@
 #include <omp.h>
 #endif
 
-/* ------------------------------------------------------------------------ the step's model */
+/* ------------------------------------------------------------------------ the model */
+
+/* ModelConfig.act. native.py's ACT_CODES gives these codes to the same names; its load checks
+ * that they agree through lmlab_act_code. */
+typedef enum { LMLAB_ACT_SILU = 0, LMLAB_ACT_GELU = 1, LMLAB_ACT_GELU_TANH = 2 } lmlab_act;
+
+static const char *const ACT_NAMES[] = {[LMLAB_ACT_SILU] = "silu", [LMLAB_ACT_GELU] = "gelu", [LMLAB_ACT_GELU_TANH] = "gelu_tanh"};
+#define N_ACTS ((int)(sizeof ACT_NAMES / sizeof ACT_NAMES[0]))
+
+int lmlab_act_code(const char *name) { /* the lmlab_act of a ModelConfig.act name, -1 for none */
+    for (int i = 0; i < N_ACTS; i++)
+        if (strcmp(name, ACT_NAMES[i]) == 0) return i;
+    return -1;
+}
 
 typedef struct { /* one block's parameters, in the model's dtype; NULL where the config has none */
     const void *attn_norm_w, *attn_norm_b, *qkv_w, *qkv_b, *o_w, *o_b, *q_norm_w, *k_norm_w;
@@ -43,11 +66,124 @@ typedef struct { /* one block's parameters, in the model's dtype; NULL where the
 
 typedef struct { /* the ModelConfig fields a step needs (see lmlab/config.py) */
     int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, d_ff, vocab, rotary_dim;
-    int64_t layernorm, sandwich, qk_norm, gated, act, parallel_residual, bf16;
+    int64_t layernorm, sandwich, qk_norm, gated, act /* lmlab_act */, parallel_residual, bf16;
     double norm_eps, norm_offset, attn_scale, attn_softcap, final_softcap;
     const void *final_norm_w, *final_norm_b, *lm_head_w;
     const lmlab_block *blocks;
 } lmlab_model;
+
+/* ------------------------------------------------------------------------ the run state */
+
+typedef struct { /* one thread's own buffers: what each thread repeats rather than wait at a barrier */
+    float *x;              /* (B, C) the residual stream */
+    float *resid_mid;      /* (B, C) the residual stream after attention: x + attn_out */
+    float *xn;             /* (B, C) a matmul's normed input (attn_norm(x), ...); then a branch's output */
+    uint16_t *dot_in;      /* (B, max(C, H * D, F)) a matmul's input in bf16, for the AVX512-BF16 dot product */
+    float *q;              /* (G, D) one k/v head's query heads, normed and rotated */
+    float *k;              /* (D,) that k/v head's new key, normed and rotated */
+    float *scores;         /* (G, max_len) scores, then exp(score - max), over this thread's range of slots */
+} lmlab_thread_state;
+
+typedef struct {
+    const lmlab_model *model; /* the model the buffers are shaped for */
+    int batch, threads;       /* rows and threads they are sized for */
+    int64_t max_len;          /* and cache slots */
+    /* shared: each thread writes its share of a matmul's outputs; every thread reads them after a barrier */
+    float *qkv;      /* (B, (H + 2K) * D) q heads, k heads, v heads: attn_norm(x) @ Wqkv.T */
+    float *att;      /* (B, H * D) attention output per head, softmax(q.k * scale) @ v, in the model dtype */
+    float *attn_out; /* (B, C) att @ Wo.T */
+    float *up;       /* (B, 2F) gate rows then up rows (gated MLP), or (B, F): mlp_norm(.) @ Wup.T */
+    float *hidden;   /* (B, F) act(gate) * up, or act(up) */
+    float *mlp_out;  /* (B, C) hidden @ Wdown.T */
+    float *logits;   /* (B, V) final_norm(x) @ Wlm_head.T, before the softcap */
+    /* attention over P slot ranges per k/v head, each range unnormalised, merged into att */
+    float *part_max; /* (B, K, P, G) per query head: the largest score in the range */
+    float *part_sum; /* (B, K, P, G) sum of exp(score - part_max) */
+    float *part_out; /* (B, K, P, G, D) sum of exp(score - part_max) * v */
+    lmlab_thread_state *per_thread; /* (threads,) */
+} lmlab_state;
+
+static void state_release(lmlab_state *s) { /* frees the buffers; the sizes go back to 0 */
+    for (int t = 0; s->per_thread && t < s->threads; t++) {
+        lmlab_thread_state *ts = &s->per_thread[t];
+        free(ts->x); free(ts->resid_mid); free(ts->xn); free(ts->dot_in); free(ts->q); free(ts->k); free(ts->scores);
+    }
+    free(s->per_thread);
+    free(s->qkv); free(s->att); free(s->attn_out); free(s->up); free(s->hidden); free(s->mlp_out); free(s->logits);
+    free(s->part_max); free(s->part_sum); free(s->part_out);
+    const lmlab_model *m = s->model;
+    memset(s, 0, sizeof *s);
+    s->model = m;
+}
+
+/* n zeroed elements of `size` bytes, on a 64-byte boundary (a cache line, an AVX-512 vector) */
+static void *buffer(size_t n, size_t size, int *failed) {
+    const size_t bytes = (n * size + 63) / 64 * 64;
+    void *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    else *failed = 1;
+    return p;
+}
+
+static float *floats(size_t n, int *failed) { return buffer(n, sizeof(float), failed); }
+
+/* Sizes the buffers for B rows, `threads` threads and max_len cache slots; they only grow, so
+ * calls that alternate between sizes do not allocate back and forth. Returns 0, or -1 when
+ * memory ran out (the state is then empty, and the next call tries again). */
+static int state_reserve(lmlab_state *s, int B, int threads, int64_t max_len) {
+    if (B <= s->batch && threads <= s->threads && max_len <= s->max_len) return 0;
+    if (B < s->batch) B = s->batch;
+    if (threads < s->threads) threads = s->threads;
+    if (max_len < s->max_len) max_len = s->max_len;
+    state_release(s);
+    const lmlab_model *m = s->model;
+    const size_t C = m->d_model, H = m->n_heads, K = m->n_kv_heads, D = m->head_dim, F = m->d_ff, G = H / K;
+    const size_t widest = C > H * D ? (C > F ? C : F) : (H * D > F ? H * D : F), P = threads;
+    int failed = 0;
+    s->qkv = floats(B * (H + 2 * K) * D, &failed);
+    s->att = floats(B * H * D, &failed);
+    s->attn_out = floats(B * C, &failed);
+    s->up = floats(B * (m->gated ? 2 : 1) * F, &failed);
+    s->hidden = floats(B * F, &failed);
+    s->mlp_out = floats(B * C, &failed);
+    s->logits = floats(B * (size_t)m->vocab, &failed);
+    s->part_max = floats(B * K * P * G, &failed);
+    s->part_sum = floats(B * K * P * G, &failed);
+    s->part_out = floats(B * K * P * G * D, &failed);
+    s->per_thread = calloc(threads, sizeof(lmlab_thread_state));
+    s->threads = threads; /* state_release walks per_thread up to here */
+    failed |= !s->per_thread;
+    for (int t = 0; s->per_thread && t < threads; t++) {
+        lmlab_thread_state *ts = &s->per_thread[t];
+        ts->x = floats(B * C, &failed);
+        ts->resid_mid = floats(B * C, &failed);
+        ts->xn = floats(B * C, &failed);
+        if (m->bf16) ts->dot_in = buffer(B * widest, sizeof(uint16_t), &failed);
+        ts->q = floats(G * D, &failed);
+        ts->k = floats(D, &failed);
+        ts->scores = floats(G * (size_t)max_len, &failed);
+    }
+    if (failed) {
+        state_release(s);
+        return -1;
+    }
+    s->batch = B;
+    s->max_len = max_len;
+    return 0;
+}
+
+/* A step's buffers for this model, empty until its first step (native.py's DecodePlan owns it). */
+lmlab_state *lmlab_state_new(const lmlab_model *m) {
+    lmlab_state *s = calloc(1, sizeof *s);
+    if (s) s->model = m;
+    return s;
+}
+
+void lmlab_state_free(lmlab_state *s) {
+    if (!s) return;
+    state_release(s);
+    free(s);
+}
 
 #define MAXM 8 /* rows of x one pass over W serves */
 
@@ -241,17 +377,17 @@ static inline __attribute__((always_inline)) void tile_dp(const uint16_t *x, int
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
 
 /* y[m * ldy + n] = dot(W[n], x[m]) for n in [n0, n1) and m < M (M <= MAXM).
- * W is (N, K) row-major, float32 or bf16 (wbf16). x is float32 (xf), or bf16 (xb) where the
- * AVX512-BF16 dot product is used for bf16 weights; the caller passes both where it can. */
-static void mv_range(const float *xf, const uint16_t *xb, int M, int K, const void *w, int wbf16, int n0, int n1,
+ * W is (N, K) row-major, float32 or bf16 (wbf16). x is float32, and x_bf16 the same rows in bf16
+ * or NULL: with bf16 weights, the AVX512-BF16 dot product reads x_bf16 where the CPU has it. */
+static void mv_range(const float *x, const uint16_t *x_bf16, int M, int K, const void *w, int wbf16, int n0, int n1,
                      float *y, int ldy) {
     const size_t es = wbf16 ? 2 : 4;
-    const int use_dp = HAVE_DP && wbf16 && xb;
+    const int use_dp = HAVE_DP && wbf16 && x_bf16;
     int n = n0;
 #if HAVE_DP
 #define DP_CALL(MM) for (; n + ROWS_FOR(MM) <= n1; n += ROWS_FOR(MM)) \
-        tile_dp(xb, K, (const uint16_t *)w + (size_t)n * K, ROWS_FOR(MM), MM, y + n, ldy); \
-    for (; n < n1; n++) tile_dp(xb, K, (const uint16_t *)w + (size_t)n * K, 1, MM, y + n, ldy);
+        tile_dp(x_bf16, K, (const uint16_t *)w + (size_t)n * K, ROWS_FOR(MM), MM, y + n, ldy); \
+    for (; n < n1; n++) tile_dp(x_bf16, K, (const uint16_t *)w + (size_t)n * K, 1, MM, y + n, ldy);
     if (use_dp) {
         TILE_CASES(DP_CALL)
         return;
@@ -259,8 +395,10 @@ static void mv_range(const float *xf, const uint16_t *xb, int M, int K, const vo
 #endif
     (void)use_dp;
 #define F32_CALL(MM) for (; n + ROWS_FOR(MM) <= n1; n += ROWS_FOR(MM)) \
-        tile_f32(xf, K, (const char *)w + (size_t)n * K * es, wbf16, ROWS_FOR(MM), MM, y + n, ldy); \
-    for (; n < n1; n++) tile_f32(xf, K, (const char *)w + (size_t)n * K * es, wbf16, 1, MM, y + n, ldy);
+        tile_f32(x, K, (const char *)w + (size_t)n * K * es, wbf16, ROWS_FOR(MM), MM, y + n, ldy); \
+    for (; n < n1; n++) tile_f32(x, K, (const char *)w + (size_t)n * K * es, wbf16, 1, MM, y + n, ldy);
+    /* Two identical arms on purpose: tile_f32 is inlined into each, where wbf16 is a constant,
+     * so neither copy of its inner loop tests wbf16 per load. */
     if (wbf16) {
         TILE_CASES(F32_CALL)
     } else {
@@ -329,13 +467,22 @@ int lmlab_linear(const void *x, int M, int K, const void *w, int N, const void *
     return 0;
 }
 
-/* ------------------------------------------------------------------------ the decoding step */
+/* ------------------------------------------------------------------------ the step's operations */
 
-/* out = norm(x) over n features, rounded where model.py rounds (Norm.forward). */
+typedef struct { /* what one call decodes: B new tokens, one per row, against the KV cache */
+    int B;
+    float *k_cache, *v_cache;  /* (L, B, K, max_len, D) float32 */
+    int64_t max_len, length;   /* slots per row; this step's slot (every row's new key goes there) */
+    const int64_t *first_slot; /* (B,) the first slot each row attends to (after its left padding), or NULL: 0 */
+    const float *cos, *sin;    /* (tables, B, rotary_dim) float32, or NULL without RoPE */
+} step_args;
+
+/* out = norm(x) over n features, rounded where model.py rounds (Norm.forward). rms_only: the
+ * q/k norms, RMSNorm even in a LayerNorm model. out may be x. */
 static void norm(const lmlab_model *m, const float *x, int n, const void *w, const void *b, int rms_only, float *out) {
     const int bf16 = (int)m->bf16;
     const float eps = (float)m->norm_eps;
-    if (m->layernorm && !rms_only) {
+    if (m->layernorm && !rms_only) { /* F.layer_norm(x, (n,), w, b, eps) */
         double s = 0, ss = 0;
         for (int i = 0; i < n; i++) s += x[i];
         const float mean = (float)(s / n);
@@ -344,7 +491,7 @@ static void norm(const lmlab_model *m, const float *x, int n, const void *w, con
         for (int i = 0; i < n; i++) out[i] = rnd((x[i] - mean) * r * param(w, bf16, i) + (b ? param(b, bf16, i) : 0.0f), bf16);
         return;
     }
-    double ss = 0;
+    double ss = 0; /* x * rsqrt(mean(x^2) + eps) */
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     const float r = 1.0f / sqrtf((float)(ss / n) + eps);
     const float off = (float)m->norm_offset;
@@ -355,16 +502,28 @@ static void norm(const lmlab_model *m, const float *x, int n, const void *w, con
     }
 }
 
+/* norm over each of B rows of C features */
+static void norm_rows(const lmlab_model *m, const float *x, int B, const void *w, const void *b, float *out) {
+    const int C = (int)m->d_model;
+    for (int row = 0; row < B; row++) norm(m, x + (size_t)row * C, C, w, b, 0, out + (size_t)row * C);
+}
+
+/* out = x + branch, in the model dtype: the residual add (mid = x + a; out = mid + m). out may be x. */
+static void residual_add(const float *x, const float *branch, float *out, size_t n, int bf16) {
+    for (size_t i = 0; i < n; i++) out[i] = rnd(x[i] + branch[i], bf16);
+}
+
 static inline float activation(int act, float x) {
     switch (act) {
-    case 0: return x / (1.0f + expf(-x));                                  /* silu */
-    case 1: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));     /* gelu (exact) */
-    default: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))); /* gelu_tanh */
+    case LMLAB_ACT_SILU: return x / (1.0f + expf(-x));                                    /* F.silu */
+    case LMLAB_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));       /* F.gelu */
+    default: /* LMLAB_ACT_GELU_TANH (lmlab_decode_step takes no other code): F.gelu(x, approximate="tanh") */
+        return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
     }
 }
 
 /* RoPE on the first R features of one head, in place (model.apply_rope): pair j is (x[j], x[j + R/2]);
- * sin carries the sign (its first half is -sin). */
+ * sin carries the sign (its first half is -sin). out = x * cos + swapped(x) * sin. */
 static void rope(float *x, int R, const float *cos, const float *sin, int bf16) {
     const int h = R / 2;
     for (int j = 0; j < h; j++) {
@@ -374,25 +533,47 @@ static void rope(float *x, int R, const float *cos, const float *sin, int bf16) 
     }
 }
 
-/* Attention of the G query heads q (G, D) that share one k/v head, over slots [s0, s1) of that
- * head's cache: the part of softmax(q.k * scale) @ v these slots contribute, left unnormalised,
- * so parts over other slots can be merged (each thread takes a range of slots):
- * part[h] = (max score, sum of exp(score - max), sum of exp(score - max) * v (D floats)).
+/* The input of a matmul in bf16, where the AVX512-BF16 dot product will read it (a bf16 model on
+ * a CPU that has it), else NULL: mv_range then widens the weights and reads x in fp32. */
+static const uint16_t *dot_input(const lmlab_model *m, lmlab_thread_state *ts, const float *x, size_t n) {
+    if (!(HAVE_DP && m->bf16)) return NULL;
+    to_bf16(x, ts->dot_in, n);
+    return ts->dot_in;
+}
+
+/* y[:, n0:n1] = rnd(x @ W[n0:n1].T + bias[n0:n1]) for B rows of x (K wide; x_bf16 from
+ * dot_input): this thread's share of a matmul's outputs. B may exceed MAXM. */
+static void matmul_share(const lmlab_model *m, const float *x, const uint16_t *x_bf16, int B, int K, const void *w,
+                         const void *bias, int n0, int n1, float *y, int ld) {
+    const int bf16 = (int)m->bf16;
+    for (int row = 0; row < B; row += MAXM) { /* passes of up to MAXM rows over this share of W */
+        const int rows = B - row < MAXM ? B - row : MAXM;
+        mv_range(x + (size_t)row * K, x_bf16 ? x_bf16 + (size_t)row * K : NULL, rows, K, w, bf16, n0, n1, y + (size_t)row * ld, ld);
+    }
+    for (int row = 0; row < B; row++)
+        for (int n = n0; n < n1; n++) y[(size_t)row * ld + n] = rnd(y[(size_t)row * ld + n] + (bias ? param(bias, bf16, n) : 0.0f), bf16);
+}
+
+/* The part of softmax(q.k * scale) @ v that slots [s0, s1) of one k/v head's cache contribute
+ * to each of the G query heads q (G, D) that share that k/v head, left unnormalised so parts
+ * over other slots can be merged: per head, the largest score (*max), the sum of
+ * exp(score - max) (*sum) and the sum of exp(score - max) * v (out, D floats).
  * Each cached key and value is read once for all G heads. The newest slot, S - 1, comes from
- * klast, vlast (this step's own key and value, which another thread may be writing into the
+ * k_new, v_new (this step's own key and value, which another thread may be writing into the
  * cache at the same time). */
-static void attend_part(const lmlab_model *m, const float *q, int G, const float *kc, const float *vc, const float *klast,
-                        const float *vlast, int s0, int s1, int S, int D, float *scores, float *part) {
+static void attend_slots(const lmlab_model *m, const float *q, int G, const float *k_cache, const float *v_cache,
+                         const float *k_new, const float *v_new, int s0, int s1, int S, int D, float *scores,
+                         float *part_max, float *part_sum, float *part_out) {
     const float scale = (float)m->attn_scale, cap = (float)m->attn_softcap;
     const int n = s1 - s0;
     for (int h = 0; h < G; h++) {
-        part[h * (D + 2)] = -INFINITY;
-        part[h * (D + 2) + 1] = 0;
-        for (int d = 0; d < D; d++) part[h * (D + 2) + 2 + d] = 0;
+        part_max[h] = -INFINITY;
+        part_sum[h] = 0;
+        for (int d = 0; d < D; d++) part_out[(size_t)h * D + d] = 0;
     }
     if (n <= 0) return;
-    for (int s = s0; s < s1; s++) {
-        const float *k = s == S - 1 ? klast : kc + (size_t)s * D;
+    for (int s = s0; s < s1; s++) { /* scores = q @ k.T * scale, softcapped (gemma2) */
+        const float *k = s == S - 1 ? k_new : k_cache + (size_t)s * D;
         for (int h = 0; h < G; h++) {
             const float *qh = q + (size_t)h * D;
             f32x16 acc = {0};
@@ -405,7 +586,7 @@ static void attend_part(const lmlab_model *m, const float *q, int G, const float
             scores[(size_t)h * n + (s - s0)] = sc;
         }
     }
-    for (int h = 0; h < G; h++) {
+    for (int h = 0; h < G; h++) { /* scores = exp(scores - max) */
         float *sc = scores + (size_t)h * n, mx = -INFINITY, sum = 0;
         for (int i = 0; i < n; i++) mx = sc[i] > mx ? sc[i] : mx;
         int i = 0;
@@ -417,187 +598,194 @@ static void attend_part(const lmlab_model *m, const float *q, int G, const float
         }
         sum = hsum(acc);
         for (; i < n; i++) sum += (sc[i] = expf(sc[i] - mx));
-        part[h * (D + 2)] = mx;
-        part[h * (D + 2) + 1] = sum;
+        part_max[h] = mx;
+        part_sum[h] = sum;
     }
-    for (int s = s0; s < s1; s++) {
-        const float *v = s == S - 1 ? vlast : vc + (size_t)s * D;
+    for (int s = s0; s < s1; s++) { /* out = scores @ v */
+        const float *v = s == S - 1 ? v_new : v_cache + (size_t)s * D;
         for (int h = 0; h < G; h++) {
             const float p = scores[(size_t)h * n + (s - s0)];
-            float *o = part + h * (D + 2) + 2;
+            float *o = part_out + (size_t)h * D;
             for (int d = 0; d < D; d++) o[d] += p * v[d];
         }
     }
 }
 
-/* y[:, n0:n1] = rnd(y + bias) for B rows of width ld */
-static void bias_round(float *y, int B, int ld, int n0, int n1, const void *bias, int bf16) {
+/* One work item of attention: row b's k/v head g, over the p-th of P ranges of the slots it
+ * attends to. The new key (normed and rotated) and the G query heads are cheap, so each thread
+ * makes its own copy; the first range's thread writes the new key and value into the cache. */
+static void attend_range(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts, const step_args *a, int l, int b,
+                         int g, int p, int P) {
+    const lmlab_block *blk = &m->blocks[l];
+    const int H = (int)m->n_heads, K = (int)m->n_kv_heads, D = (int)m->head_dim, G = H / K, R = (int)m->rotary_dim;
+    const int bf16 = (int)m->bf16, S = (int)a->length + 1;
+    const float *qkv = s->qkv + (size_t)b * (H + 2 * K) * D, *v_new = qkv + (size_t)(H + K + g) * D;
+    const size_t cache_at = ((((size_t)l * a->B + b) * K + g) * a->max_len) * D; /* k_cache[l, b, g] */
+    float *k_cache = a->k_cache + cache_at, *v_cache = a->v_cache + cache_at;
+    const float *cos = NULL, *sin = NULL;
+    if (blk->rope_table >= 0) {
+        cos = a->cos + ((size_t)blk->rope_table * a->B + b) * R;
+        sin = a->sin + ((size_t)blk->rope_table * a->B + b) * R;
+    }
+    /* k = apply_rope(k_norm(k)); cache.update(layer, k, v) */
+    memcpy(ts->k, qkv + (size_t)(H + g) * D, sizeof(float) * D);
+    if (m->qk_norm) norm(m, ts->k, D, blk->k_norm_w, NULL, 1, ts->k);
+    if (cos) rope(ts->k, R, cos, sin, bf16);
+    if (p == 0) {
+        memcpy(k_cache + (size_t)a->length * D, ts->k, sizeof(float) * D);
+        memcpy(v_cache + (size_t)a->length * D, v_new, sizeof(float) * D);
+    }
+    /* q = apply_rope(q_norm(q)) for the query heads g * G .. g * G + G - 1 */
+    for (int j = 0; j < G; j++) {
+        float *q = ts->q + (size_t)j * D;
+        memcpy(q, qkv + (size_t)(g * G + j) * D, sizeof(float) * D);
+        if (m->qk_norm) norm(m, q, D, blk->q_norm_w, NULL, 1, q);
+        if (cos) rope(q, R, cos, sin, bf16);
+    }
+    /* the slots row b attends to: after its left padding, within the block's window (model._masks) */
+    int first = a->first_slot ? (int)a->first_slot[b] : 0;
+    if (blk->window > 0 && S - blk->window > first) first = S - (int)blk->window;
+    const int s0 = first + (int)((long)(S - first) * p / P), s1 = first + (int)((long)(S - first) * (p + 1) / P);
+    const size_t part = ((size_t)b * K + g) * P + p; /* part_*[b, g, p] */
+    attend_slots(m, ts->q, G, k_cache, v_cache, ts->k, v_new, s0, s1, S, D, ts->scores, s->part_max + part * G,
+                 s->part_sum + part * G, s->part_out + part * G * D);
+}
+
+/* att[b, h] = the softmax over all P ranges of row b's query head h: each range's part weighted
+ * by exp(its max - the overall max). */
+static void merge_ranges(const lmlab_model *m, lmlab_state *s, int b, int h, int P) {
+    const int H = (int)m->n_heads, K = (int)m->n_kv_heads, D = (int)m->head_dim, G = H / K, g = h / G, j = h % G;
+    const size_t first_part = ((size_t)b * K + g) * P; /* part_*[b, g, 0] */
+    const float *part_max = s->part_max + first_part * G + j, *part_sum = s->part_sum + first_part * G + j;
+    const float *part_out = s->part_out + first_part * G * D + (size_t)j * D;
+    float mx = -INFINITY, sum = 0, *out = s->att + ((size_t)b * H + h) * D;
+    for (int p = 0; p < P; p++) mx = part_max[(size_t)p * G] > mx ? part_max[(size_t)p * G] : mx;
+    for (int d = 0; d < D; d++) out[d] = 0;
+    for (int p = 0; p < P; p++) {
+        if (part_sum[(size_t)p * G] == 0) continue; /* an empty range */
+        const float w = expf(part_max[(size_t)p * G] - mx);
+        sum += w * part_sum[(size_t)p * G];
+        for (int d = 0; d < D; d++) out[d] += w * part_out[(size_t)p * G * D + d];
+    }
+    for (int d = 0; d < D; d++) out[d] = rnd(out[d] / sum, (int)m->bf16);
+}
+
+/* ------------------------------------------------------------------------ the step, layer by layer */
+
+/* Block.forward's first half: resid_mid = x + attn_out, where
+ *   attn_out = post_attn_norm(o(attention(attn_norm(x))))    (post_attn_norm: sandwich norm only)
+ * and this step's key and value go into slot `length` of layer l's cache. */
+static void attention_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts, const step_args *a, int l) {
+    const lmlab_block *blk = &m->blocks[l];
+    const int B = a->B, C = (int)m->d_model, H = (int)m->n_heads, K = (int)m->n_kv_heads, D = (int)m->head_dim;
+    const int NQKV = (H + 2 * K) * D, t = thread_id(), T = thread_count();
+    int n0, n1;
+
+    /* qkv = self.qkv(attn_norm(x))    (B, (H + 2K) * D) */
+    norm_rows(m, ts->x, B, blk->attn_norm_w, blk->attn_norm_b, ts->xn);
+    split(NQKV, t, T, &n0, &n1);
+    matmul_share(m, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, blk->qkv_w, blk->qkv_b, n0, n1, s->qkv, NQKV);
+#pragma omp barrier
+    /* att = softmax(q @ k.T * scale) @ v    (B, H * D): one work item per (row, k/v head, range
+     * of slots), P = T ranges, spread over the threads; then the ranges merge into each head */
+    for (int item = t; item < B * K * T; item += T) attend_range(m, s, ts, a, l, item / (K * T), (item / T) % K, item % T, T);
+#pragma omp barrier
+    for (int item = t; item < B * H; item += T) merge_ranges(m, s, item / H, item % H, T);
+#pragma omp barrier
+    /* attn_out = self.o(att)    (B, C) */
+    split(C, t, T, &n0, &n1);
+    matmul_share(m, s->att, dot_input(m, ts, s->att, (size_t)B * H * D), B, H * D, blk->o_w, blk->o_b, n0, n1, s->attn_out, C);
+#pragma omp barrier
+    /* every thread: resid_mid = x + post_attn_norm(attn_out), on its own copy */
+    for (int b = 0; b < B; b++) {
+        float *attn_out = ts->xn + (size_t)b * C;
+        memcpy(attn_out, s->attn_out + (size_t)b * C, sizeof(float) * C);
+        if (m->sandwich) norm(m, attn_out, C, blk->post_attn_norm_w, blk->post_attn_norm_b, 0, attn_out);
+        residual_add(ts->x + (size_t)b * C, attn_out, ts->resid_mid + (size_t)b * C, C, (int)m->bf16);
+    }
+}
+
+/* Block.forward's second half: x = resid_mid + post_mlp_norm(mlp(mlp_norm(h))), where h is the
+ * block's input x (parallel residual, pythia) or resid_mid; post_mlp_norm: sandwich norm only. */
+static void mlp_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts, const step_args *a, int l) {
+    const lmlab_block *blk = &m->blocks[l];
+    const int B = a->B, C = (int)m->d_model, F = (int)m->d_ff, NUP = (m->gated ? 2 : 1) * F, bf16 = (int)m->bf16;
+    const int t = thread_id(), T = thread_count();
+    int n0, n1;
+
+    norm_rows(m, m->parallel_residual ? ts->x : ts->resid_mid, B, blk->mlp_norm_w, blk->mlp_norm_b, ts->xn);
+    const uint16_t *xn_bf16 = dot_input(m, ts, ts->xn, (size_t)B * C);
+    /* h = self.up(xn): this thread's gate rows [n0, n1) and, gated, their up rows [F + n0, F + n1),
+     * so it can apply the activation to its own features without waiting for the others */
+    split(F, t, T, &n0, &n1);
+    matmul_share(m, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_b, n0, n1, s->up, NUP);
+    if (m->gated) matmul_share(m, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_b, F + n0, F + n1, s->up, NUP);
+    /* hidden = act(gate) * up, or act(h)    (B, F) */
     for (int b = 0; b < B; b++)
-        for (int n = n0; n < n1; n++) y[(size_t)b * ld + n] = rnd(y[(size_t)b * ld + n] + (bias ? param(bias, bf16, n) : 0.0f), bf16);
-}
-
-/* x @ W.T for B rows, this thread's share of the N outputs, bias added and rounded; B may exceed MAXM. */
-static void matmul_share(const lmlab_model *m, const float *xf, const uint16_t *xb, int B, int K, const void *w,
-                         const void *bias, int r0, int r1, float *y, int ld) {
-    for (int b = 0; b < B; b += MAXM) {
-        int M = B - b < MAXM ? B - b : MAXM;
-        mv_range(xf + (size_t)b * K, xb ? xb + (size_t)b * K : NULL, M, K, w, (int)m->bf16, r0, r1, y + (size_t)b * ld, ld);
+        for (int j = n0; j < n1; j++) {
+            const float *up = s->up + (size_t)b * NUP;
+            const float act = rnd(activation((int)m->act, up[j]), bf16);
+            s->hidden[(size_t)b * F + j] = m->gated ? rnd(act * up[F + j], bf16) : act;
+        }
+#pragma omp barrier
+    /* mlp_out = self.down(hidden)    (B, C) */
+    split(C, t, T, &n0, &n1);
+    matmul_share(m, s->hidden, dot_input(m, ts, s->hidden, (size_t)B * F), B, F, blk->down_w, blk->down_b, n0, n1, s->mlp_out, C);
+#pragma omp barrier
+    /* every thread: x = resid_mid + post_mlp_norm(mlp_out), on its own copy */
+    for (int b = 0; b < B; b++) {
+        float *mlp_out = ts->xn + (size_t)b * C;
+        memcpy(mlp_out, s->mlp_out + (size_t)b * C, sizeof(float) * C);
+        if (m->sandwich) norm(m, mlp_out, C, blk->post_mlp_norm_w, blk->post_mlp_norm_b, 0, mlp_out);
+        residual_add(ts->resid_mid + (size_t)b * C, mlp_out, ts->x + (size_t)b * C, C, bf16);
     }
-    bias_round(y, B, ld, r0, r1, bias, (int)m->bf16);
 }
 
-/* One decoding step: x_in (B, C) embeddings of the new tokens (model dtype) -> logits (B, V)
- * (model dtype). Keys and values are written at slot `length` of the caches kc, vc
- * (L, B, K, max_len, D) float32; row b attends to slots [first_slot[b], length] (first_slot
- * NULL: from 0), narrowed to the block's window. cos/sin: (tables, B, rotary_dim) float32.
+/* Transformer.head: logits = lm_head(final_norm(x)), softcapped (gemma2): cap * tanh(logits / cap);
+ * this thread's share of the V outputs, written to `out` (B, V) in the model dtype. */
+static void lm_head(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts, const step_args *a, void *out) {
+    const int B = a->B, C = (int)m->d_model, V = (int)m->vocab, bf16 = (int)m->bf16;
+    const float cap = (float)m->final_softcap;
+    int n0, n1;
+    norm_rows(m, ts->x, B, m->final_norm_w, m->final_norm_b, ts->xn);
+    split(V, thread_id(), thread_count(), &n0, &n1);
+    matmul_share(m, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, m->lm_head_w, NULL, n0, n1, s->logits, V);
+    for (int b = 0; b < B; b++)
+        for (int n = n0; n < n1; n++) {
+            float v = s->logits[(size_t)b * V + n];
+            if (cap > 0) v = rnd(cap * rnd(tanhf(rnd(v / cap, bf16)), bf16), bf16);
+            if (bf16) ((uint16_t *)out)[(size_t)b * V + n] = f32_to_bf16(v);
+            else ((float *)out)[(size_t)b * V + n] = v;
+        }
+}
+
+/* One decoding step, Transformer.forward for one new token per row: embeddings (B, C) of the new
+ * tokens (model dtype, Transformer.embed's output) -> logits (B, V) (model dtype). Keys and values
+ * are written at slot `length` of the caches k_cache, v_cache (L, B, K, max_len, D) float32; row
+ * b attends to slots [first_slot[b], length] (first_slot NULL: from 0), narrowed to the block's
+ * window. cos/sin: (tables, B, rotary_dim) float32. s: the state lmlab_state_new made for m.
  * Returns 0, or -1 when memory ran out or a size is out of range. */
-int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, float *vc, int64_t max_len, int64_t length,
-                      const int64_t *first_slot, const float *cos, const float *sin, void *logits, int threads) {
-    const int C = (int)m->d_model, H = (int)m->n_heads, KH = (int)m->n_kv_heads, D = (int)m->head_dim;
-    const int F = (int)m->d_ff, V = (int)m->vocab, R = (int)m->rotary_dim, L = (int)m->n_layers;
-    const int NQKV = (H + 2 * KH) * D, NUP = (m->gated ? 2 : 1) * F, G = H / KH, S = (int)length + 1;
-    const int bf16 = (int)m->bf16, dp = HAVE_DP && bf16;
-    if (B < 1 || length < 0 || length >= max_len || H % KH || R > D || R % 2) return -1;
-    if (threads < 1) threads = 1;
-
-    /* shared: each thread writes its share of a matmul's outputs; everyone reads them after a barrier */
-    const size_t n_parts = (size_t)B * H * threads * (D + 2); /* attention's per-range parts */
-    const size_t n_shared = (size_t)B * (NQKV + H * D + C + NUP + F + C + V) + n_parts;
-    float *shared = malloc(sizeof(float) * n_shared);
-    /* private, per thread: the residual stream and the inputs of the next matmul */
-    const int widest = C > H * D ? (C > F ? C : F) : (H * D > F ? H * D : F);
-    const size_t n_private = (size_t)B * (3 * C + widest) + (size_t)G * max_len + (size_t)(G + 1) * D + (size_t)B * widest / 2 + 8;
-    float *priv = malloc(sizeof(float) * n_private * threads);
-    if (!shared || !priv) {
-        free(shared);
-        free(priv);
+int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *embeddings, float *k_cache, float *v_cache,
+                      int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
+                      void *logits, int threads) {
+    if (B < 1 || length < 0 || length >= max_len || m->n_heads % m->n_kv_heads || m->rotary_dim > m->head_dim ||
+        m->rotary_dim % 2 || m->act < 0 || m->act >= N_ACTS)
         return -1;
-    }
-    float *qkv = shared, *att = qkv + (size_t)B * NQKV, *o_out = att + (size_t)B * H * D, *up = o_out + (size_t)B * C;
-    float *hact = up + (size_t)B * NUP, *d_out = hact + (size_t)B * F, *lg = d_out + (size_t)B * C, *parts = lg + (size_t)B * V;
+    if (threads < 1) threads = 1;
+    if (!s || s->model != m || state_reserve(s, B, threads, max_len)) return -1;
+    const step_args a = {B, k_cache, v_cache, max_len, length, first_slot, cos, sin};
 
 #pragma omp parallel num_threads(threads)
     {
-        const int t = thread_id(), T = thread_count();
-        float *x = priv + n_private * t, *mid = x + (size_t)B * C, *xn = mid + (size_t)B * C;
-        float *xin = xn + (size_t)B * C, *scores = xin + (size_t)B * widest, *qh = scores + (size_t)G * max_len, *kh = qh + (size_t)G * D;
-        uint16_t *xb = dp ? (uint16_t *)(kh + D) : NULL; /* bf16 copy of a matmul's input */
-        int r0, r1;
-
-        for (size_t i = 0; i < (size_t)B * C; i++) x[i] = bf16 ? bf16_to_f32(((const uint16_t *)x_in)[i]) : ((const float *)x_in)[i];
-
-        for (int l = 0; l < L; l++) {
-            const lmlab_block *blk = &m->blocks[l];
-            /* ---- attention: qkv = attn_norm(x) @ Wqkv.T */
-            for (int b = 0; b < B; b++) norm(m, x + (size_t)b * C, C, blk->attn_norm_w, blk->attn_norm_b, 0, xn + (size_t)b * C);
-            if (dp) to_bf16(xn, xb, (size_t)B * C);
-            split(NQKV, t, T, &r0, &r1);
-            matmul_share(m, xn, xb, B, C, blk->qkv_w, blk->qkv_b, r0, r1, qkv, NQKV);
-#pragma omp barrier
-            /* per (row, k/v head, range of slots), spread over the threads: the group's new key
-             * (normed and rotated; cheap, so each thread makes its own copy) and its query heads,
-             * then attention over the range. The first range's thread writes the new key and
-             * value into the cache. Then the ranges' parts merge into each head's output. */
-            for (int item = t; item < B * KH * T; item += T) {
-                const int b = item / (KH * T), g = (item / T) % KH, part_i = item % T;
-                const float *row = qkv + (size_t)b * NQKV, *vnew = row + (size_t)(H + KH + g) * D;
-                const size_t base = ((((size_t)l * B + b) * KH + g) * max_len) * D;
-                float *kcache = kc + base, *vcache = vc + base;
-                const float *c = blk->rope_table >= 0 ? cos + ((size_t)blk->rope_table * B + b) * R : NULL;
-                const float *s = blk->rope_table >= 0 ? sin + ((size_t)blk->rope_table * B + b) * R : NULL;
-                memcpy(kh, row + (size_t)(H + g) * D, sizeof(float) * D);
-                if (m->qk_norm) norm(m, kh, D, blk->k_norm_w, NULL, 1, kh);
-                if (c) rope(kh, R, c, s, bf16);
-                if (part_i == 0) {
-                    memcpy(kcache + (size_t)length * D, kh, sizeof(float) * D);
-                    memcpy(vcache + (size_t)length * D, vnew, sizeof(float) * D);
-                }
-                for (int j = 0; j < G; j++) {
-                    float *qj = qh + (size_t)j * D;
-                    memcpy(qj, row + (size_t)(g * G + j) * D, sizeof(float) * D);
-                    if (m->qk_norm) norm(m, qj, D, blk->q_norm_w, NULL, 1, qj);
-                    if (c) rope(qj, R, c, s, bf16);
-                }
-                int lo = first_slot ? (int)first_slot[b] : 0;
-                if (blk->window > 0 && S - blk->window > lo) lo = S - (int)blk->window;
-                const int s0 = lo + (int)((long)(S - lo) * part_i / T), s1 = lo + (int)((long)(S - lo) * (part_i + 1) / T);
-                /* parts: (B, KH, T ranges, G heads, D + 2) */
-                attend_part(m, qh, G, kcache, vcache, kh, vnew, s0, s1, S, D, scores,
-                            parts + ((size_t)(b * KH + g) * T + part_i) * G * (D + 2));
-            }
-#pragma omp barrier
-            for (int item = t; item < B * H; item += T) { /* merge: softmax over all ranges */
-                const int b = item / H, h = item % H, g = h / G, j = h % G;
-                const float *p0 = parts + ((size_t)(b * KH + g) * T) * G * (D + 2) + (size_t)j * (D + 2);
-                float mx = -INFINITY, sum = 0, *out = att + ((size_t)b * H + h) * D;
-                for (int pi = 0; pi < T; pi++) mx = p0[(size_t)pi * G * (D + 2)] > mx ? p0[(size_t)pi * G * (D + 2)] : mx;
-                for (int d = 0; d < D; d++) out[d] = 0;
-                for (int pi = 0; pi < T; pi++) {
-                    const float *p = p0 + (size_t)pi * G * (D + 2);
-                    if (p[1] == 0) continue; /* an empty range */
-                    const float w = expf(p[0] - mx);
-                    sum += w * p[1];
-                    for (int d = 0; d < D; d++) out[d] += w * p[2 + d];
-                }
-                for (int d = 0; d < D; d++) out[d] = rnd(out[d] / sum, bf16);
-            }
-#pragma omp barrier
-            /* ---- o projection */
-            memcpy(xin, att, sizeof(float) * B * H * D);
-            if (dp) to_bf16(xin, xb, (size_t)B * H * D);
-            split(C, t, T, &r0, &r1);
-            matmul_share(m, xin, xb, B, H * D, blk->o_w, blk->o_b, r0, r1, o_out, C);
-#pragma omp barrier
-            for (int b = 0; b < B; b++) {
-                float *a = xn + (size_t)b * C; /* attn_out */
-                memcpy(a, o_out + (size_t)b * C, sizeof(float) * C);
-                if (m->sandwich) norm(m, a, C, blk->post_attn_norm_w, blk->post_attn_norm_b, 0, a);
-                float *xb_ = x + (size_t)b * C, *mb = mid + (size_t)b * C;
-                for (int i = 0; i < C; i++) mb[i] = rnd(xb_[i] + a[i], bf16);
-                /* the MLP reads the block's input (parallel residual) or the residual after attention */
-                norm(m, m->parallel_residual ? xb_ : mb, C, blk->mlp_norm_w, blk->mlp_norm_b, 0, xn + (size_t)b * C);
-            }
-            if (dp) to_bf16(xn, xb, (size_t)B * C);
-            /* ---- MLP: this thread's features j in [r0, r1): gate and up rows, then the activation */
-            split(F, t, T, &r0, &r1);
-            matmul_share(m, xn, xb, B, C, blk->up_w, blk->up_b, r0, r1, up, NUP);
-            if (m->gated) matmul_share(m, xn, xb, B, C, blk->up_w, blk->up_b, F + r0, F + r1, up, NUP);
-            for (int b = 0; b < B; b++)
-                for (int j = r0; j < r1; j++) {
-                    const float *u = up + (size_t)b * NUP;
-                    float a = rnd(activation((int)m->act, u[j]), bf16);
-                    hact[(size_t)b * F + j] = m->gated ? rnd(a * u[F + j], bf16) : a;
-                }
-#pragma omp barrier
-            memcpy(xin, hact, sizeof(float) * B * F);
-            if (dp) to_bf16(xin, xb, (size_t)B * F);
-            split(C, t, T, &r0, &r1);
-            matmul_share(m, xin, xb, B, F, blk->down_w, blk->down_b, r0, r1, d_out, C);
-#pragma omp barrier
-            for (int b = 0; b < B; b++) {
-                float *mm = xn + (size_t)b * C;
-                memcpy(mm, d_out + (size_t)b * C, sizeof(float) * C);
-                if (m->sandwich) norm(m, mm, C, blk->post_mlp_norm_w, blk->post_mlp_norm_b, 0, mm);
-                float *xb_ = x + (size_t)b * C, *mb = mid + (size_t)b * C;
-                for (int i = 0; i < C; i++) xb_[i] = rnd(mb[i] + mm[i], bf16);
-            }
+        lmlab_thread_state *ts = &s->per_thread[thread_id()];
+        for (size_t i = 0; i < (size_t)B * m->d_model; i++) /* x = embed(input_ids), in fp32 */
+            ts->x[i] = m->bf16 ? bf16_to_f32(((const uint16_t *)embeddings)[i]) : ((const float *)embeddings)[i];
+        for (int l = 0; l < m->n_layers; l++) {
+            attention_layer(m, s, ts, &a, l); /* resid_mid = x + attn_out */
+            mlp_layer(m, s, ts, &a, l);       /* x = resid_mid + mlp_out */
         }
-        /* ---- final norm and the head */
-        for (int b = 0; b < B; b++) norm(m, x + (size_t)b * C, C, m->final_norm_w, m->final_norm_b, 0, xn + (size_t)b * C);
-        if (dp) to_bf16(xn, xb, (size_t)B * C);
-        split(V, t, T, &r0, &r1);
-        matmul_share(m, xn, xb, B, C, m->lm_head_w, NULL, r0, r1, lg, V);
-        const float cap = (float)m->final_softcap;
-        for (int b = 0; b < B; b++)
-            for (int n = r0; n < r1; n++) {
-                float v = lg[(size_t)b * V + n];
-                if (cap > 0) v = rnd(cap * rnd(tanhf(rnd(v / cap, bf16)), bf16), bf16);
-                if (bf16) ((uint16_t *)logits)[(size_t)b * V + n] = f32_to_bf16(v);
-                else ((float *)logits)[(size_t)b * V + n] = v;
-            }
+        lm_head(m, s, ts, &a, logits);
     }
-    free(shared);
-    free(priv);
     return 0;
 }
 
@@ -611,10 +799,12 @@ int lmlab_linear(const void *x, int M, int K, const void *w, int N, const void *
     return -1;
 }
 
-int lmlab_decode_step(const lmlab_model *m, int B, const void *x_in, float *kc, float *vc, int64_t max_len, int64_t length,
-                      const int64_t *first_slot, const float *cos, const float *sin, void *logits, int threads) {
-    (void)m; (void)B; (void)x_in; (void)kc; (void)vc; (void)max_len; (void)length; (void)first_slot;
-    (void)cos; (void)sin; (void)logits; (void)threads;
+int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *embeddings, float *k_cache, float *v_cache,
+                      int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
+                      void *logits, int threads) {
+    (void)m; (void)s; (void)B; (void)embeddings; (void)k_cache; (void)v_cache; (void)max_len; (void)length;
+    (void)first_slot; (void)cos; (void)sin; (void)logits; (void)threads;
+    (void)state_reserve; /* lmlab_isa() is 0: native.py never makes a state here */
     return -1;
 }
 

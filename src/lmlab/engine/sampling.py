@@ -71,6 +71,9 @@ class SamplingParams:
             or self.presence_penalty != 0.0
         )
 
+    def __post_init__(self):
+        self.validate()  # a SamplingParams that exists is valid: the one place values are checked
+
     def validate(self) -> None:
         """Raise :class:`LmlabError` (one sentence naming the fix) for the first bad value.
 
@@ -428,7 +431,6 @@ class Sampler:
     """
 
     def __init__(self, params: SamplingParams, vocab_size: int, device):
-        params.validate()
         self.params = params
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -438,10 +440,6 @@ class Sampler:
         else:
             self.seed = params.seed
             self.generator.manual_seed(params.seed)
-
-    def new_counts(self, batch_size: int) -> torch.Tensor:
-        """Zero token counts ``[batch_size, vocab_size]`` (int32) for :func:`update_counts`."""
-        return torch.zeros(batch_size, self.vocab_size, dtype=torch.int32, device=self.device)
 
     def process(
         self,

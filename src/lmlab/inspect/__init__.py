@@ -33,7 +33,7 @@ _EXPORTS = {
     "lmlab.inspect.induction": ["induction_experiment", "InductionResult"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [*_WHERE, "attach"]
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str):
@@ -46,53 +46,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(__all__)
-
-
-def attach(cls) -> None:
-    """Give the LM class its inspection methods (lm.hooks, lm.run_with_cache, lm.intervene, ...)."""
-
-    def _hooks(self, spec=None, **named):
-        """Context manager: run fn(tensor, name) at the named points (patterns allowed) inside the block."""
-        from lmlab.inspect.hooks import hooked
-
-        return hooked(self, spec, **named)
-
-    def _run_with_cache(self, prompt, names=None, **kw):
-        """One forward pass keeping the activations at ``names`` -> (logits, ActivationCache)."""
-        from lmlab.inspect.cache import run_with_cache
-
-        return run_with_cache(self, prompt, names, **kw)
-
-    def _intervene(self, *interventions):
-        """Context manager: apply interventions (AblateHeads, SkipLayers, Patch, Steer, ...) together."""
-        from lmlab.inspect.interventions import intervene
-
-        return intervene(self, *interventions)
-
-    def _logit_lens(self, prompt, k: int = 5, layers=None):
-        """Top-k tokens per layer and position (final norm, then unembedding, at each resid_post)."""
-        from lmlab.inspect.lens import logit_lens
-
-        return logit_lens(self, prompt, k, layers)
-
-    def _hook_names(self):
-        """Every hook name of this model, in forward order."""
-        from lmlab.inspect.hooks import hook_names
-
-        return hook_names(self.config)
-
-    cls.hooks = _hooks
-    cls.run_with_cache = _run_with_cache
-    cls.intervene = _intervene
-    cls.logit_lens = _logit_lens
-    cls.hook_names = _hook_names
-
-
-def _attach_to_lm() -> None:
-    from lmlab.lm import LM
-
-    if not hasattr(LM, "run_with_cache"):
-        attach(LM)
-
-
-_attach_to_lm()

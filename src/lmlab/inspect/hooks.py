@@ -17,13 +17,11 @@ import fnmatch
 import re
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError, suggest
-from lmlab.model import HOOK_POINTS
-
-HookFn = Callable  # f(tensor, name) -> tensor | None: a returned tensor replaces the activation
+from lmlab.model import HOOK_POINTS, HookFn  # HookFn: f(tensor, name) -> tensor | None, a returned tensor replaces the activation
 
 # The letters HOOK_POINTS uses for shapes, and the dimension each stands for.
 DIM_NAMES = {

@@ -4,7 +4,7 @@
         lm.generate("The capital of France is")      # every step, cached or not
 
 Each intervention turns into (hook name, function) pairs when it is applied to a model. The
-functions act on absolute token positions (``model.step_positions``), so an intervention gives
+functions act on absolute token positions (the forward pass's ``HookContext``), so an intervention gives
 the same result in a plain forward, in a cached decode step (T == 1) and when generation
 recomputes the whole sequence without a cache. Nothing is changed in place: every function
 returns a new tensor.
@@ -19,26 +19,34 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.model import HookContext
 from lmlab.inspect.hooks import check_layer, model_of, parse_heads, parse_layers, registered, resolve_names, shape_letters
 
 # ----------------------------------------------------------------------------- positions
 
 
-def step_positions(model, T: int) -> torch.Tensor:
+def with_context(fn: Callable) -> Callable:
+    """Mark a hook function as ``fn(x, name, ctx)``: the model passes the forward pass's
+    ``HookContext`` (its token ids and positions) as the third argument."""
+    fn.wants_context = True
+    return fn
+
+
+def step_positions(ctx: HookContext, T: int) -> torch.Tensor:
     """(B, T) absolute positions of the tokens an activation with T positions covers.
 
     final_norm and logits cover only the last position during generation (last_only), so the
     positions are the last T of the call's.
     """
-    pos = model.step_positions
+    pos = ctx.positions
     return pos[:, -T:] if pos.shape[1] != T else pos
 
 
-def position_mask(model, T: int, positions: list[int] | None) -> torch.Tensor | None:
+def position_mask(ctx: HookContext, T: int, positions: list[int] | None) -> torch.Tensor | None:
     """(B, T) True where the token's position is selected; None when every position is."""
     if positions is None:
         return None
-    pos = step_positions(model, T)
+    pos = step_positions(ctx, T)
     return torch.isin(pos, torch.tensor(positions, device=pos.device))
 
 
@@ -51,34 +59,11 @@ def check_positions(positions) -> list[int] | None:
     return sorted(set(positions))
 
 
-def current_input_ids(model) -> torch.Tensor:
-    """(B, T) token ids of the forward pass in progress (tracked by ``tracking_input_ids``)."""
-    return model.step_input_ids
-
-
-@contextmanager
-def tracking_input_ids(model) -> Iterator[None]:
-    """Keep ``model.step_input_ids`` current while the block runs, for interventions that act
-    on token ids. The model sets step_positions itself; the ids are caught on their way into
-    the embedding table."""
-
-    def catch(_module, args):
-        model.step_input_ids = args[0]
-
-    handle = model.tok_embed.register_forward_pre_hook(catch)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 # ----------------------------------------------------------------------------- the protocol
 
 
 class Intervention(ABC):
     """Base class. ``hooks(lm)`` validates against the model and returns (name, fn) pairs."""
-
-    needs_input_ids = False  # True: the functions read model.step_input_ids (token ids of the call)
 
     @abstractmethod
     def hooks(self, lm) -> list[tuple[str, Callable]]:
@@ -112,11 +97,7 @@ def intervene(lm, *interventions) -> Iterator[list[Intervention]]:
     ivs = flatten(interventions)
     pairs = [pair for iv in ivs for pair in iv.hooks(lm)]  # validates everything before anything runs
     with registered(model, pairs):
-        if any(iv.needs_input_ids for iv in ivs):
-            with tracking_input_ids(model):
-                yield ivs
-        else:
-            yield ivs
+        yield ivs
 
 
 # ----------------------------------------------------------------------------- heads
@@ -163,12 +144,13 @@ class AblateHeads(Intervention):
         H = model.cfg.n_heads
         state = {"mean": mean}
 
-        def ablate(y: torch.Tensor, name: str) -> torch.Tensor:  # y: (B, T, H, D)
+        @with_context
+        def ablate(y: torch.Tensor, name: str, ctx: HookContext) -> torch.Tensor:  # y: (B, T, H, D)
             B, T = y.shape[:2]
             head_mask = torch.zeros(H, dtype=torch.bool, device=y.device)
             head_mask[heads] = True
             drop = head_mask[None, None, :, None]  # (1, 1, H, 1)
-            pos = position_mask(model, T, self.positions)
+            pos = position_mask(ctx, T, self.positions)
             if pos is not None:
                 drop = drop & pos[:, :, None, None]  # (B, T, H, 1)
             if self.mode == "zero":
@@ -279,15 +261,16 @@ class Patch(Intervention):
         fill = float("-inf") if name.endswith("attn.scores") else 0.0
         src_all = self.source[name].movedim(t_axis, 1)  # (Bs, Ts, ...)
 
-        def patch(x: torch.Tensor, _name: str) -> torch.Tensor:
+        @with_context
+        def patch(x: torch.Tensor, _name: str, ctx: HookContext) -> torch.Tensor:
             xt = x.movedim(t_axis, 1)  # (B, T, ...)
             B, T = xt.shape[:2]
             src = src_all.to(device=x.device, dtype=x.dtype)
             if src.shape[0] not in (1, B):
                 raise LmlabError(f"the source run has {src.shape[0]} sequences but this run has {B}; patch from a run with one sequence or the same number.")
-            pos = step_positions(model, T)  # (B, T)
+            pos = step_positions(ctx, T)  # (B, T)
             inside = pos < src.shape[1]
-            mask = inside if self.positions is None else inside & position_mask(model, T, self.positions)
+            mask = inside if self.positions is None else inside & position_mask(ctx, T, self.positions)
             if "S" in letters:
                 src = _fit_keys(src, xt.shape[-1], fill)
             new = _gather_positions(src, pos.clamp(max=src.shape[1] - 1))  # (B, T, ...)
@@ -365,9 +348,10 @@ class Steer(Intervention):
         if self.vector.shape != (cfg.d_model,):
             raise LmlabError(f"the steering vector has shape {tuple(self.vector.shape)} but this model's residual stream is ({cfg.d_model},); make it from this model.")
 
-        def steer(x: torch.Tensor, name: str) -> torch.Tensor:  # (B, T, C)
+        @with_context
+        def steer(x: torch.Tensor, name: str, ctx: HookContext) -> torch.Tensor:  # (B, T, C)
             add = (self.scale * self.vector).to(device=x.device, dtype=x.dtype)
-            pos = position_mask(model, x.shape[1], self.positions)
+            pos = position_mask(ctx, x.shape[1], self.positions)
             return x + add if pos is None else x + pos[..., None] * add
 
         return [(f"blocks.{self.layer}.{self.point}", steer)]
@@ -376,16 +360,16 @@ class Steer(Intervention):
 # ----------------------------------------------------------------------------- embeddings
 
 
-def _select(model, x: torch.Tensor, tokens: list[int] | None, positions: list[int] | None) -> torch.Tensor:
+def _select(ctx: HookContext, x: torch.Tensor, tokens: list[int] | None, positions: list[int] | None) -> torch.Tensor:
     """(B, T, 1) True at the tokens chosen by id and/or position (both given: either)."""
     B, T = x.shape[:2]
     if tokens is None and positions is None:
         return torch.ones(B, T, 1, dtype=torch.bool, device=x.device)
     sel = torch.zeros(B, T, dtype=torch.bool, device=x.device)
     if tokens is not None:
-        sel |= torch.isin(current_input_ids(model), torch.tensor(tokens, device=x.device))
+        sel |= torch.isin(ctx.input_ids, torch.tensor(tokens, device=x.device))
     if positions is not None:
-        sel |= position_mask(model, T, positions)
+        sel |= position_mask(ctx, T, positions)
     return sel[..., None]
 
 
@@ -405,7 +389,6 @@ class ScaleEmbeddings(Intervention):
         self.scale = float(scale)
         self.tokens = None if tokens is None else ([tokens] if isinstance(tokens, int) else list(tokens))
         self.positions = check_positions(positions)
-        self.needs_input_ids = self.tokens is not None
 
     def describe(self) -> str:
         which = "all tokens" if self.tokens is None and self.positions is None else f"tokens {self.tokens or []} positions {self.positions or []}"
@@ -416,8 +399,9 @@ class ScaleEmbeddings(Intervention):
         if self.tokens is not None:
             _check_ids(model.cfg, self.tokens, "the")
 
-        def scale(x: torch.Tensor, name: str) -> torch.Tensor:  # (B, T, C)
-            sel = _select(model, x, self.tokens, self.positions)
+        @with_context
+        def scale(x: torch.Tensor, name: str, ctx: HookContext) -> torch.Tensor:  # (B, T, C)
+            sel = _select(ctx, x, self.tokens, self.positions)
             return torch.where(sel, x * self.scale, x)
 
         return [("embed", scale)]
@@ -438,7 +422,6 @@ class ReplaceEmbeddings(Intervention):
             raise LmlabError("ReplaceEmbeddings needs tokens={id: new id or vector} or positions={position: new id or vector}.")
         self.tokens, self.positions = dict(tokens or {}), dict(positions or {})
         check_positions(list(self.positions))
-        self.needs_input_ids = bool(self.tokens)
 
     def describe(self) -> str:
         show = lambda v: f"id {v}" if isinstance(v, int) else "a vector"  # noqa: E731
@@ -463,12 +446,13 @@ class ReplaceEmbeddings(Intervention):
         by_token = [(i, self._vector(model, v)) for i, v in zip(_check_ids(model.cfg, self.tokens, "the"), self.tokens.values())]
         by_pos = [(p, self._vector(model, v)) for p, v in self.positions.items()]
 
-        def replace(x: torch.Tensor, name: str) -> torch.Tensor:  # (B, T, C)
+        @with_context
+        def replace(x: torch.Tensor, name: str, ctx: HookContext) -> torch.Tensor:  # (B, T, C)
             for tid, vec in by_token:
-                sel = _select(model, x, [tid], None)
+                sel = _select(ctx, x, [tid], None)
                 x = torch.where(sel, vec.to(x.dtype), x)
             for pos, vec in by_pos:
-                sel = _select(model, x, None, [pos])
+                sel = _select(ctx, x, None, [pos])
                 x = torch.where(sel, vec.to(x.dtype), x)
             return x
 

@@ -78,6 +78,9 @@ def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None 
     cfg = _apply_overrides(cfg, overrides, n_layers)
     tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
     model = build_model(cfg, tensors, dtype, device)
+    from lmlab import kernels
+
+    kernels.speed_up(model)
     packed_bytes = _prepack(model, dtype, device, prepack)
     if device.type == "cpu":
         from lmlab import native

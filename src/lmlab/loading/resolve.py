@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.config import ALIASES
 from lmlab.errors import LmlabError, suggest
+from lmlab.host import env_flag
 
 # Files a HF model folder needs; big weight files are chosen after listing the repo.
 HUB_SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -108,7 +108,7 @@ def download(hub_id: str) -> Path:
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - a declared dependency
         raise LmlabError("huggingface_hub is not installed; pip install huggingface_hub.") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = env_flag("HF_HUB_OFFLINE", False)
     cached = _hub_cached(hub_id)
     try:
         if offline:

@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
+from lmlab.host import host_details, lmlab_home
 from lmlab.runs import wandb_mirror
 from lmlab.runs.store import (
     SCHEMA_VERSION,
@@ -39,9 +40,7 @@ from lmlab.runs.store import (
     default_db_path,
     diff_runs,
     file_hash,
-    host_details,
     iso_time,
-    lmlab_home,
     new_run_id,
     package_versions,
     status_label,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.host import lmlab_home
 
 DB_NAME = "runs.db"
 BUSY_TIMEOUT_MS = 30_000  # a writer waits this long for another process's transaction (ms)
@@ -73,10 +74,37 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX runs_created ON runs (created)",
     ),
+    # v3: the requests a `lmlab serve` run answered, one row each (written in batches).
+    (
+        """CREATE TABLE serve_requests (
+            run_id            TEXT NOT NULL,
+            seq               INTEGER NOT NULL,
+            request_id        TEXT,
+            created           REAL NOT NULL,
+            endpoint          TEXT NOT NULL,
+            model             TEXT,
+            status            INTEGER NOT NULL,
+            stream            INTEGER,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            finish_reasons    TEXT,
+            params            TEXT,
+            timings           TEXT,
+            prompt            TEXT,
+            output            TEXT,
+            error             TEXT,
+            PRIMARY KEY (run_id, seq)
+        )""",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 JSON_COLUMNS = ("argv", "config", "inputs", "outputs", "metrics", "timings", "versions", "host")
+# serve_requests: seq counts a run's requests from 1; created is unix seconds; status the HTTP status;
+# prompt and output are NULL when the server ran with --no-log-text.
+REQUEST_COLUMNS = ("run_id", "seq", "request_id", "created", "endpoint", "model", "status", "stream", "prompt_tokens",
+                   "completion_tokens", "finish_reasons", "params", "timings", "prompt", "output", "error")
+REQUEST_JSON_COLUMNS = ("finish_reasons", "params", "timings", "prompt", "output")
 COLUMNS = ("id", "created", "finished", "command", "argv", "model", "model_path", "model_hash", "config", "seed",
            "inputs", "outputs", "metrics", "timings", "versions", "host", "status", "error", "pid", "hostname")
 
@@ -94,12 +122,6 @@ class StoreUnavailable(LmlabError):
         self.path, self.reason = path, reason
         super().__init__(f"could not use the run store at {path} ({reason}); free disk space, make the folder "
                          "writable, or set LMLAB_HOME to another folder.")
-
-
-def lmlab_home() -> Path:
-    """The folder that holds runs.db: $LMLAB_HOME, else ~/.lmlab."""
-    env = os.environ.get("LMLAB_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".lmlab"
 
 
 def default_db_path() -> Path:
@@ -189,7 +211,7 @@ def status_label(run: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Versions and host details (computed once per process)
+# Package versions (computed once per process; the host's details are lmlab.host.host_details)
 
 
 @functools.lru_cache(maxsize=1)
@@ -212,78 +234,6 @@ def package_versions() -> dict:
         if getattr(torch.version, "hip", None):
             versions["hip"] = torch.version.hip
     return versions
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name ("Intel(R) Xeon(R) ..."), or the architecture when unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        import subprocess
-
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=2).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-
-
-def _gpus() -> list[dict]:
-    """GPUs torch can see (only when torch is already imported; never initialises it just for this)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return []
-    gpus = []
-    try:
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                gpus.append({"name": p.name, "memory_bytes": int(p.total_memory)})
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            gpus.append({"name": "Apple MPS", "memory_bytes": None})
-    except Exception:  # a broken driver must not stop a run from being recorded
-        pass
-    return gpus
-
-
-@functools.lru_cache(maxsize=1)
-def host_details() -> dict:
-    """os, cpu model, cores, RAM (bytes) and GPUs of this machine."""
-    physical = None
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        pass
-    return {
-        "hostname": platform.node(),
-        "os": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cores_logical": os.cpu_count(),
-        "cores_physical": physical,
-        "ram_bytes": _ram_bytes(),
-        "gpus": _gpus(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +453,33 @@ class RunStore:
                 row["id"] = new_run_id(row.get("created"))  # same second, same random suffix: retry
         raise StoreUnavailable(self.path, "could not find a free run id")
 
+    def add_requests(self, run_id: str, rows: list[dict]) -> None:
+        """Append a serve run's request rows (keys: REQUEST_COLUMNS but run_id) in one transaction."""
+        if not rows:
+            return
+        if self._conn is None:
+            raise StoreUnavailable(self.path, "the store is closed")
+        sql = (f"INSERT OR REPLACE INTO serve_requests ({', '.join(REQUEST_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
+        values = [tuple(run_id if c == "run_id" else to_json(row.get(c)) if c in REQUEST_JSON_COLUMNS else row.get(c)
+                        for c in REQUEST_COLUMNS) for row in rows]
+
+        def insert():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(sql, values)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+        with self._lock:
+            try:
+                _retry_transient(insert)
+            except sqlite3.Error as e:
+                raise StoreUnavailable(self.path, _reason(e)) from e
+
     def update_run(self, run_id: str, fields: dict) -> None:
         """Set some columns of one row (JSON columns are serialised here)."""
         names = [c for c in fields if c in COLUMNS and c != "id"]
@@ -566,6 +543,23 @@ class RunStore:
     def count(self) -> int:
         return self._read("SELECT count(*) FROM runs")[0][0]
 
+    def requests(self, run_id: str, limit: int | None = None) -> list[dict]:
+        """The requests a serve run answered, in order (``seq`` from 1); JSON columns decoded."""
+        full = self.resolve_id(run_id)
+        sql = f"SELECT {', '.join(REQUEST_COLUMNS)} FROM serve_requests WHERE run_id = ? ORDER BY seq"
+        if limit is not None and limit > 0:
+            sql += f" LIMIT {int(limit)}"
+        rows = [dict(zip(REQUEST_COLUMNS, r)) for r in self._read(sql, (full,))]
+        for row in rows:
+            for c in REQUEST_JSON_COLUMNS:
+                row[c] = _from_json(row[c])
+            row["stream"] = bool(row["stream"]) if row["stream"] is not None else None
+        return rows
+
+    def request_count(self, run_id: str) -> int:
+        """How many requests a serve run answered (0 for any other run)."""
+        return self._read("SELECT count(*) FROM serve_requests WHERE run_id = ?", (self.resolve_id(run_id),))[0][0]
+
     def resolve_id(self, run_id: str) -> str:
         """The full id for an id, a unique prefix of one, 'last' (newest run) or 'last-N'."""
         text = (run_id or "").strip().lower()
@@ -607,6 +601,7 @@ class RunStore:
     def delete(self, run_id: str) -> str:
         """Delete one run; returns its full id."""
         full = self.resolve_id(run_id)
+        self._write("DELETE FROM serve_requests WHERE run_id = ?", (full,))
         self._write("DELETE FROM runs WHERE id = ?", (full,))
         return full
 

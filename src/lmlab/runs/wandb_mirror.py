@@ -18,16 +18,16 @@ import sys
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.host import env_flag
 
 DEFAULT_PROJECT = "lmlab"
-_TRUE = {"1", "true", "yes", "on"}
 
 
 def requested(flag: bool | None) -> bool:
     """``flag`` if given, else whether LMLAB_WANDB is set to 1/true/yes/on."""
     if flag is not None:
         return bool(flag)
-    return os.environ.get("LMLAB_WANDB", "").strip().lower() in _TRUE
+    return env_flag("LMLAB_WANDB", False)
 
 
 def require():

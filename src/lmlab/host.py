@@ -1,0 +1,165 @@
+"""Facts about this machine and its environment, read in one place.
+
+- ``lmlab_home()``: the folder lmlab keeps its files in (runs.db, machine.json, kernels.json,
+  the native build): ``$LMLAB_HOME``, else ``~/.lmlab``.
+- ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
+- ``host_details()``: what a run record or a machine measurement says about the host.
+- ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
+
+The bottom layer: it imports no other lmlab module, and never imports torch for a caller that
+has not (``tests/test_imports.py`` holds it to that).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+from pathlib import Path
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+# The instruction-set extensions that decide matmul speed on a CPU: the ones host_details lists.
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment variable: 1/true/yes/on is True, 0/false/no/off is False (any case,
+    spaces ignored); unset, empty or anything else is ``default``."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    return default
+
+
+def lmlab_home() -> Path:
+    """The folder lmlab keeps its files in: $LMLAB_HOME, else ~/.lmlab."""
+    env = os.environ.get("LMLAB_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".lmlab"
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, ...]:
+    """The lines of /proc/cpuinfo; none where there is no such file (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return tuple(f.read().splitlines())
+    except OSError:
+        return ()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("Intel(R) Xeon(R) ..."), or the architecture when unknown."""
+    for line in _cpuinfo():
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+            return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=2).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags ("avx2", "avx512f", ... on x86; "asimd", "sve", ... on ARM); empty when unknown."""
+    for line in _cpuinfo():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_signature() -> str:
+    """What code compiled with -march=native depends on: the CPU's model and feature flags, one string."""
+    lines = _cpuinfo()
+    if not lines:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep)))
+
+
+# ----------------------------------------------------------------------------- the host
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> dict:
+    """What does not change while a process runs: os, CPU, cores, RAM (bytes)."""
+    try:
+        import psutil
+    except ImportError:  # psutil is a dependency, but be robust on odd installs
+        psutil = None
+    physical = psutil.cpu_count(logical=False) if psutil else None
+    if psutil:
+        ram = int(psutil.virtual_memory().total)
+    else:
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = None
+    have = cpu_flags()
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_flags": [f for f in MATMUL_FLAGS if f in have],
+        # two spellings of the core counts: run records say cores_*, machine.json entries (and
+        # their cache key, bench.machine.host_key) say physical_cores / logical_cpus
+        "cores_logical": os.cpu_count(),
+        "cores_physical": physical,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical or os.cpu_count(),
+        "ram_bytes": ram,
+    }
+
+
+def _gpus() -> list[dict]:
+    """GPUs torch can see (only when torch is already imported; never initialises it just for this)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    gpus = []
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append({"name": p.name, "memory_bytes": int(p.total_memory)})
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            gpus.append({"name": "Apple MPS", "memory_bytes": None})
+    except Exception:  # a broken driver must not stop a run from being recorded
+        pass
+    return gpus
+
+
+def host_details(device=None, threads: int | None = None) -> dict:
+    """This host: hostname, os, machine, python, CPU (model, matmul flags, cores), RAM (bytes), GPUs.
+
+    With ``device`` (a torch device or its name), also what a measurement on it depends on:
+    ``threads`` (default torch's), the ``torch`` version, the ``device`` ("cpu", or "cuda:0 NAME"
+    with ``gpu_memory_bytes`` and the ``cuda`` version).
+    """
+    d = {**_machine(), "gpus": _gpus()}
+    if device is None:
+        return d
+    import torch
+
+    dev = torch.device(device)
+    d.update(threads=threads or torch.get_num_threads(), torch=torch.__version__, device=dev.type)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        d["device"] = f"cuda:{idx} {props.name}"
+        d["gpu_memory_bytes"] = props.total_memory
+        d["cuda"] = torch.version.cuda
+    return d
