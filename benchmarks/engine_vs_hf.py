@@ -91,8 +91,9 @@ def bench_model(name: str, args, bandwidth_gb_s: float) -> list[tuple]:
         for dtype in ("float32", "bfloat16"):
             print(f"  {name}: {engine} {dtype} ...", file=sys.stderr, flush=True)
             try:
-                res[engine, dtype] = measure_engine(make(dtype), ids1, ids8, args.new_tokens, args.repeats,
-                                                    with_b8=dtype == "float32")
+                res[engine, dtype] = measure_engine(
+                    make(dtype), ids1, ids8, args.new_tokens, args.repeats, with_b8=dtype == "float32"
+                )
             except LmlabError as e:
                 print(f"  {engine} {dtype} skipped: {e}", file=sys.stderr)
                 res[engine, dtype] = None
@@ -129,8 +130,16 @@ def bench_model(name: str, args, bandwidth_gb_s: float) -> list[tuple]:
     if fp32:
         roof = bandwidth_gb_s * 1e9 / fp32["weight_bytes"]
         pct = 100 * fp32["b1"]["decode_tok_s"] / roof
-        rows.append((name, f"fp32 roofline tok/s ({bandwidth_gb_s:.1f} GB/s ÷ {fp32['weight_bytes'] / 1e6:.0f} MB)",
-                     roof, None, pct, None))
+        rows.append(
+            (
+                name,
+                f"fp32 roofline tok/s ({bandwidth_gb_s:.1f} GB/s ÷ {fp32['weight_bytes'] / 1e6:.0f} MB)",
+                roof,
+                None,
+                pct,
+                None,
+            )
+        )
     return rows
 
 
@@ -153,8 +162,9 @@ def main() -> None:
 
     from lmlab.bench.machine import machine_limits
 
-    machine = machine_limits("cpu", threads, remeasure=not args.cached_machine,
-                             on_measure=lambda m: print(m, file=sys.stderr))
+    machine = machine_limits(
+        "cpu", threads, remeasure=not args.cached_machine, on_measure=lambda m: print(m, file=sys.stderr)
+    )
     bw = machine["bandwidth_gb_s"]
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -163,30 +173,45 @@ def main() -> None:
         rows += bench_model(name, args, bw)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    print(f"engine vs HF transformers · {machine['host']['cpu']} · {threads} threads · torch {torch.__version__} · "
-          f"transformers {transformers.__version__} · python {platform.python_version()}")
+    print(
+        f"engine vs HF transformers · {machine['host']['cpu']} · {threads} threads · torch {torch.__version__} · "
+        f"transformers {transformers.__version__} · python {platform.python_version()}"
+    )
     kernels = [("oneDNN", machine.get("onednn_matvec_gb_s")), ("lmlab native", machine.get("native_matvec_gb_s"))]
-    print(f"machine: {bw:.1f} GB/s fp32 mat-vec over 1 GiB (the fastest of BLAS {machine['matvec_gb_s']:.1f}"
-          + "".join(f", {k} {v:.1f}" for k, v in kernels if v) + f"; a plain read: {machine['read_gb_s']:.1f}); matmul peak "
-          + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in machine["matmul_gflops"].items() if v)
-          + (f" · load average (1, 5, 15 min) at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f},"
-             f" at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""))
-    print(f"prompt {args.prompt_len} tokens of stdlib source, {args.new_tokens} new tokens, greedy; decode: "
-          f"best of {args.repeats} after 1 warm-up; prefill and TTFT: median of {args.prefill_rounds} rounds, "
-          "lmlab and HF alternating")
+    print(
+        f"machine: {bw:.1f} GB/s fp32 mat-vec over 1 GiB (the fastest of BLAS {machine['matvec_gb_s']:.1f}"
+        + "".join(f", {k} {v:.1f}" for k, v in kernels if v)
+        + f"; a plain read: {machine['read_gb_s']:.1f}); matmul peak "
+        + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in machine["matmul_gflops"].items() if v)
+        + (
+            f" · load average (1, 5, 15 min) at the start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f},"
+            f" at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+            if load
+            else ""
+        )
+    )
+    print(
+        f"prompt {args.prompt_len} tokens of stdlib source, {args.new_tokens} new tokens, greedy; decode: "
+        f"best of {args.repeats} after 1 warm-up; prefill and TTFT: median of {args.prefill_rounds} rounds, "
+        "lmlab and HF alternating"
+    )
     print()
     w = max(len(r[1]) for r in rows) + 2
     head = f"{'model':<14}{'':<{w}}{'lmlab':>10}{'HF':>10}{'lmlab/HF':>10}{'target':>10}  met"
     print(head)
     print("-" * len(head))
     for model, label, a, b, ratio, target in rows:
+
         def f(x):
             return "-" if x is None else f"{x:,.1f}"
 
         if label.startswith("fp32 roofline"):
             met = "yes" if ratio is not None and ratio >= ROOFLINE_TARGET_PCT else "no"
-            print(f"{model:<14}{label:<{w}}{f(a):>10}{'':>10}{f'{ratio:.0f}%':>10}{f'≥{ROOFLINE_TARGET_PCT:.0f}%':>10}  {met}"
-                  "   (lmlab fp32 batch-1 decode as % of the roofline)")
+            print(
+                f"{model:<14}{label:<{w}}{f(a):>10}{'':>10}{f'{ratio:.0f}%':>10}"
+                f"{f'≥{ROOFLINE_TARGET_PCT:.0f}%':>10}  {met}"
+                "   (lmlab fp32 batch-1 decode as % of the roofline)"
+            )
             continue
         r = "-" if ratio is None else f"{ratio:.2f}×"
         t = f"≥{target:.1f}×"

@@ -39,8 +39,18 @@ from lmlab.engine.cache import KVCache
 from lmlab.engine.steps import decode_one_token, prefill
 from lmlab.inspect.hooks import hook_names, registered
 
-SMOLLM2_135M = dict(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
-                    max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True)
+SMOLLM2_135M = dict(
+    family="llama",
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    max_seq_len=8192,
+    rope_theta=100000.0,
+    tie_embeddings=True,
+)
 
 
 class _StripHooks(ast.NodeTransformer):
@@ -48,8 +58,12 @@ class _StripHooks(ast.NodeTransformer):
 
     @staticmethod
     def _is_hook_test(node) -> bool:
-        return (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "hook"
-                and isinstance(node.ops[0], ast.IsNot))
+        return (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == "hook"
+            and isinstance(node.ops[0], ast.IsNot)
+        )
 
     def visit_Compare(self, node):
         return ast.Constant(False) if self._is_hook_test(node) else node
@@ -65,7 +79,9 @@ class _StripHooks(ast.NodeTransformer):
         if isinstance(targets, ast.Name) and targets.id == "hook":
             node.value = ast.Constant(None)  # hook = None: no HookSet is built
             return node
-        if isinstance(targets, ast.Tuple) and any(isinstance(t, ast.Attribute) and t.attr.startswith("step_") for t in targets.elts):
+        if isinstance(targets, ast.Tuple) and any(
+            isinstance(t, ast.Attribute) and t.attr.startswith("step_") for t in targets.elts
+        ):
             return None  # the step_start / step_positions bookkeeping
         return self.generic_visit(node)
 
@@ -73,7 +89,9 @@ class _StripHooks(ast.NodeTransformer):
 def stripped_model_module() -> types.ModuleType:
     tree = _StripHooks().visit(ast.parse(inspect.getsource(lmlab.model)))
     ast.fix_missing_locations(tree)
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hook"]
+    calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hook"
+    ]
     assert not calls, f"{len(calls)} hook calls survived the strip"
     module = types.ModuleType("lmlab_model_without_hooks")
     exec(compile(tree, "<lmlab.model without hooks>", "exec"), module.__dict__)
@@ -158,14 +176,19 @@ def main(argv=None) -> int:
                     times[name]["decode"].append(d)
 
     where = torch.cuda.get_device_name() if ids.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{label}, {where}, prompt {args.prompt_len} tokens, {args.decode_steps} decode steps, "
-          f"median of {args.rounds} rounds, torch {torch.__version__}")
+    print(
+        f"{label}, {where}, prompt {args.prompt_len} tokens, {args.decode_steps} decode steps, "
+        f"median of {args.rounds} rounds, torch {torch.__version__}"
+    )
     ref = {k: statistics.median(v) for k, v in times["baseline (hooks stripped from the source)"].items()}
     print(f"| {'':48} | prefill ms | vs baseline | decode ms/token | vs baseline |")
     print(f"|{'-' * 50}|-----------:|------------:|----------------:|------------:|")
     for name in rows:
         p, d = statistics.median(times[name]["prefill"]), statistics.median(times[name]["decode"])
-        print(f"| {name:48} | {p * 1e3:10.2f} | {100 * (p / ref['prefill'] - 1):+10.1f}% | {d * 1e3:15.2f} | {100 * (d / ref['decode'] - 1):+10.1f}% |")
+        print(
+            f"| {name:48} | {p * 1e3:10.2f} | {100 * (p / ref['prefill'] - 1):+10.1f}% | {d * 1e3:15.2f} | "
+            f"{100 * (d / ref['decode'] - 1):+10.1f}% |"
+        )
     return 0
 
 

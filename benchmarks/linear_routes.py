@@ -12,7 +12,8 @@ inputs of ``rows`` rows, best of 7 after 2 warm-ups:
   more than two rows;
 - ``native``: lmlab's own mat-vec kernel (``lmlab.native``), its route for one or two rows.
 
-GB/s is the weights' bytes ÷ the fastest route's time; speed-up is F.linear's time ÷ that. A script that prints a table, not a test.
+GB/s is the weights' bytes ÷ the fastest route's time; speed-up is F.linear's time ÷ that. A
+script that prints a table, not a test.
 """
 
 from __future__ import annotations
@@ -53,11 +54,15 @@ def main() -> None:
     lm = lmlab.load(args.model, dtype="float32", prepack=False)
     shapes = [tuple(m.weight.shape) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
     lm = None
-    print(f"{args.model}: {len(shapes)} weight matmuls per step · {host_details()['cpu']} · "
-          f"{torch.get_num_threads()} threads · torch {torch.__version__} · native kernel {native.status()}")
+    print(
+        f"{args.model}: {len(shapes)} weight matmuls per step · {host_details()['cpu']} · "
+        f"{torch.get_num_threads()} threads · torch {torch.__version__} · native kernel {native.status()}"
+    )
     print()
-    head = (f"{'dtype':<10}{'rows':>6}{'F.linear ms':>14}{'W @ x.T ms':>13}{'prepacked ms':>15}{'native ms':>12}"
-            f"{'GB/s':>8}{'speed-up':>10}")
+    head = (
+        f"{'dtype':<10}{'rows':>6}{'F.linear ms':>14}{'W @ x.T ms':>13}{'prepacked ms':>15}{'native ms':>12}"
+        f"{'GB/s':>8}{'speed-up':>10}"
+    )
     print(head)
     print("-" * len(head))
     with torch.inference_mode():
@@ -77,16 +82,24 @@ def main() -> None:
                 xs = {k: torch.randn(rows, k, dtype=dtype) for _, k in shapes}
                 t_lin = best_ms(lambda: [F.linear(xs[w.shape[1]], w) for w in weights])
                 t_wxt = best_ms(lambda: [(w @ xs[w.shape[1]].T).T for w in weights])
-                t_pack = (best_ms(lambda: [kernels.packed_linear(xs[m.weight.shape[1]], m) for m in packed])
-                          if packed else None)
-                t_nat = (best_ms(lambda: [native.linear(xs[w.shape[1]], w, None) for w in weights])
-                         if native.available() and rows <= native.MAX_ROWS else None)
+                t_pack = (
+                    best_ms(lambda: [kernels.packed_linear(xs[m.weight.shape[1]], m) for m in packed])
+                    if packed
+                    else None
+                )
+                t_nat = (
+                    best_ms(lambda: [native.linear(xs[w.shape[1]], w, None) for w in weights])
+                    if native.available() and rows <= native.MAX_ROWS
+                    else None
+                )
                 fastest = min(t for t in (t_lin, t_wxt, t_pack, t_nat) if t is not None)
                 gbs = nbytes / (fastest / 1e3) / 1e9
                 pk = "-" if t_pack is None else f"{t_pack:.1f}"
                 nat = "-" if t_nat is None else f"{t_nat:.1f}"
-                print(f"{str(dtype).removeprefix('torch.'):<10}{rows:>6}{t_lin:>14.1f}{t_wxt:>13.1f}{pk:>15}{nat:>12}"
-                      f"{gbs:>8.1f}{t_lin / fastest:>9.2f}×")
+                print(
+                    f"{str(dtype).removeprefix('torch.'):<10}{rows:>6}{t_lin:>14.1f}{t_wxt:>13.1f}{pk:>15}{nat:>12}"
+                    f"{gbs:>8.1f}{t_lin / fastest:>9.2f}×"
+                )
 
 
 if __name__ == "__main__":

@@ -55,15 +55,19 @@ def main() -> None:
     args = ap.parse_args()
 
     mb = 1e6
-    print(f"{'model':<14} {'dtype':<9} {'file MB':>8} {'weights MB':>10} {'load s':>7} {'peak RSS MB':>11} "
-          f"{'peak over baseline':>18}")
+    print(
+        f"{'model':<14} {'dtype':<9} {'file MB':>8} {'weights MB':>10} {'load s':>7} {'peak RSS MB':>11} "
+        f"{'peak over baseline':>18}"
+    )
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             runs = [measure(name, dtype) for _ in range(max(1, args.repeats))]
             best = min(runs, key=lambda r: r["load_s"])
             worst_ratio = max((r["peak"] - r["base"]) / r["weights"] for r in runs)
-            print(f"{name:<14} {dtype:<9} {best['file_bytes'] / mb:>8.0f} {best['weights'] / mb:>10.0f} "
-                  f"{best['load_s']:>7.2f} {max(r['peak'] for r in runs) / mb:>11.0f} {worst_ratio:>17.2f}x")
+            print(
+                f"{name:<14} {dtype:<9} {best['file_bytes'] / mb:>8.0f} {best['weights'] / mb:>10.0f} "
+                f"{best['load_s']:>7.2f} {max(r['peak'] for r in runs) / mb:>11.0f} {worst_ratio:>17.2f}x"
+            )
 
 
 if __name__ == "__main__":

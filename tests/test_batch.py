@@ -80,8 +80,9 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(lm):
             reqs.append(r)
         got = run_all(engine, reqs)
         for r, c in zip(reqs, got):
-            alone = lm.generate(r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=0, ignore_eos=True,
-                                alternatives=2)
+            alone = lm.generate(
+                r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=0, ignore_eos=True, alternatives=2
+            )
             assert c.end.finish_reason == "length" and c.end.completion_tokens == r.max_new_tokens
             assert_same_greedy(alone.token_ids, c.ids, near_ties(alone.alternatives, FP32_TIE), "batch vs alone")
             logprobs = [e.logprob for e in c.events if isinstance(e, TokenEvent)]
@@ -94,12 +95,20 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(lm):
 def test_a_seeded_sampled_request_equals_generate_with_that_seed(lm):
     engine = BatchEngine(lm, max_batch=4)
     try:
-        reqs = [BatchRequest(prompt_ids=prompt(5 + i, 10 + i), max_new_tokens=10, ignore_eos=True,
-                             params=SamplingParams(temperature=0.9, top_p=0.9, seed=100 + i)) for i in range(3)]
+        reqs = [
+            BatchRequest(
+                prompt_ids=prompt(5 + i, 10 + i),
+                max_new_tokens=10,
+                ignore_eos=True,
+                params=SamplingParams(temperature=0.9, top_p=0.9, seed=100 + i),
+            )
+            for i in range(3)
+        ]
         got = run_all(engine, reqs)
         for r, c in zip(reqs, got):
-            alone = lm.generate(r.prompt_ids, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=r.params.seed,
-                                ignore_eos=True)
+            alone = lm.generate(
+                r.prompt_ids, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=r.params.seed, ignore_eos=True
+            )
             assert c.ids == alone.token_ids
     finally:
         engine.stop()

@@ -29,9 +29,17 @@ def tiny_dir(tmp_path_factory):
 
 
 def fake_entry(threads):
-    return {"host": host_details("cpu", threads), "matvec_gb_s": BANDWIDTH_GB_S, "copy_gb_s": 12.0, "read_gb_s": 11.0,
-            "bandwidth_test_bytes": 1 << 30, "matmul_gflops": dict(PEAKS), "bandwidth_gb_s": BANDWIDTH_GB_S,
-            "threads": threads, "measured_at": "2024-01-01T00:00:00+00:00"}
+    return {
+        "host": host_details("cpu", threads),
+        "matvec_gb_s": BANDWIDTH_GB_S,
+        "copy_gb_s": 12.0,
+        "read_gb_s": 11.0,
+        "bandwidth_test_bytes": 1 << 30,
+        "matmul_gflops": dict(PEAKS),
+        "bandwidth_gb_s": BANDWIDTH_GB_S,
+        "threads": threads,
+        "measured_at": "2024-01-01T00:00:00+00:00",
+    }
 
 
 @pytest.fixture
@@ -40,7 +48,9 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
     threads = torch.get_num_threads()
     entry = fake_entry(threads)
-    (tmp_path / MACHINE_FILE).write_text(json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}}))
+    (tmp_path / MACHINE_FILE).write_text(
+        json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}})
+    )
 
     def no_measuring(*a, **k):
         raise AssertionError("the sweep measured the machine although machine.json had this host")
@@ -59,10 +69,21 @@ def sweep(tiny_dir, tmp_path_factory):
     os.environ["LMLAB_HOME"] = str(home)
     threads = torch.get_num_threads()
     entry = fake_entry(1)  # one thread: a tiny model gains nothing from more, and a busy machine stalls them
-    (home / MACHINE_FILE).write_text(json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}}))
+    (home / MACHINE_FILE).write_text(
+        json.dumps({"schema": machine_mod.SCHEMA, "entries": {host_key(entry["host"]): entry}})
+    )
     try:
-        spec = SweepSpec(str(tiny_dir), batches=[1, 2], prompt_lens=[4, 9], new_tokens=[5], dtypes=["float32", "bfloat16"],
-                         peers=["hf"], repeats=2, warmup=0, threads=1)
+        spec = SweepSpec(
+            str(tiny_dir),
+            batches=[1, 2],
+            prompt_lens=[4, 9],
+            new_tokens=[5],
+            dtypes=["float32", "bfloat16"],
+            peers=["hf"],
+            repeats=2,
+            warmup=0,
+            threads=1,
+        )
         return run_sweep(spec)
     finally:
         torch.set_num_threads(threads)
@@ -97,8 +118,14 @@ def test_kv_bytes_and_ratios(sweep, tiny_dir):
         per_token = kv_bytes_per_token(lm.config, getattr(torch, p["dtype"]))
         assert p["kv_cache_bytes"] == per_token * p["batch"] * (p["prompt_len"] + p["new_tokens"])
         if p["engine"] == "lmlab":
-            hf = next(q for q in sweep["points"] if q["engine"] == "hf" and q["dtype"] == p["dtype"]
-                      and q["batch"] == p["batch"] and q["prompt_len"] == p["prompt_len"])
+            hf = next(
+                q
+                for q in sweep["points"]
+                if q["engine"] == "hf"
+                and q["dtype"] == p["dtype"]
+                and q["batch"] == p["batch"]
+                and q["prompt_len"] == p["prompt_len"]
+            )
             assert p["ratio_vs_hf"] == pytest.approx(p["decode_tok_s"] / hf["decode_tok_s"])
             assert p["ratio_vs_hf_prefill"] == pytest.approx(p["prefill_tok_s"] / hf["prefill_tok_s"])
     # bytes per step: every weight once; this tiny model has an untied input embedding, only gathered
@@ -125,8 +152,27 @@ def test_cli_json_parses_and_writes_plots(tiny_dir, home, tmp_path, capsys, monk
     if "bench" not in cli.COMMAND_MODULES:
         monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "bench"])
     capsys.readouterr()
-    code = cli.main(["bench", "-m", str(tiny_dir), "--batch", "1,2", "--prompt-len", "6", "--new-tokens", "4",
-                     "--repeats", "1", "--warmup", "0", "--json", "--plots", str(tmp_path / "p"), "--no-record"])
+    code = cli.main(
+        [
+            "bench",
+            "-m",
+            str(tiny_dir),
+            "--batch",
+            "1,2",
+            "--prompt-len",
+            "6",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            "--plots",
+            str(tmp_path / "p"),
+            "--no-record",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)
@@ -141,8 +187,22 @@ def test_cli_table_on_stdout(tiny_dir, home, capsys, monkeypatch):
     if "bench" not in cli.COMMAND_MODULES:
         monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "bench"])
     capsys.readouterr()
-    code = cli.main(["bench", "-m", str(tiny_dir), "--prompt-len", "5", "--new-tokens", "3", "--repeats", "1",
-                     "--warmup", "0", "--no-record"])
+    code = cli.main(
+        [
+            "bench",
+            "-m",
+            str(tiny_dir),
+            "--prompt-len",
+            "5",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-record",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "lmlab" in out and "TTFT" in out and "float32" in out
@@ -165,8 +225,11 @@ def test_bench_prompts_are_real_text_of_exact_length(tmp_path):
 
 
 def test_a_point_too_big_for_memory_is_refused_before_it_starts(tiny_dir, home):
-    with pytest.raises(LmlabError, match=r"batch 10000000 × prompt 100 .*needs about .* GB \(weights .* \+ KV cache .* \+ "
-                                         r"activations .*\) but .* is available; lower --batch or --prompt-len\."):
+    with pytest.raises(
+        LmlabError,
+        match=r"batch 10000000 × prompt 100 .*needs about .* GB \(weights .* \+ KV cache .* \+ "
+        r"activations .*\) but .* is available; lower --batch or --prompt-len\.",
+    ):
         run_sweep(SweepSpec(str(tiny_dir), batches=[1, 10_000_000], prompt_lens=[100], new_tokens=[8]))
 
 
@@ -180,12 +243,16 @@ def test_memory_estimate_adds_up(tiny_dir):
 
 
 def test_a_point_longer_than_the_context(tiny_dir, home):
-    with pytest.raises(LmlabError, match=r"prompt 200 \+ 8 new tokens = 208 tokens is longer than this model's context of 128"):
+    with pytest.raises(
+        LmlabError, match=r"prompt 200 \+ 8 new tokens = 208 tokens is longer than this model's context of 128"
+    ):
         run_sweep(SweepSpec(str(tiny_dir), prompt_lens=[200], new_tokens=[8]))
 
 
 def test_quant_int8_is_not_available_yet(tiny_dir, home):
-    with pytest.raises(LmlabError, match=r"^quantization 'int8' is not available yet; --quant none is the only value for now\.$"):
+    with pytest.raises(
+        LmlabError, match=r"^quantization 'int8' is not available yet; --quant none is the only value for now\.$"
+    ):
         run_sweep(SweepSpec(str(tiny_dir), quant="int8"))
 
 
@@ -257,7 +324,9 @@ def test_an_entry_of_an_older_schema_is_measured_again(tmp_path, monkeypatch):
     old = fake_entry(torch.get_num_threads())
     (tmp_path / MACHINE_FILE).write_text(json.dumps({"schema": 1, "entries": {host_key(old["host"]): old}}))
     calls = []
-    monkeypatch.setattr(machine_mod, "measure_machine", lambda *a, **k: calls.append(1) or fake_entry(torch.get_num_threads()))
+    monkeypatch.setattr(
+        machine_mod, "measure_machine", lambda *a, **k: calls.append(1) or fake_entry(torch.get_num_threads())
+    )
     machine_limits("cpu")
     assert calls == [1] and json.loads((tmp_path / MACHINE_FILE).read_text())["schema"] == machine_mod.SCHEMA
 
@@ -339,9 +408,17 @@ def test_the_machine_table_says_which_decoding_step_runs(monkeypatch):
     from lmlab import native
     from lmlab.cli.bench import machine_table
 
-    entry = {"host": host_details("cpu"), "threads": 2, "bandwidth_gb_s": 20.0, "bandwidth_test_bytes": 1 << 30,
-             "matvec_gb_s": 20.0, "copy_gb_s": 30.0, "read_gb_s": 25.0, "matmul_gflops": {"float32": 100.0},
-             "measured_at": "2026-12-05T00:00:00+00:00"}
+    entry = {
+        "host": host_details("cpu"),
+        "threads": 2,
+        "bandwidth_gb_s": 20.0,
+        "bandwidth_test_bytes": 1 << 30,
+        "matvec_gb_s": 20.0,
+        "copy_gb_s": 30.0,
+        "read_gb_s": 25.0,
+        "matmul_gflops": {"float32": 100.0},
+        "measured_at": "2026-12-05T00:00:00+00:00",
+    }
     console = Console(record=True, width=200)
     console.print(machine_table(entry))
     text = console.export_text()

@@ -27,8 +27,11 @@ def test_a_second_turn_reuses_the_first_turns_cache_and_reset_drops_it(lm):
     chat = new_chat(lm, system="Be brief.")
     first = chat.ask("hello")
     assert chat.stats.cached_prompt_tokens == 0
-    assert chat.history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
-                            {"role": "assistant", "content": first}]
+    assert chat.history == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first},
+    ]
     chat.ask("and again")
     # the second transcript starts with the first prompt: its keys and values are not computed again
     assert chat.stats.cached_prompt_tokens > 0

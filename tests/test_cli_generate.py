@@ -23,8 +23,22 @@ def tiny_dir(tmp_path_factory):
 
 def test_json_output_and_stats_on_stderr(tiny_dir, capsys):
     capsys.readouterr()
-    code = main(["generate", "hello", "-m", str(tiny_dir), "--max-new-tokens", "6", "--temperature", "0",
-                 "--json", "--alternatives", "2", "--no-record"])
+    code = main(
+        [
+            "generate",
+            "hello",
+            "-m",
+            str(tiny_dir),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+            "--alternatives",
+            "2",
+            "--no-record",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)  # stdout is pure JSON
@@ -37,15 +51,35 @@ def test_prompts_file_runs_as_a_batch(tiny_dir, tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("one\ntwo two\n\nthree three three\n")
     capsys.readouterr()
-    code = main(["generate", "--prompts", str(f), "-m", str(tiny_dir), "--max-new-tokens", "4", "--temperature", "0",
-                 "--json", "--no-record"])
+    code = main(
+        [
+            "generate",
+            "--prompts",
+            str(f),
+            "-m",
+            str(tiny_dir),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+            "--no-record",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert [r["prompt"] for r in json.loads(out)["results"]] == ["one", "two two", "three three three"]
 
 
-@pytest.mark.parametrize("flag, value, word", [("--top-p", "1.5", "top_p"), ("--temperature", "-1", "temperature"),
-                                               ("--top-k", "-3", "top_k"), ("--max-new-tokens", "0", "max_new_tokens")])
+@pytest.mark.parametrize(
+    "flag, value, word",
+    [
+        ("--top-p", "1.5", "top_p"),
+        ("--temperature", "-1", "temperature"),
+        ("--top-k", "-3", "top_k"),
+        ("--max-new-tokens", "0", "max_new_tokens"),
+    ],
+)
 def test_bad_sampling_flags(tiny_dir, capsys, flag, value, word):
     capsys.readouterr()
     code = main(["generate", "hi", "-m", str(tiny_dir), flag, value, "--no-record"])
@@ -62,9 +96,26 @@ def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(tmp_path):
     # whatever token the sampler draws. (Without it, seed 1 drew the random model's EOS at token
     # 187 on AMD Zen 4 but not on Intel: the sampled path depends on the CPU's float rounding.)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmlab.cli.main", "generate", "once", "-m", str(tiny_dir), "--stream",
-         "--max-new-tokens", "100000", "--ignore-eos", "--temperature", "1", "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lmlab.cli.main",
+            "generate",
+            "once",
+            "-m",
+            str(tiny_dir),
+            "--stream",
+            "--max-new-tokens",
+            "100000",
+            "--ignore-eos",
+            "--temperature",
+            "1",
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     os.set_blocking(proc.stdout.fileno(), False)
     got, deadline = b"", time.time() + 60

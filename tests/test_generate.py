@@ -24,7 +24,7 @@ def argmax_loop(lm, ids, n):
     seq = torch.tensor([ids])
     for _ in range(n):
         seq = torch.cat([seq, lm(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[0, len(ids):].tolist()
+    return seq[0, len(ids) :].tolist()
 
 
 def test_greedy_equals_uncached_argmax_loop(lm):
@@ -92,10 +92,16 @@ def test_stream_events_join_into_the_final_text(lm):
     assert events[-1].finish_reason == "length"
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(top_p=1.5), "top_p"), (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_sampling_values_are_one_sentence(lm, kw, words):
     with pytest.raises(LmlabError) as e:
         lm.generate([1, 2, 3], **{"max_new_tokens": 4, **kw})

@@ -70,16 +70,31 @@ def test_hf_config_matches_transformers(tf_reference):
 
     _, source, theirs, _ = tf_reference
     mine = source.hf_config()
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size", "tie_word_embeddings",
-                "bos_token_id", "pad_token_id", "rope_theta", "sliding_window"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "pad_token_id",
+        "rope_theta",
+        "sliding_window",
+    ):
         if key in theirs:
             assert mine[key] == theirs[key], key
     assert mine["rms_norm_eps"] == pytest.approx(theirs["rms_norm_eps"], rel=1e-6)
     eos = mine["eos_token_id"] if isinstance(mine["eos_token_id"], list) else [mine["eos_token_id"]]
     assert eos[0] == theirs["eos_token_id"]
     # Fields the file does not store come from transformers' config class defaults.
-    full = transformers.AutoConfig.for_model(theirs["model_type"], **{k: v for k, v in theirs.items() if k != "model_type"})
+    full = transformers.AutoConfig.for_model(
+        theirs["model_type"], **{k: v for k, v in theirs.items() if k != "model_type"}
+    )
     if mine["model_type"] == "gemma3_text":
         assert mine["layer_types"] == full.layer_types
         assert mine["query_pre_attn_scalar"] == full.query_pre_attn_scalar == 256
@@ -109,14 +124,24 @@ def test_lmlab_config_from_gguf():
 
     cfg = config_from_hf(GGUFSource(gemma3_gguf_path()).hf_config())
     assert cfg.family == "gemma3" and cfg.layer_types.count("full") == 3 and cfg.rope_local_theta == 10000.0
-    assert cfg.attn_scale == pytest.approx(256 ** -0.5) and cfg.norm_weight_offset == 1.0 and cfg.tie_embeddings
+    assert cfg.attn_scale == pytest.approx(256**-0.5) and cfg.norm_weight_offset == 1.0 and cfg.tie_embeddings
 
 
 # ----------------------------------------------------------------------------- dequantizers
 
 # Where each block format keeps its float16 scales (random bytes there would be inf/nan).
-_F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2],
-               Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q2_K: [80, 82], Q.Q3_K: [108]}
+_F16_FIELDS = {
+    Q.Q4_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_0: [0],
+    Q.Q5_1: [0, 2],
+    Q.Q8_0: [0],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
+    Q.Q2_K: [80, 82],
+    Q.Q3_K: [108],
+}
 
 
 def _random_blocks(qtype, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -124,7 +149,7 @@ def _random_blocks(qtype, n_blocks: int, seed: int = 0) -> np.ndarray:
     block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     for off in _F16_FIELDS[qtype]:
-        raw[:, off:off + 2] = rng.normal(0, 0.02, size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
+        raw[:, off : off + 2] = rng.normal(0, 0.02, size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
     return raw
 
 
@@ -168,8 +193,8 @@ def _scalar_q4_k(b: bytes) -> list[float]:
         d1, m1 = d * np.float32(sc), dmin * np.float32(m)
         sc, m = scale_min(is_ + 1)
         d2, m2 = d * np.float32(sc), dmin * np.float32(m)
-        y += [d1 * np.float32(qs[q + l] & 0xF) - m1 for l in range(32)]
-        y += [d2 * np.float32(qs[q + l] >> 4) - m2 for l in range(32)]
+        y += [d1 * np.float32(qs[q + i] & 0xF) - m1 for i in range(32)]
+        y += [d2 * np.float32(qs[q + i] >> 4) - m2 for i in range(32)]
         q += 32
         is_ += 2
     return [float(v) for v in y]
@@ -183,14 +208,14 @@ def _scalar_q6_k(b: bytes) -> list[float]:
     y = [0.0] * 256
     for n in (0, 128):
         o_ql, o_qh, o_sc = n // 2, n // 4, n // 16
-        for l in range(32):
-            is_ = l // 16
-            q1 = ((ql[o_ql + l] & 0xF) | (((qh[o_qh + l] >> 0) & 3) << 4)) - 32
-            q2 = ((ql[o_ql + l + 32] & 0xF) | (((qh[o_qh + l] >> 2) & 3) << 4)) - 32
-            q3 = ((ql[o_ql + l] >> 4) | (((qh[o_qh + l] >> 4) & 3) << 4)) - 32
-            q4 = ((ql[o_ql + l + 32] >> 4) | (((qh[o_qh + l] >> 6) & 3) << 4)) - 32
+        for i in range(32):
+            is_ = i // 16
+            q1 = ((ql[o_ql + i] & 0xF) | (((qh[o_qh + i] >> 0) & 3) << 4)) - 32
+            q2 = ((ql[o_ql + i + 32] & 0xF) | (((qh[o_qh + i] >> 2) & 3) << 4)) - 32
+            q3 = ((ql[o_ql + i] >> 4) | (((qh[o_qh + i] >> 4) & 3) << 4)) - 32
+            q4 = ((ql[o_ql + i + 32] >> 4) | (((qh[o_qh + i] >> 6) & 3) << 4)) - 32
             for k, qv in enumerate((q1, q2, q3, q4)):
-                y[n + l + 32 * k] = float(d * np.float32(sc[o_sc + is_ + 2 * k]) * np.float32(qv))
+                y[n + i + 32 * k] = float(d * np.float32(sc[o_sc + is_ + 2 * k]) * np.float32(qv))
     return y
 
 
@@ -248,7 +273,13 @@ def _write_tiny(path, arch: str, *, qtype=Q.Q8_0, extra_meta=None, rope_freqs=No
     if arch == "gpt2":
         add("token_embd.weight", "transformer.wte.weight", rng.normal(size=(V, C)), qtype)
         add("position_embd.weight", "transformer.wpe.weight", rng.normal(size=(128, C)), Q.F16)
-        add("blk.0.attn_qkv.weight", "transformer.h.0.attn.c_attn.weight", rng.normal(size=(3 * C, C)), qtype, lambda s: s.T)
+        add(
+            "blk.0.attn_qkv.weight",
+            "transformer.h.0.attn.c_attn.weight",
+            rng.normal(size=(3 * C, C)),
+            qtype,
+            lambda s: s.T,
+        )
         add("blk.0.attn_qkv.bias", "transformer.h.0.attn.c_attn.bias", rng.normal(size=(3 * C,)), Q.F32)
         add("blk.0.ffn_up.weight", "transformer.h.0.mlp.c_fc.weight", rng.normal(size=(F, C)), Q.F16, lambda s: s.T)
         add("blk.0.attn_norm.weight", "transformer.h.0.ln_1.weight", rng.normal(size=(C,)), Q.F32)
@@ -256,21 +287,54 @@ def _write_tiny(path, arch: str, *, qtype=Q.Q8_0, extra_meta=None, rope_freqs=No
     else:
         q_heads = {"attn_q": H, "attn_k": KV}
         add("token_embd.weight", "model.embed_tokens.weight", rng.normal(size=(V, C)), qtype)
-        for leaf, hf, rows, t in [("attn_q", "self_attn.q_proj", H * D, Q.F16), ("attn_k", "self_attn.k_proj", KV * D, qtype),
-                                  ("attn_v", "self_attn.v_proj", KV * D, Q.F16), ("ffn_gate", "mlp.gate_proj", F, qtype)]:
+        for leaf, hf, rows, t in [
+            ("attn_q", "self_attn.q_proj", H * D, Q.F16),
+            ("attn_k", "self_attn.k_proj", KV * D, qtype),
+            ("attn_v", "self_attn.v_proj", KV * D, Q.F16),
+            ("ffn_gate", "mlp.gate_proj", F, qtype),
+        ]:
             hf_w = rng.normal(size=(rows, C)).astype(np.float32)
             if arch == "llama" and leaf in q_heads:  # written as llama.cpp writes it; expect HF's rows back
-                add(f"blk.0.{leaf}.weight", f"model.layers.0.{hf}.weight", _permute(hf_w, q_heads[leaf]), t,
-                    lambda s, n=q_heads[leaf]: _unpermute(s, n))
+                add(
+                    f"blk.0.{leaf}.weight",
+                    f"model.layers.0.{hf}.weight",
+                    _permute(hf_w, q_heads[leaf]),
+                    t,
+                    lambda s, n=q_heads[leaf]: _unpermute(s, n),
+                )
             else:
                 add(f"blk.0.{leaf}.weight", f"model.layers.0.{hf}.weight", hf_w, t)
         norm_value = (lambda s: s - 1.0) if arch == "gemma3" else None  # gemma files store 1 + w
-        add("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", 1 + 0.1 * rng.normal(size=(C,)), Q.F32, norm_value)
+        add(
+            "blk.0.attn_norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            1 + 0.1 * rng.normal(size=(C,)),
+            Q.F32,
+            norm_value,
+        )
         add("output_norm.weight", "model.norm.weight", 1 + 0.1 * rng.normal(size=(C,)), Q.F32, norm_value)
         if arch == "gemma3":
-            add("blk.0.ffn_norm.weight", "model.layers.0.pre_feedforward_layernorm.weight", rng.normal(size=(C,)), Q.F32, norm_value)
-            add("blk.0.post_ffw_norm.weight", "model.layers.0.post_feedforward_layernorm.weight", rng.normal(size=(C,)), Q.F32, norm_value)
-            add("blk.0.attn_q_norm.weight", "model.layers.0.self_attn.q_norm.weight", rng.normal(size=(D,)), Q.F32, norm_value)
+            add(
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.pre_feedforward_layernorm.weight",
+                rng.normal(size=(C,)),
+                Q.F32,
+                norm_value,
+            )
+            add(
+                "blk.0.post_ffw_norm.weight",
+                "model.layers.0.post_feedforward_layernorm.weight",
+                rng.normal(size=(C,)),
+                Q.F32,
+                norm_value,
+            )
+            add(
+                "blk.0.attn_q_norm.weight",
+                "model.layers.0.self_attn.q_norm.weight",
+                rng.normal(size=(D,)),
+                Q.F32,
+                norm_value,
+            )
         else:
             add("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight", rng.normal(size=(C,)), Q.F32)
             add("output.weight", "lm_head.weight", rng.normal(size=(V, C)), Q.F16)
@@ -304,7 +368,12 @@ def test_tiny_gguf_round_trip(tmp_path, arch, qtype):
     if arch == "gpt2":
         assert (cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["tie_word_embeddings"]) == (64, 4, 1, False)
     else:
-        assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (64, 4, 2, 16)
+        assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
+            64,
+            4,
+            2,
+            16,
+        )
         assert cfg["tie_word_embeddings"] is (arch == "gemma3") and cfg["vocab_size"] == 96
 
 
@@ -333,8 +402,13 @@ def test_mistral_named_llama_file_and_llama3_rope(tmp_path):
     from lmlab.loading.gguf import _llama3_scaling
 
     got = _llama3_scaling(torch.tensor(factors, dtype=torch.float64), head_dim, theta)
-    assert got == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
+    assert got == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -348,7 +422,9 @@ def _copy_prefix(src: str, dst, nbytes: int):
 def test_truncated_inside_header(tmp_path):
     bad = tmp_path / "head.gguf"
     _copy_prefix(smollm2_gguf_path(), bad, 1 << 20)  # the header (vocabulary + merges) is ~1.8 MB
-    with pytest.raises(LmlabError, match=r"is not a valid GGUF file \(it ends at byte 1048576, inside its header\); re-download it\."):
+    with pytest.raises(
+        LmlabError, match=r"is not a valid GGUF file \(it ends at byte 1048576, inside its header\); re-download it\."
+    ):
         GGUFSource(bad)
 
 
@@ -356,12 +432,23 @@ def test_truncated_tensor_data(tmp_path):
     src = smollm2_gguf_path()
     bad = tmp_path / "half.gguf"
     _copy_prefix(src, bad, os.path.getsize(src) // 2)
-    with pytest.raises(LmlabError, match=r"is truncated: tensor 'blk\.\d+\.\w+\.weight' ends at byte \d+ but the file has \d+; re-download it\."):
+    with pytest.raises(
+        LmlabError,
+        match=r"is truncated: tensor 'blk\.\d+\.\w+\.weight' ends at byte \d+ but the file has \d+; re-download it\.",
+    ):
         GGUFSource(bad)
 
 
-@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"GGUF" + b"\xff" * 60, b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x05" + b"\x00" * 7 + b"\xff" * 40],
-                         ids=["garbage", "empty", "bad-version", "bad-kv"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        os.urandom(4096),
+        b"",
+        b"GGUF" + b"\xff" * 60,
+        b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x05" + b"\x00" * 7 + b"\xff" * 40,
+    ],
+    ids=["garbage", "empty", "bad-version", "bad-kv"],
+)
 def test_garbage_is_not_gguf(tmp_path, content):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(content)
@@ -374,9 +461,9 @@ def _patch_type(path, tensor: str, type_id: int):
     data = bytearray(path.read_bytes())
     name = tensor.encode()
     at = data.index(struct_u64(len(name)) + name) + 8 + len(name)
-    n_dims = int.from_bytes(data[at:at + 4], "little")
+    n_dims = int.from_bytes(data[at : at + 4], "little")
     at += 4 + 8 * n_dims
-    data[at:at + 4] = type_id.to_bytes(4, "little")
+    data[at : at + 4] = type_id.to_bytes(4, "little")
     path.write_bytes(bytes(data))
 
 
@@ -388,11 +475,19 @@ def test_unknown_and_unsupported_quant_types(tmp_path):
     path = tmp_path / "t.gguf"
     _write_tiny(path, "llama")
     _patch_type(path, "blk.0.ffn_gate.weight", 200)
-    with pytest.raises(LmlabError, match=r"tensor 'blk\.0\.ffn_gate\.weight' has ggml type id 200, which lmlab does not know; supported types: F32, F16, BF16, .*Q6_K"):
+    with pytest.raises(
+        LmlabError,
+        match=(
+            r"tensor 'blk\.0\.ffn_gate\.weight' has ggml type id 200, which lmlab does not know; "
+            r"supported types: F32, F16, BF16, .*Q6_K"
+        ),
+    ):
         GGUFSource(path)
     _write_tiny(path, "llama")
     _patch_type(path, "blk.0.ffn_gate.weight", 9)  # Q8_1: ggml's internal activation type
-    with pytest.raises(LmlabError, match=r"is quantized as Q8_1, which lmlab cannot dequantize; supported types: .*Q4_K.*re-quantize"):
+    with pytest.raises(
+        LmlabError, match=r"is quantized as Q8_1, which lmlab cannot dequantize; supported types: .*Q4_K.*re-quantize"
+    ):
         GGUFSource(path)
 
 
@@ -404,7 +499,13 @@ def test_unsupported_architecture_and_missing_tensor(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(LmlabError, match=r"holds a 'falcon' model, which lmlab cannot load from GGUF; supported architectures: gemma3, gpt2, llama, qwen2, qwen3\."):
+    with pytest.raises(
+        LmlabError,
+        match=(
+            r"holds a 'falcon' model, which lmlab cannot load from GGUF; "
+            r"supported architectures: gemma3, gpt2, llama, qwen2, qwen3\."
+        ),
+    ):
         GGUFSource(path)
     with pytest.raises(LmlabError, match="does not exist"):
         GGUFSource(tmp_path / "nope.gguf")
@@ -440,7 +541,9 @@ print(json.dumps({"delta": peak - base, "ru_maxrss": resource.getrusage(resource
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
 def test_peak_memory_loading_bf16():
-    out = subprocess.run([sys.executable, "-c", _MEASURE, smollm2_gguf_path()], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, smollm2_gguf_path()], capture_output=True, text=True, check=True
+    )
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["bytes"] == 134515008 * 2
     assert m["delta"] <= 1.5 * m["bytes"], m
@@ -454,8 +557,9 @@ def test_logits_match_transformers_loading_the_same_gguf(name):
     import lmlab
 
     path = BUNDLED[name]()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     lm = lmlab.load(path)
     ids = torch.tensor([lm.encode("The capital of France is Paris, and the capital of Italy is")])
     with torch.no_grad():

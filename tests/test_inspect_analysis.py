@@ -75,7 +75,9 @@ def test_metrics_against_a_direct_computation():
     change = top_token_change(base, mod)
     top = base.argmax(-1, keepdim=True)
     assert torch.allclose(change["dlogit"], (mod.gather(-1, top) - base.gather(-1, top)).squeeze(-1))
-    assert torch.allclose(change["dprob"], (mod.softmax(-1).gather(-1, top) - base.softmax(-1).gather(-1, top)).squeeze(-1))
+    assert torch.allclose(
+        change["dprob"], (mod.softmax(-1).gather(-1, top) - base.softmax(-1).gather(-1, top)).squeeze(-1)
+    )
     assert top1_agreement(base, base) == 1.0
     assert top1_agreement(base, mod) == (base.argmax(-1) == mod.argmax(-1)).float().mean().item()
 
@@ -95,7 +97,9 @@ def test_effect_of_nothing_is_zero_and_of_an_ablation_is_not(tiny):
 def test_generation_diff_with_the_same_seed(tiny):
     lm = tiny("llama")
     prompt = ids_of(6)[0].tolist()
-    same = generation_diff(lm, prompt, Steer(torch.zeros(lm.config.d_model), 0), seed=3, max_new_tokens=6, temperature=1.0)
+    same = generation_diff(
+        lm, prompt, Steer(torch.zeros(lm.config.d_model), 0), seed=3, max_new_tokens=6, temperature=1.0
+    )
     assert same.base_ids == same.mod_ids and same.first_divergence is None  # same seed, no change: same sample
     diff = generation_diff(lm, prompt, SkipLayers(0), seed=3, max_new_tokens=6, temperature=1.0)
     assert diff.base_ids == same.base_ids and diff.mod_ids != diff.base_ids
@@ -116,7 +120,10 @@ def test_shape_trace_matches_the_documented_shapes(tiny, family):
     names = [r.name for r in trace.rows if r.step == "prefill"]
     assert names[0] == "input_ids" and names[-1] == "logits"
     q = next(r for r in trace.rows if r.step == "decode" and r.name == "blocks.0.attn.q")
-    assert q.shape == (1, cfg.n_heads, 1, cfg.head_dim) and q.dims == f"B=1, n_heads={cfg.n_heads}, T=1, head_dim={cfg.head_dim}"
+    assert (
+        q.shape == (1, cfg.n_heads, 1, cfg.head_dim)
+        and q.dims == f"B=1, n_heads={cfg.n_heads}, T=1, head_dim={cfg.head_dim}"
+    )
     pattern = next(r for r in trace.rows if r.step == "decode" and r.name == "blocks.0.attn.pattern")
     assert pattern.shape == (1, cfg.n_heads, 1, 8)  # one new query, 7 cached keys + its own
     gqa = [r for r in trace.rows if "GQA" in r.name]
@@ -171,8 +178,15 @@ def test_notebook_reprs_and_pngs(tiny, tmp_path):
     pattern = cache.attention(1, head=2)
     assert torch.equal(pattern.matrix(), cache["blocks.1.attn.pattern"][0, 2])
     clean, corrupt = ids_of(6, seed=1), ids_of(6, seed=2)
-    things = [cache, pattern, cache.attention(0), logit_lens(lm, ids), effect(lm, ids, SkipLayers(0)),
-              shape_trace(lm, ids), patching_sweep(lm, clean, corrupt)]
+    things = [
+        cache,
+        pattern,
+        cache.attention(0),
+        logit_lens(lm, ids),
+        effect(lm, ids, SkipLayers(0)),
+        shape_trace(lm, ids),
+        patching_sweep(lm, clean, corrupt),
+    ]
     for thing in things:
         page = thing._repr_html_()
         assert page.startswith("<table") and "</table>" in page, type(thing)

@@ -99,17 +99,23 @@ def test_load_time_knobs(run, models):
     assert code == 2 and "--rope-theta applies to RoPE models" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["attention", "--ids", IDS, "--layer", "0", "--head", "9"], "error: head 9 (layer 0) is out of range; this model has 4 heads per layer"),
-    (["attention", "--ids", IDS, "--layer", "5"], "error: layer 5 is out of range"),
-    (["ablate", "--ids", IDS], "error: nothing to ablate; pass --heads"),
-    (["ablate", "--ids", IDS, "--heads", "4.1"], "error: layer 4 is out of range"),
-    (["inspect", "--ids", "1,x"], "error: --ids takes comma-separated token ids"),
-    (["inspect", "--ids", "1,999"], "error: token id 999 is out of range"),
-    (["inspect"], "error: no prompt was given"),
-    (["inspect", "a prompt"], "has no tokenizer"),
-    (["patch", "--clean", "ids:1,2", "--corrupt", "ids:1,2,3"], "same number of tokens"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["attention", "--ids", IDS, "--layer", "0", "--head", "9"],
+            "error: head 9 (layer 0) is out of range; this model has 4 heads per layer",
+        ),
+        (["attention", "--ids", IDS, "--layer", "5"], "error: layer 5 is out of range"),
+        (["ablate", "--ids", IDS], "error: nothing to ablate; pass --heads"),
+        (["ablate", "--ids", IDS, "--heads", "4.1"], "error: layer 4 is out of range"),
+        (["inspect", "--ids", "1,x"], "error: --ids takes comma-separated token ids"),
+        (["inspect", "--ids", "1,999"], "error: token id 999 is out of range"),
+        (["inspect"], "error: no prompt was given"),
+        (["inspect", "a prompt"], "has no tokenizer"),
+        (["patch", "--clean", "ids:1,2", "--corrupt", "ids:1,2,3"], "same number of tokens"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(run, models, argv, message):
     code, out, err = run(*argv, "-m", models["llama"])
     assert code == 2 and out == ""

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmlab
 from lmlab.errors import LmlabError
 from lmlab.inspect.hooks import hook_names, markdown_table, parse_heads, parse_layers, resolve_names
 from lmlab.model import HOOK_POINTS
@@ -52,18 +51,23 @@ def test_hook_names_expand_every_template(tiny):
 def test_patterns_select_names(tiny):
     cfg = tiny("llama").config  # 2 layers
     assert resolve_names(cfg, "blocks.*.attn.pattern") == ["blocks.0.attn.pattern", "blocks.1.attn.pattern"]
-    assert resolve_names(cfg, "blocks.1.attn.*") == [f"blocks.1.attn.{n}" for n in ("q", "k", "v", "scores", "pattern", "head_out")]
+    assert resolve_names(cfg, "blocks.1.attn.*") == [
+        f"blocks.1.attn.{n}" for n in ("q", "k", "v", "scores", "pattern", "head_out")
+    ]
     assert resolve_names(cfg, ["logits", "*resid_post"]) == ["blocks.0.resid_post", "blocks.1.resid_post", "logits"]
     assert len(resolve_names(cfg, "blocks.0.*")) == sum(t.startswith("blocks.") for t in HOOK_POINTS)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("blocks.0.attn.patern", "unknown hook name 'blocks.0.attn.patern'. Did you mean: blocks.0.attn.pattern"),
-    ("blocks.9.resid_pre", "layer 9 is out of range; this model has 2 layers, numbered 0..1."),
-    ("blocks.5.*", "layer 5 is out of range"),
-    ("blocks.*.attn.nothing*", "the pattern 'blocks.*.attn.nothing*' matches no hook name"),
-    ("pos_embed", "has no 'pos_embed' hook"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("blocks.0.attn.patern", "unknown hook name 'blocks.0.attn.patern'. Did you mean: blocks.0.attn.pattern"),
+        ("blocks.9.resid_pre", "layer 9 is out of range; this model has 2 layers, numbered 0..1."),
+        ("blocks.5.*", "layer 5 is out of range"),
+        ("blocks.*.attn.nothing*", "the pattern 'blocks.*.attn.nothing*' matches no hook name"),
+        ("pos_embed", "has no 'pos_embed' hook"),
+    ],
+)
 def test_bad_hook_names_say_what_to_do(tiny, spec, message):
     with pytest.raises(LmlabError) as e:
         resolve_names(tiny("llama").config, spec)
@@ -72,13 +76,16 @@ def test_bad_hook_names_say_what_to_do(tiny, spec, message):
     assert "\n" not in text and text.endswith((".", "?")) and len(text) < 250
 
 
-@pytest.mark.parametrize("parse, spec, message", [
-    (parse_heads, "0.7", "head 7 (layer 0) is out of range; this model has 4 heads per layer, numbered 0..3."),
-    (parse_heads, "3.1", "layer 3 is out of range"),
-    (parse_heads, "a.b", "cannot read the head 'a.b'"),
-    (parse_layers, "2", "layer 2 is out of range"),
-    (parse_layers, "x", "cannot read the layer 'x'"),
-])
+@pytest.mark.parametrize(
+    "parse, spec, message",
+    [
+        (parse_heads, "0.7", "head 7 (layer 0) is out of range; this model has 4 heads per layer, numbered 0..3."),
+        (parse_heads, "3.1", "layer 3 is out of range"),
+        (parse_heads, "a.b", "cannot read the head 'a.b'"),
+        (parse_layers, "2", "layer 2 is out of range"),
+        (parse_layers, "x", "cannot read the layer 'x'"),
+    ],
+)
 def test_bad_heads_and_layers(tiny, parse, spec, message):
     with pytest.raises(LmlabError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         parse(tiny("llama").config, spec)
@@ -97,7 +104,9 @@ def test_head_and_layer_specs(tiny):
 def test_hooks_context_registers_and_always_removes(tiny):
     lm = tiny("llama")
     seen = []
-    with lm.hooks({"blocks.*.resid_post": lambda x, name: seen.append((name, tuple(x.shape)))}, embed=lambda x, n: None):
+    with lm.hooks(
+        {"blocks.*.resid_post": lambda x, name: seen.append((name, tuple(x.shape)))}, embed=lambda x, n: None
+    ):
         lm(ids_of(6, 1))
         assert set(lm.model.hooks) == {"blocks.0.resid_post", "blocks.1.resid_post", "embed"}
     assert lm.model.hooks == {}

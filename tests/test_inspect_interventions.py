@@ -166,7 +166,9 @@ def test_steering_adds_the_scaled_difference_of_mean_activations(tiny):
     _, base = run_with_cache(lm, ids, "blocks.1.resid_pre")
     with intervene(lm, steer):
         _, steered = run_with_cache(lm, ids, "blocks.1.resid_pre")
-    assert torch.allclose(steered["blocks.1.resid_pre"] - base["blocks.1.resid_pre"], 3.0 * steer.vector.expand(1, 16, -1), atol=1e-5)
+    assert torch.allclose(
+        steered["blocks.1.resid_pre"] - base["blocks.1.resid_pre"], 3.0 * steer.vector.expand(1, 16, -1), atol=1e-5
+    )
     with intervene(lm, Steer(steer.vector, 1, scale=0.0)):
         assert torch.equal(lm(ids), lm(ids))
     with pytest.raises(LmlabError, match="layer 2 is out of range"):
@@ -231,7 +233,10 @@ def _interventions(lm):
         "ablate-zero": [AblateHeads("0.0,1.2")],
         "ablate-mean": [AblateHeads("1.*", mode="mean")],
         "skip": [SkipLayers(0)],
-        "patch": [Patch(other, "blocks.0.resid_post", positions=[3, 11, 12]), Patch(other, "blocks.1.attn.v", positions=[12])],
+        "patch": [
+            Patch(other, "blocks.0.resid_post", positions=[3, 11, 12]),
+            Patch(other, "blocks.1.attn.v", positions=[12]),
+        ],
         "steer": [Steer(vector, 1, scale=2.0)],
         "steer-positions": [Steer(vector, 0, scale=4.0, positions=[2, 12, 14])],
         "scale-embed": [ScaleEmbeddings(3.0, tokens=prompt[:3])],

@@ -57,7 +57,9 @@ def test_induction_heads(run, smol):
     m = re.search(r"mean loss ([\d.]+) nats on the first repeat, ([\d.]+) on the second", out)
     first, second = float(m.group(1)), float(m.group(2))
     assert second < 0.5 * first, (first, second)
-    heads = re.findall(r"(\d+)\.(\d+) \((-?\d+)%\)", out.split("induction heads (ablation removes most of the drop):")[1])
+    heads = re.findall(
+        r"(\d+)\.(\d+) \((-?\d+)%\)", out.split("induction heads (ablation removes most of the drop):")[1]
+    )
     assert len(heads) == 5
     layer, head, removed = map(int, heads[0])
     assert removed >= 30, heads
@@ -85,21 +87,50 @@ def test_inspect_lens_attention_shapes_on_text(run):
 
 
 def test_ablate_patch_steer_on_text(run):
-    code, out, _ = run("ablate", "--heads", "3.5,4.*", "--skip-layers", 7, "The capital of France is", "-t", 4, "--json")
+    code, out, _ = run(
+        "ablate", "--heads", "3.5,4.*", "--skip-layers", 7, "The capital of France is", "-t", 4, "--json"
+    )
     d = json.loads(out)
     assert code == 0 and d["effect"]["summary"]["mean_kl"] > 0.01
     assert d["generation"]["base"]["text"].startswith(" Paris")
-    code, out, _ = run("patch", "--clean", "The Eiffel Tower is in the city of", "--corrupt", "The Colosseum is in the city of",
-                       "--answer", " Paris", "--wrong", " Rome", "--layers", "4,24", "--json")
+    code, out, _ = run(
+        "patch",
+        "--clean",
+        "The Eiffel Tower is in the city of",
+        "--corrupt",
+        "The Colosseum is in the city of",
+        "--answer",
+        " Paris",
+        "--wrong",
+        " Rome",
+        "--layers",
+        "4,24",
+        "--json",
+    )
     d = json.loads(out)
     assert code == 0 and d["clean_metric"] > 0 > d["corrupt_metric"]
     restored = d["restored"]  # (layers, positions): early on the subject carries the answer, late the last token
     assert max(restored[0][1:4]) > 0.8 and restored[0][8] < 0.2
     assert restored[1][8] > 0.5 and max(restored[1][1:4]) < 0.1
-    code, out, err = run("steer", "I think that you are", "--toward", "I love you so much", "--away", "I hate you so much",
-                         "--layer", 6, "--scale", 4, "-t", 4, "--json")
+    code, out, err = run(
+        "steer",
+        "I think that you are",
+        "--toward",
+        "I love you so much",
+        "--away",
+        "I hate you so much",
+        "--layer",
+        6,
+        "--scale",
+        4,
+        "-t",
+        4,
+        "--json",
+    )
     d = json.loads(out)
     assert code == 0 and d["generation"]["modified"]["text"] != d["generation"]["base"]["text"]
     assert "steer blocks.6.resid_pre by 4 x vector" in err
-    code, _, err = run("patch", "--clean", "The Eiffel Tower is in the city of", "--corrupt", "Rome", "--answer", " Paris")
+    code, _, err = run(
+        "patch", "--clean", "The Eiffel Tower is in the city of", "--corrupt", "Rome", "--answer", " Paris"
+    )
     assert code == 2 and "same number of tokens" in err

@@ -56,8 +56,9 @@ def test_nanogpt_checkpoint(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                          activation_function="gelu")).eval()
+    hf = tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, activation_function="gelu")
+    ).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -70,7 +71,9 @@ def test_nanogpt_checkpoint(tmp_path):
             v = v.t().contiguous()
         sd["_orig_mod." + k] = v
     args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=True, vocab_size=VOCAB, dropout=0.0)
-    torch.save({"model": sd, "model_args": args, "iter_num": 10, "best_val_loss": torch.tensor(2.0)}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": sd, "model_args": args, "iter_num": 10, "best_val_loss": torch.tensor(2.0)}, tmp_path / "ckpt.pt"
+    )
     _logits_match(hf, lmlab.load(tmp_path / "ckpt.pt"))
     _logits_match(hf, lmlab.load(tmp_path))  # a folder holding ckpt.pt
 

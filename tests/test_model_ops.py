@@ -36,7 +36,7 @@ def test_rope_equals_the_rotate_half_formula():
     cos, sin = rope_cos_sin(rope_inv_freq(D, 10000.0, None), pos, torch.float32)
     freqs = pos[:, :, None].float() * rope_inv_freq(D, 10000.0, None)[None, None]
     emb = torch.cat([freqs, freqs], -1)[:, None]
-    rotated = torch.cat([-x[..., D // 2:], x[..., : D // 2]], -1)
+    rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], -1)
     torch.testing.assert_close(apply_rope(x, cos, sin), x * emb.cos() + rotated * emb.sin())
     # partial rotary: the features past rotary_dim pass through unchanged
     cos8, sin8 = rope_cos_sin(rope_inv_freq(8, 10000.0, None), pos, torch.float32)
@@ -57,14 +57,18 @@ def test_rmsnorm_equals_the_formula_in_float32(dtype, offset):
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
     want = (normed * (offset + norm.weight.float())).to(dtype) if offset else norm.weight * normed.to(dtype)
-    torch.testing.assert_close(norm(x), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(
+        norm(x), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2
+    )
 
 
 # ----------------------------------------------------------------------------- prepacked weights
 
 from lmlab import kernels  # noqa: E402
 
-needs_onednn = pytest.mark.skipif(not kernels.prepack_supported(torch.float32, "cpu"), reason="no oneDNN in this torch build")
+needs_onednn = pytest.mark.skipif(
+    not kernels.prepack_supported(torch.float32, "cpu"), reason="no oneDNN in this torch build"
+)
 
 
 @needs_onednn
@@ -232,12 +236,17 @@ def test_decoding_rows_take_the_native_route_and_see_edits(monkeypatch):
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("env,why", [({"LMLAB_NATIVE": "0"}, "off (LMLAB_NATIVE=0)"), ({"CC": "false"}, "off: the build failed")])
+@pytest.mark.parametrize(
+    "env,why", [({"LMLAB_NATIVE": "0"}, "off (LMLAB_NATIVE=0)"), ({"CC": "false"}, "off: the build failed")]
+)
 def test_without_the_native_kernel_lmlab_still_computes(tmp_path, env, why):
-    code = ("import torch, torch.nn.functional as F; from lmlab import native; from lmlab.kernels import linear\n"
-            "layer = torch.nn.Linear(16, 8); x = torch.randn(1, 16)\n"
-            "with torch.inference_mode(): assert torch.allclose(linear(x, layer), F.linear(x, layer.weight, layer.bias), atol=1e-6)\n"
-            "print(native.status())")
+    code = (
+        "import torch, torch.nn.functional as F; from lmlab import native; from lmlab.kernels import linear\n"
+        "layer = torch.nn.Linear(16, 8); x = torch.randn(1, 16)\n"
+        "with torch.inference_mode(): assert torch.allclose(linear(x, layer), F.linear(x, layer.weight, layer.bias), "
+        "atol=1e-6)\n"
+        "print(native.status())"
+    )
     import os
 
     full = {**os.environ, "LMLAB_HOME": str(tmp_path), **env}

@@ -45,7 +45,7 @@ def run_steps(lm, prompts, steps, use_native, tokens=None):
     ids = torch.zeros(B, T0, dtype=torch.long)
     key_mask = torch.ones(B, T0 + steps, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, T0 - len(p):] = torch.tensor(p)
+        ids[i, T0 - len(p) :] = torch.tensor(p)
         key_mask[i, : T0 - len(p)] = False
     padded = bool((~key_mask).any())
     positions = (key_mask[:, :T0].long().cumsum(-1) - 1).clamp(min=0)
@@ -94,7 +94,9 @@ def test_native_step_equals_the_pytorch_forward_float32(family, folders, monkeyp
     assert len(calls) == 14 and native.plan_for(lm.model).reason is None
     want = run_steps(lm, prompts, 14, use_native=False)
     assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
-    one = run_steps(lm, prompts[1:2], 14, use_native=True, tokens=feed(3, 14)[1:2])  # a row alone computes what it does in the batch
+    one = run_steps(
+        lm, prompts[1:2], 14, use_native=True, tokens=feed(3, 14)[1:2]
+    )  # a row alone computes what it does in the batch
     assert (one[0] - got[1]).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
 
 
@@ -128,7 +130,13 @@ def test_one_model_steps_batches_caches_and_thread_counts_of_any_size(folders):
     lm = lmlab.load(folders("gemma3"))
     before = torch.get_num_threads()
     try:
-        for lengths, steps, threads in (([4], 3, 1), ([6, 2, 9], 12, 1), ([3], 2, 1), ([5, 12], 10, 3), (list(range(1, 12)), 4, 2)):
+        for lengths, steps, threads in (
+            ([4], 3, 1),
+            ([6, 2, 9], 12, 1),
+            ([3], 2, 1),
+            ([5, 12], 10, 3),
+            (list(range(1, 12)), 4, 2),
+        ):
             torch.set_num_threads(threads)
             prompts = prompts_of(lengths)
             got = run_steps(lm, prompts, steps, use_native=True)
@@ -233,7 +241,11 @@ def test_a_build_without_openmp_is_used_only_on_one_thread(folders, tmp_path):
     if cc is None:
         pytest.skip("no C compiler")
     wrapper = tmp_path / "cc-without-openmp"
-    wrapper.write_text(f'#!/bin/sh\nargs=""\nfor a in "$@"; do [ "$a" = "-fopenmp" ] || args="$args \'$a\'"; done\neval exec {cc} $args\n')
+    wrapper.write_text(
+        '#!/bin/sh\nargs=""\n'
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] || args="$args \'$a\'"; done\n'
+        f"eval exec {cc} $args\n"
+    )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     code = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})

@@ -37,8 +37,13 @@ def two_runs(home):
     """A baseline generate run and one with a higher temperature and faster decode."""
     ids = []
     for temp, speed, text in ((0.7, 40.0, "a cat sat"), (1.2, 50.0, "a dog ran")):
-        with record_run("generate", model="smollm2-135m", config={"temperature": temp, "top_k": 50}, seed=1,
-                        inputs={"prompts": ["Once upon a time"]}) as run:
+        with record_run(
+            "generate",
+            model="smollm2-135m",
+            config={"temperature": temp, "top_k": 50},
+            seed=1,
+            inputs={"prompts": ["Once upon a time"]},
+        ) as run:
             run.outputs = {"texts": [text]}
             run.add_metrics(decode_tok_s=speed, ttft_ms=100.0)
         ids.append(run.id)
@@ -73,8 +78,17 @@ def test_list_json_and_filters(cli, two_runs):
 
 def test_list_marks_a_killed_run_as_incomplete(cli, home):
     home.mkdir()
-    RunStore().insert_run({"id": "00000000abcd", "created": 1.0e9, "command": "train", "model": "tiny",
-                           "status": "running", "pid": 2**22 + 12345, "hostname": __import__("platform").node()})
+    RunStore().insert_run(
+        {
+            "id": "00000000abcd",
+            "created": 1.0e9,
+            "command": "train",
+            "model": "tiny",
+            "status": "running",
+            "pid": 2**22 + 12345,
+            "hostname": __import__("platform").node(),
+        }
+    )
     r = cli("list")
     assert "incomplete" in r.stdout
     assert json.loads(cli("list", "--json").stdout)[0]["incomplete"] is True
@@ -114,7 +128,10 @@ def test_diff_table_and_json(cli, two_runs):
     assert "differences" in r.stderr
     d = json.loads(cli("diff", a, b, "--json").stdout)
     assert {(c["section"], c["key"]) for c in d["changes"]} == {
-        ("config", "temperature"), ("outputs", "texts[0]"), ("metrics", "decode_tok_s")}
+        ("config", "temperature"),
+        ("outputs", "texts[0]"),
+        ("metrics", "decode_tok_s"),
+    }
 
 
 def test_diff_of_identical_runs_says_so(cli, home):

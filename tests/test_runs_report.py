@@ -13,12 +13,27 @@ HOSTILE = '<script>alert("x")</script> | `code` ```fence``` <img src="https://ev
 
 
 def _bench_run(speedup: float, dtype_speed: dict) -> dict:
-    points = [{"batch": b, "prompt_len": 128, "dtype": dt, "decode_tok_s": 20.0 * b * speedup * f,
-               "prefill_tok_s": 900.0 * b, "ttft_ms": 15.0 * b, "peak_mem_bytes": 2**20 * (300 + 10 * b),
-               "bandwidth_pct": 40.0 + b}
-              for b in (1, 2, 4, 8, 16) for dt, f in dtype_speed.items()]
-    with record_run("bench", model="smollm2-135m", config={"compile": speedup > 1, "batches": [1, 2, 4, 8, 16]},
-                    seed=0, inputs={"prompt": HOSTILE}) as run:
+    points = [
+        {
+            "batch": b,
+            "prompt_len": 128,
+            "dtype": dt,
+            "decode_tok_s": 20.0 * b * speedup * f,
+            "prefill_tok_s": 900.0 * b,
+            "ttft_ms": 15.0 * b,
+            "peak_mem_bytes": 2**20 * (300 + 10 * b),
+            "bandwidth_pct": 40.0 + b,
+        }
+        for b in (1, 2, 4, 8, 16)
+        for dt, f in dtype_speed.items()
+    ]
+    with record_run(
+        "bench",
+        model="smollm2-135m",
+        config={"compile": speedup > 1, "batches": [1, 2, 4, 8, 16]},
+        seed=0,
+        inputs={"prompt": HOSTILE},
+    ) as run:
         run.outputs = {"note": HOSTILE}
         run.add_metrics(decode_tok_s=max(p["decode_tok_s"] for p in points), points=points)
     return RunStore().get(run.id)
@@ -41,7 +56,7 @@ def test_html_is_self_contained(bench_runs):
 
 def test_html_escapes_run_text(bench_runs):
     page = render_html(bench_runs)
-    assert '&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;' in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "<img" not in page
 
 
@@ -51,8 +66,12 @@ def test_html_compares_runs_side_by_side_with_ratios_and_plots(bench_runs):
     assert a["id"] in page and b["id"] in page
     assert "×1.50" in page  # b's best decode speed over a's
     assert page.count("<svg") == 5  # decode, prefill, TTFT, memory, bandwidth
-    for caption in ("decode (tokens/s) vs batch", "time to first token (ms) vs batch", "peak memory (MiB) vs batch",
-                    "achieved memory bandwidth (% of measured roofline) vs batch"):
+    for caption in (
+        "decode (tokens/s) vs batch",
+        "time to first token (ms) vs batch",
+        "peak memory (MiB) vs batch",
+        "achieved memory bandwidth (% of measured roofline) vs batch",
+    ):
         assert caption in page
     assert f"{a['id']} dtype=bfloat16" in page  # one line per run and dtype, named in the legend
     assert '<tr class="diff"><th class="key">compile</th>' in page  # the config that differs is marked
@@ -98,16 +117,19 @@ def test_markdown_tables_fences_and_escaping(bench_runs):
 
 def _one_bench_sweep(home) -> dict:
     """A single bench run whose points look like `lmlab bench`'s (they name an engine)."""
-    points = [{"engine": "lmlab", "dtype": "float32", "batch": b, "prompt_len": 64, "decode_tok_s": 30.0 * b}
-              for b in (1, 2, 4)]
+    points = [
+        {"engine": "lmlab", "dtype": "float32", "batch": b, "prompt_len": 64, "decode_tok_s": 30.0 * b}
+        for b in (1, 2, 4)
+    ]
     with record_run("bench", model="gpt2") as run:
         run.metrics = {"points": points, "machine": {"bandwidth_gb_s": 10.0}}
     return RunStore().get(run.id)
 
 
 def test_single_bench_sweep_embeds_the_bench_modules_own_plots(home, monkeypatch):
-    import lmlab.bench.plots as bench_plots
     from matplotlib.figure import Figure
+
+    import lmlab.bench.plots as bench_plots
 
     seen = {}
 

@@ -29,15 +29,25 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def _child_env(home: Path) -> dict:
     """A child's environment: the same store, and its temp folder (where a run that cannot be
     recorded would go) under the test's own folder."""
-    env = dict(os.environ, LMLAB_HOME=str(home), TMPDIR=str(home.parent),
-               PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        LMLAB_HOME=str(home),
+        TMPDIR=str(home.parent),
+        PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("LMLAB_WANDB", None)
     return env
 
 
 def test_completed_run_keeps_everything_set_during_it(home):
-    with record_run("generate", model="smollm2-135m", config={"temperature": 0.7, "top_k": 50}, seed=3,
-                    inputs={"prompts": ["Once upon a time"]}, argv=["lmlab", "generate", "Once upon a time"]) as run:
+    with record_run(
+        "generate",
+        model="smollm2-135m",
+        config={"temperature": 0.7, "top_k": 50},
+        seed=3,
+        inputs={"prompts": ["Once upon a time"]},
+        argv=["lmlab", "generate", "Once upon a time"],
+    ) as run:
         run.outputs = {"texts": [" there was a cat"]}
         run.timings = {"ttft_ms": 12.5}
         run.add_metrics(decode_tok_s=41.5)
@@ -235,8 +245,12 @@ for i in range(50):
 
 def test_two_processes_writing_at_once_lose_nothing(home, tmp_path):
     go = tmp_path / "go"
-    children = [subprocess.Popen([sys.executable, "-c", CHILD_WRITER, name, str(go)], env=_child_env(home),
-                                 stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_WRITER, name, str(go)], env=_child_env(home), stderr=subprocess.PIPE, text=True
+        )
+        for name in ("a", "b")
+    ]
     deadline = time.time() + 60
     while not all(Path(f"{go}.{n}").exists() for n in ("a", "b")):
         assert time.time() < deadline and all(c.poll() is None for c in children), "writers did not start"
@@ -267,8 +281,9 @@ with record_run("train", model="tiny-gpt", config={"steps": 1000}) as run:
 
 
 def test_sigkill_mid_run_leaves_a_valid_db_with_the_run_incomplete(home):
-    child = subprocess.Popen([sys.executable, "-c", CHILD_KILLED], env=_child_env(home), stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_KILLED], env=_child_env(home), stdout=subprocess.PIPE, text=True
+    )
     run_id = child.stdout.readline().strip()
     assert run_id, "the child did not start its run"
     # While it runs, another process sees it as running, not incomplete.
@@ -298,11 +313,14 @@ def test_v1_database_migrates_to_current_with_data_intact(home):
     home.mkdir()
     conn = sqlite3.connect(home / "runs.db")
     conn.executescript(V1_SCHEMA)
-    conn.execute("INSERT INTO runs VALUES ('00000abc0001', 1700000000.0, 1700000002.5, 'generate', '[\"lmlab\"]', "
-                 "'gpt2', 'ab12', '{\"temperature\": 0.8}', 7, '{\"prompts\": [\"hi\"]}', '{\"texts\": [\" there\"]}', "
-                 "'{\"decode_tok_s\": 33.0}', '{}', '{\"python\": \"3.10\"}', '{\"os\": \"Linux\"}', 'complete', NULL)")
-    conn.execute("INSERT INTO runs (id, created, command, status) "
-                 "VALUES ('00000abc0002', 1700000100.0, 'bench', 'running')")
+    conn.execute(
+        "INSERT INTO runs VALUES ('00000abc0001', 1700000000.0, 1700000002.5, 'generate', '[\"lmlab\"]', "
+        "'gpt2', 'ab12', '{\"temperature\": 0.8}', 7, '{\"prompts\": [\"hi\"]}', '{\"texts\": [\" there\"]}', "
+        "'{\"decode_tok_s\": 33.0}', '{}', '{\"python\": \"3.10\"}', '{\"os\": \"Linux\"}', 'complete', NULL)"
+    )
+    conn.execute(
+        "INSERT INTO runs (id, created, command, status) VALUES ('00000abc0002', 1700000100.0, 'bench', 'running')"
+    )
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -320,7 +338,7 @@ def test_v1_database_migrates_to_current_with_data_intact(home):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert conn.execute("SELECT count(*) FROM file_hashes").fetchone()[0] == 0
     conn.close()
-    with record_run("generate", model="gpt2") as run:  # and it is usable for new runs
+    with record_run("generate", model="gpt2"):  # and it is usable for new runs
         pass
     assert len(RunStore().list()) == 3
 
@@ -337,8 +355,10 @@ def test_db_from_a_newer_lmlab_is_refused_and_left_untouched(home):
     before = db.read_bytes()
     files_before = sorted(os.listdir(home))
 
-    expected = (f"{db} was written by a newer lmlab (schema v7, this one knows v{SCHEMA_VERSION}); "
-                "upgrade lmlab or set LMLAB_HOME to another folder.")
+    expected = (
+        f"{db} was written by a newer lmlab (schema v7, this one knows v{SCHEMA_VERSION}); "
+        "upgrade lmlab or set LMLAB_HOME to another folder."
+    )
     with pytest.raises(LmlabError) as e:
         RunStore()
     assert str(e.value) == expected
@@ -460,13 +480,13 @@ def _parse_wandb_log(path: str) -> list:
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
         if pos + 7 + length > len(data):
             break  # a record still being written
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(buf + payload)
@@ -488,18 +508,29 @@ def test_wandb_offline_mirror_writes_config_summary_and_outputs(home, tmp_path, 
         monkeypatch.setenv(var, str(wdir / var.lower()))
     monkeypatch.setenv("LMLAB_WANDB", "1")
 
-    with record_run("generate", model="smollm2-135m", config={"temperature": 0.7}, seed=5,
-                    inputs={"prompts": ["Once upon a time"]}) as run:
+    with record_run(
+        "generate", model="smollm2-135m", config={"temperature": 0.7}, seed=5, inputs={"prompts": ["Once upon a time"]}
+    ) as run:
         run.outputs = {"texts": [" in a land far away"]}
         run.add_metrics(decode_tok_s=42.0)
 
     files = glob.glob(str(wdir / "wandb" / f"offline-run-*-{run.id}" / f"run-{run.id}.wandb"))
     assert len(files) == 1, os.listdir(wdir)
     records = _wandb_records(files[0])
-    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "run"
-              for u in r.run.config.update}
-    config.update({u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
-                   for u in r.config.update})
+    config = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for u in r.run.config.update
+    }
+    config.update(
+        {
+            u.key: json.loads(u.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "config"
+            for u in r.config.update
+        }
+    )
     summary = {}
     for r in records:
         if r.WhichOneof("record_type") == "summary":

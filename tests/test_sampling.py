@@ -158,7 +158,10 @@ def test_no_repeat_ngram_bans_completions_and_ignores_left_pads():
     out = no_repeat_ngram_filter(torch.zeros(4, 10), padded, 3)
     assert kept(out) == [[t for t in range(10) if t != 7]] + [list(range(10))] * 3
     assert kept(no_repeat_ngram_filter(torch.zeros(4, 10), padded, 1)) == [
-        [0, 2, 3, 4, 8, 9], [0, 1, 2, 3, 4, 5, 8, 9], [0, 1, 2, 3, 4, 5, 7, 8, 9], list(range(10))
+        [0, 2, 3, 4, 8, 9],
+        [0, 1, 2, 3, 4, 5, 8, 9],
+        [0, 1, 2, 3, 4, 5, 7, 8, 9],
+        list(range(10)),
     ]
     assert no_repeat_ngram_filter(out, ids, 0) is out
 

@@ -45,13 +45,23 @@ class Foo:
 if __name__ == "__main__":
     print(fibonacci(10))  # [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
 '''
-NUMBERS = ("Numbers: 0 1 12 123 1234 12345 123456789012345678901234567890 3.14159265358979 -42 +7 1,000,000 "
-           "2024-06-01T12:34:56Z 0xDEADBEEF 1e-10 6.022e23 99.99% $1,234.56 v1.2.3 192.168.0.1\n")
-WHITESPACE = "Spaces:    four   three  two  one end.   \nTabs:\t\ttwo\tone\t\n\n\n\nthree blank lines above\n   leading and trailing   \n \t \n"
-SPECIAL = ("<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there.<|im_end|> <|endoftext|>"
-           "<bos>text<eos> <start_of_turn>model\nok<end_of_turn>\n")
-MARKUP = ('| name | value |\n|------|------:|\n| α    | 0.001 |\n\n<div class="x">&amp; <b>bold</b></div>\n'
-          '{"id": 17, "tags": ["a", "b"], "nested": {"ok": true, "n": null}}\n**bold** _it_ `code` ~~~ --- ...\n')
+NUMBERS = (
+    "Numbers: 0 1 12 123 1234 12345 123456789012345678901234567890 3.14159265358979 -42 +7 1,000,000 "
+    "2024-06-01T12:34:56Z 0xDEADBEEF 1e-10 6.022e23 99.99% $1,234.56 v1.2.3 192.168.0.1\n"
+)
+WHITESPACE = (
+    "Spaces:    four   three  two  one end.   \n"
+    "Tabs:\t\ttwo\tone\t\n\n\n\n"
+    "three blank lines above\n   leading and trailing   \n \t \n"
+)
+SPECIAL = (
+    "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi there.<|im_end|> <|endoftext|>"
+    "<bos>text<eos> <start_of_turn>model\nok<end_of_turn>\n"
+)
+MARKUP = (
+    '| name | value |\n|------|------:|\n| α    | 0.001 |\n\n<div class="x">&amp; <b>bold</b></div>\n'
+    '{"id": 17, "tags": ["a", "b"], "nested": {"ok": true, "n": null}}\n**bold** _it_ `code` ~~~ --- ...\n'
+)
 TEXT = PROSE + UNICODE + CODE + NUMBERS + WHITESPACE + SPECIAL + MARKUP + PROSE.replace("\n", "\r\n") + UNICODE[::-1]
 assert len(TEXT) >= 2000
 
@@ -151,9 +161,12 @@ def test_chat_template_matches_transformers():
     ]
     for gen in (True, False):
         assert tok.apply_chat_template(conversation, add_generation_prompt=gen) == ref.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=gen)
+            conversation, tokenize=False, add_generation_prompt=gen
+        )
     # without a system message the template inserts SmolLM's default one
-    assert tok.apply_chat_template(conversation[1:2]) == ref.apply_chat_template(conversation[1:2], tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(conversation[1:2]) == ref.apply_chat_template(
+        conversation[1:2], tokenize=False, add_generation_prompt=True
+    )
     assert tok.apply_chat_template(conversation).endswith("<|im_start|>assistant\n")
 
 
@@ -162,12 +175,19 @@ def test_chat_template_errors():
     tok.chat_template = None  # as Gemma 3 270M (a base model) has
     with pytest.raises(LmlabError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}ok"
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('Conversations must start with the user') }}"
+        "{% endif %}ok"
+    )
     with pytest.raises(LmlabError, match="refused these messages \\(Conversations must start with the user\\)"):
         tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
     with pytest.raises(LmlabError, match="list of"):
         tok.apply_chat_template(["hi"])
-    tok.chat_template = "{% for m in messages %}{% generation %}{{ m.content | tojson }}{% endgeneration %}{% endfor %}{{ strftime_now('%Y') | length }}"
+    tok.chat_template = (
+        "{% for m in messages %}{% generation %}{{ m.content | tojson }}{% endgeneration %}{% endfor %}"
+        "{{ strftime_now('%Y') | length }}"
+    )
     assert tok.apply_chat_template([{"role": "user", "content": "é<b>"}]) == '"é<b>"4'
 
 
@@ -177,7 +197,13 @@ def test_from_hf_dir_matches_gguf(tmp_path):
     ref.save_pretrained(tmp_path)
     from_dir, from_gguf = Tokenizer.from_hf_dir(tmp_path), ours("smollm2")
     assert from_dir.encode(TEXT) == from_gguf.encode(TEXT) == ref(TEXT)["input_ids"]
-    assert (from_dir.bos_id, from_dir.eos_ids, from_dir.pad_id, from_dir.add_bos, from_dir.kind) == (1, [2], 2, False, "byte_level")
+    assert (from_dir.bos_id, from_dir.eos_ids, from_dir.pad_id, from_dir.add_bos, from_dir.kind) == (
+        1,
+        [2],
+        2,
+        False,
+        "byte_level",
+    )
     msgs = [{"role": "user", "content": "hi"}]
     assert from_dir.apply_chat_template(msgs) == from_gguf.apply_chat_template(msgs)
     assert from_dir.decode(from_dir.encode(TEXT)) == TEXT
@@ -195,13 +221,17 @@ def test_from_hf_dir_special_token_sources(tmp_path):
     backend.add_special_tokens(["<s>", "</s>", "<eot>"])
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"})
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
     tok = Tokenizer.from_hf_dir(tmp_path)
     assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.kind) == (0, [1, 2], True, "byte_level")
     assert tok.encode("ab a") == [0, 5, 7] and tok.encode("ab a", add_special=False) == [5, 7]
     assert tok.encode("ab<eot>") == [0, 5, 2] and tok.decode([0, 5, 7], skip_special=True) == "ab a"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "chat_template": "{{ bos_token }}x"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": False, "chat_template": "{{ bos_token }}x"})
+    )
     tok = Tokenizer.from_hf_dir(tmp_path)
     assert tok.encode("ab") == [5] and tok.apply_chat_template([]) == "<s>x"
 
@@ -240,7 +270,24 @@ def _tiny_vocab_gguf(path, kind: str):
     arch = "qwen2" if kind == "qwen2" else "llama"
     w = gguf.GGUFWriter(str(path), arch)
     if kind == "spm":
-        pieces = ["\u2581", "a", "b", "1", "2", "3", "\u2581a", "ab", "\u2581ab", "\u2581b", "12", "123", "\u2581\u2581", "A", "B", "'s"]
+        pieces = [
+            "\u2581",
+            "a",
+            "b",
+            "1",
+            "2",
+            "3",
+            "\u2581a",
+            "ab",
+            "\u2581ab",
+            "\u2581b",
+            "12",
+            "123",
+            "\u2581\u2581",
+            "A",
+            "B",
+            "'s",
+        ]
         tokens = ["<unk>", "<s>", "</s>", "<|ctl|>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
         types = [2, 3, 3, 3] + [6] * 256 + [1] * len(pieces)
         scores = [0.0] * 260 + [-float(i) for i in range(len(pieces))]

@@ -20,32 +20,92 @@ def hf_config(family: str):
 
     common = dict(vocab_size=VOCAB, max_position_embeddings=128)
     if family == "gpt2":
-        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False, **common)
+        return tf.GPTNeoXConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            **common,
+        )
     if family == "llama":
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, tie_word_embeddings=False, **common)
+        return tf.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **common,
+        )
     if family == "llama3":  # llama with llama3 rope scaling, tied embeddings
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=1, tie_word_embeddings=True,
-                              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                               "original_max_position_embeddings": 16}, **common)
+        return tf.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            **common,
+        )
     if family == "mistral":
-        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, sliding_window=8, **common)
+        return tf.MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            **common,
+        )
     if family == "qwen2":
-        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, tie_word_embeddings=True, **common)
+        return tf.Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            **common,
+        )
     if family == "qwen3":
-        return tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, **common)
+        return tf.Qwen3Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            **common,
+        )
     if family == "gemma3":
-        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=1, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)
+        return tf.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -76,7 +136,9 @@ def make_tiny(family: str, folder, seed: int = 0, **config_overrides):
 
 def char_vocab() -> list[str]:
     """VOCAB single characters: printable ASCII, then Greek and Cyrillic letters."""
-    chars = [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x391, 0x3A9)] + [chr(c) for c in range(0x410, 0x450)]
+    chars = (
+        [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x391, 0x3A9)] + [chr(c) for c in range(0x410, 0x450)]
+    )
     return chars[:VOCAB]
 
 
@@ -90,7 +152,11 @@ def save_char_tokenizer(folder, bos: int | None = None) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tok.decoder = decoders.Fuse()
     tok.save(str(folder / "tokenizer.json") if hasattr(folder, "joinpath") else f"{folder}/tokenizer.json")
-    cfg = {"add_bos_token": bos is not None, "bos_token": char_vocab()[bos] if bos is not None else None, "eos_token": None}
+    cfg = {
+        "add_bos_token": bos is not None,
+        "bos_token": char_vocab()[bos] if bos is not None else None,
+        "eos_token": None,
+    }
     with open(f"{folder}/tokenizer_config.json", "w") as f:
         json.dump(cfg, f)
 
@@ -137,7 +203,8 @@ def assert_same_greedy(want: list[int], got: list[int], ties: list[set[int]], wh
         if a != b:
             assert len(ties[i]) > 1 and {a, b} <= ties[i], (
                 f"{what}: step {i} took {b} where the reference took {a}, and they do not nearly tie "
-                f"(tokens within the tolerance of the top logit there: {sorted(ties[i])})")
+                f"(tokens within the tolerance of the top logit there: {sorted(ties[i])})"
+            )
             return False
     assert len(want) == len(got), f"{what}: {len(want)} tokens against {len(got)}"
     return True

@@ -82,7 +82,10 @@ def prepack_pays(dtype: torch.dtype) -> bool:
     ``$LMLAB_HOME/kernels.json``.
     """
     path = lmlab_home() / PAYS_FILE
-    key = f"{cpu_model()} | {platform.machine()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {dtype}"
+    key = (
+        f"{cpu_model()} | {platform.machine()} | torch {torch.__version__} | "
+        f"{torch.get_num_threads()} threads | {dtype}"
+    )
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -120,7 +123,9 @@ def _time_routes(dtype: torch.dtype) -> tuple[float, float]:
 
     with torch.inference_mode():
         plain = best(lambda: [F.linear(x, m.weight) for x, m in zip(xs, layers)])
-        packed = best(lambda: [torch.ops.mkldnn._linear_pointwise(x, p.packed, None, "none", [], "") for x, p in zip(xs, packs)])
+        packed = best(
+            lambda: [torch.ops.mkldnn._linear_pointwise(x, p.packed, None, "none", [], "") for x, p in zip(xs, packs)]
+        )
     return plain, packed
 
 

@@ -85,7 +85,10 @@ class LM:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise LmlabError(f"{self.name} has no tokenizer (no tokenizer.json beside it); pass token ids, or add the tokenizer files to the model folder.")
+            raise LmlabError(
+                f"{self.name} has no tokenizer (no tokenizer.json beside it); "
+                "pass token ids, or add the tokenizer files to the model folder."
+            )
 
     # Looking inside (lmlab.inspect does the work; imported on first use, so loading a model stays cheap)
 
@@ -121,4 +124,7 @@ class LM:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
+        return (
+            f"LM({self.name!r}, family={c.family}, params={self.num_parameters / 1e6:.1f}M, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
+        )

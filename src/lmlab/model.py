@@ -381,7 +381,9 @@ class Transformer(nn.Module):
             x = x + p
         return x
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    def rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
         """{theta: (cos, sin)}, each (B, 1, T, rotary_dim), for every RoPE base the layers use ({} without RoPE)."""
         if self.cfg.pos != "rope":
             return {}
@@ -405,7 +407,9 @@ class Transformer(nn.Module):
     def _inv_freq(self, theta: float, device) -> torch.Tensor:
         key = (theta, str(device))
         if key not in self._rope_cache:
-            inv = rope_inv_freq(self.cfg.rotary_dim, theta, self.cfg.rope_scaling if theta == self.cfg.rope_theta else None)
+            inv = rope_inv_freq(
+                self.cfg.rotary_dim, theta, self.cfg.rope_scaling if theta == self.cfg.rope_theta else None
+            )
             self._rope_cache[key] = inv.to(device)
         return self._rope_cache[key]
 

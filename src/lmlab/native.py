@@ -35,27 +35,68 @@ import torch.nn.functional as F
 
 from lmlab.host import cpu_signature, env_flag, lmlab_home
 
-MAX_ROWS = 4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
+MAX_ROWS = (
+    4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
+)
 SOURCE = Path(__file__).with_name("csrc") / "native.c"
 # LMLAB_NATIVE_MARCH builds for another CPU level than this one's (e.g. x86-64-v3, AVX2 only):
 # the tests use it to run the portable vector code on an AVX-512 machine.
 FLAGS = ["-O3", f"-march={os.environ.get('LMLAB_NATIVE_MARCH') or 'native'}", "-std=gnu11", "-shared", "-fPIC"]
 
-_BLOCK_FIELDS = ("attn_norm_w", "attn_norm_b", "qkv_w", "qkv_b", "o_w", "o_b", "q_norm_w", "k_norm_w",
-                 "post_attn_norm_w", "post_attn_norm_b", "mlp_norm_w", "mlp_norm_b", "up_w", "up_b", "down_w", "down_b",
-                 "post_mlp_norm_w", "post_mlp_norm_b")
+_BLOCK_FIELDS = (
+    "attn_norm_w",
+    "attn_norm_b",
+    "qkv_w",
+    "qkv_b",
+    "o_w",
+    "o_b",
+    "q_norm_w",
+    "k_norm_w",
+    "post_attn_norm_w",
+    "post_attn_norm_b",
+    "mlp_norm_w",
+    "mlp_norm_b",
+    "up_w",
+    "up_b",
+    "down_w",
+    "down_b",
+    "post_mlp_norm_w",
+    "post_mlp_norm_b",
+)
 
 
 class _Block(ctypes.Structure):  # lmlab_block in native.c
-    _fields_ = [(n, ctypes.c_void_p) for n in _BLOCK_FIELDS] + [("rope_table", ctypes.c_int64), ("window", ctypes.c_int64)]
+    _fields_ = [(n, ctypes.c_void_p) for n in _BLOCK_FIELDS] + [
+        ("rope_table", ctypes.c_int64),
+        ("window", ctypes.c_int64),
+    ]
 
 
 class _Model(ctypes.Structure):  # lmlab_model in native.c
-    _fields_ = ([(n, ctypes.c_int64) for n in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab",
-                                                 "rotary_dim", "layernorm", "sandwich", "qk_norm", "gated", "act",
-                                                 "parallel_residual", "bf16")]
-                + [(n, ctypes.c_double) for n in ("norm_eps", "norm_offset", "attn_scale", "attn_softcap", "final_softcap")]
-                + [(n, ctypes.c_void_p) for n in ("final_norm_w", "final_norm_b", "lm_head_w", "blocks")])
+    _fields_ = (
+        [
+            (n, ctypes.c_int64)
+            for n in (
+                "n_layers",
+                "d_model",
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "d_ff",
+                "vocab",
+                "rotary_dim",
+                "layernorm",
+                "sandwich",
+                "qk_norm",
+                "gated",
+                "act",
+                "parallel_residual",
+                "bf16",
+            )
+        ]
+        + [(n, ctypes.c_double) for n in ("norm_eps", "norm_offset", "attn_scale", "attn_softcap", "final_softcap")]
+        + [(n, ctypes.c_void_p) for n in ("final_norm_w", "final_norm_b", "lm_head_w", "blocks")]
+    )
 
 
 _lib = None  # the loaded library, False once it has failed
@@ -86,7 +127,9 @@ def _build(cc: str, out: Path) -> str | None:
     os.close(fd)
     try:
         for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang) it runs on one thread
-            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+            )
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
                 return None
@@ -108,7 +151,9 @@ def _load():
     if cc is None:
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[
+        :16
+    ]
     path = lmlab_home() / "native" / f"native-{key}.so"
     try:
         if not path.exists():
@@ -127,8 +172,21 @@ def _load():
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.lmlab_linear.argtypes = [vp, i, i, vp, i, vp, vp, i, i]
     lib.lmlab_linear.restype = i
-    lib.lmlab_decode_step.argtypes = [ctypes.POINTER(_Model), vp, i, vp, vp, vp, ctypes.c_int64, ctypes.c_int64, vp, vp, vp,
-                                      vp, i]
+    lib.lmlab_decode_step.argtypes = [
+        ctypes.POINTER(_Model),
+        vp,
+        i,
+        vp,
+        vp,
+        vp,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        vp,
+        vp,
+        vp,
+        vp,
+        i,
+    ]
     lib.lmlab_decode_step.restype = i
     lib.lmlab_state_new.argtypes = [ctypes.POINTER(_Model)]
     lib.lmlab_state_new.restype = vp
@@ -148,7 +206,9 @@ def _load():
         _status = f"off: ACT_CODES and enum lmlab_act in csrc/native.c disagree on {', '.join(wrong)} (make them agree)"
         return _lib
     _single_thread = not lib.lmlab_openmp()
-    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}" + (", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")")
+    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}" + (
+        ", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")"
+    )
     return _lib
 
 
@@ -181,8 +241,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return None
     N = weight.shape[0]
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-    rc = lib.lmlab_linear(x.data_ptr(), rows, K, weight.data_ptr(), N, bias.data_ptr() if bias is not None else None,
-                          y.data_ptr(), code, torch.get_num_threads())
+    rc = lib.lmlab_linear(
+        x.data_ptr(),
+        rows,
+        K,
+        weight.data_ptr(),
+        N,
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        code,
+        torch.get_num_threads(),
+    )
     return y if rc == 0 else None
 
 
@@ -269,7 +338,9 @@ class DecodePlan:
                 v.update(zip(("post_attn_norm_w", "post_attn_norm_b"), norm_wb(blk.post_attn_norm)))
                 v.update(zip(("post_mlp_norm_w", "post_mlp_norm_b"), norm_wb(blk.post_mlp_norm)))
             v.update(zip(("mlp_norm_w", "mlp_norm_b"), norm_wb(blk.mlp_norm)))
-            v.update(up_w=ptr(mlp.up.weight), up_b=ptr(mlp.up.bias), down_w=ptr(mlp.down.weight), down_b=ptr(mlp.down.bias))
+            v.update(
+                up_w=ptr(mlp.up.weight), up_b=ptr(mlp.up.bias), down_w=ptr(mlp.down.weight), down_b=ptr(mlp.down.bias)
+            )
             for name, value in v.items():
                 setattr(blocks[i], name, value)
             table = -1
@@ -283,14 +354,31 @@ class DecodePlan:
         self.blocks = blocks  # kept alive: the struct below points into it
         fn_w, fn_b = norm_wb(model.final_norm)
         self.struct = _Model(
-            n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim, d_ff=cfg.d_ff, vocab=cfg.vocab_size, rotary_dim=cfg.rotary_dim if cfg.pos == "rope" else 0,
-            layernorm=int(cfg.norm == "layernorm"), sandwich=int(cfg.sandwich_norm), qk_norm=int(cfg.qk_norm),
-            gated=int(cfg.mlp == "gated"), act=ACT_CODES[cfg.act], parallel_residual=int(cfg.parallel_residual),
-            bf16=int(self.dtype == torch.bfloat16), norm_eps=cfg.norm_eps, norm_offset=cfg.norm_weight_offset,
-            attn_scale=model.blocks[0].attn.scale, attn_softcap=cfg.attn_logit_softcap or 0.0,
-            final_softcap=cfg.final_logit_softcap or 0.0, final_norm_w=fn_w, final_norm_b=fn_b,
-            lm_head_w=ptr(model.lm_head.weight), blocks=ctypes.cast(blocks, ctypes.c_void_p))
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            d_ff=cfg.d_ff,
+            vocab=cfg.vocab_size,
+            rotary_dim=cfg.rotary_dim if cfg.pos == "rope" else 0,
+            layernorm=int(cfg.norm == "layernorm"),
+            sandwich=int(cfg.sandwich_norm),
+            qk_norm=int(cfg.qk_norm),
+            gated=int(cfg.mlp == "gated"),
+            act=ACT_CODES[cfg.act],
+            parallel_residual=int(cfg.parallel_residual),
+            bf16=int(self.dtype == torch.bfloat16),
+            norm_eps=cfg.norm_eps,
+            norm_offset=cfg.norm_weight_offset,
+            attn_scale=model.blocks[0].attn.scale,
+            attn_softcap=cfg.attn_logit_softcap or 0.0,
+            final_softcap=cfg.final_logit_softcap or 0.0,
+            final_norm_w=fn_w,
+            final_norm_b=fn_b,
+            lm_head_w=ptr(model.lm_head.weight),
+            blocks=ctypes.cast(blocks, ctypes.c_void_p),
+        )
         self.struct_ref = ctypes.byref(self.struct)
         self.lock = threading.Lock()
         self._free = _lib.lmlab_state_free  # kept: the module's globals may be gone when __del__ runs at exit
@@ -331,8 +419,9 @@ def plan_for(model) -> DecodePlan:
     return plan
 
 
-def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache,
-                key_mask: torch.Tensor | None) -> torch.Tensor | None:
+def decode_step(
+    model, input_ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None
+) -> torch.Tensor | None:
     """Logits (B, 1, V) for one new token per row, or None where the native step does not apply.
 
     input_ids: (B, 1) int64, the new tokens; positions: (B, 1) their positions.
@@ -342,7 +431,13 @@ def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache,
     ``Transformer.forward``.
     """
     lib = _usable()
-    if lib is None or cache is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type != "cpu":
+    if (
+        lib is None
+        or cache is None
+        or input_ids.dim() != 2
+        or input_ids.shape[1] != 1
+        or input_ids.device.type != "cpu"
+    ):
         return None
     plan = plan_for(model)
     if plan.reason:
@@ -369,10 +464,21 @@ def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache,
     x = x.contiguous()
     logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
     with plan.lock:
-        rc = lib.lmlab_decode_step(plan.struct_ref, plan.state, B, x.data_ptr(), k.data_ptr(), v.data_ptr(), cache.max_len,
-                                   cache.length, first.data_ptr() if first is not None else None,
-                                   cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-                                   logits.data_ptr(), torch.get_num_threads())
+        rc = lib.lmlab_decode_step(
+            plan.struct_ref,
+            plan.state,
+            B,
+            x.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            cache.max_len,
+            cache.length,
+            first.data_ptr() if first is not None else None,
+            cos.data_ptr() if cos is not None else None,
+            sin.data_ptr() if sin is not None else None,
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
     if rc != 0:
         return None
     cache.advance(1)

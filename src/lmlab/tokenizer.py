@@ -82,9 +82,20 @@ class Tokenizer:
     model has none. eos_ids: every id that ends generation. add_bos: whether ``encode`` prepends BOS.
     """
 
-    def __init__(self, backend, *, kind: str = "other", bos_id: int | None = None, eos_ids=(), pad_id: int | None = None,
-                 unk_id: int | None = None, add_bos: bool = False, add_eos: bool = False, chat_template: str | None = None,
-                 source: str = ""):
+    def __init__(
+        self,
+        backend,
+        *,
+        kind: str = "other",
+        bos_id: int | None = None,
+        eos_ids=(),
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        chat_template: str | None = None,
+        source: str = "",
+    ):
         self.backend = backend
         self.kind = kind  # "byte_level" | "sentencepiece" | "other": how token_str spells a piece
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -99,7 +110,10 @@ class Tokenizer:
         self.special_ids = sorted(i for i, t in added.items() if t.special)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_ids}, add_bos={self.add_bos})"
+        return (
+            f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_ids}, "
+            f"add_bos={self.add_bos})"
+        )
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -145,7 +159,9 @@ class Tokenizer:
         return self._wrap(self.backend.encode(text, add_special_tokens=False).ids, add_special)
 
     def encode_batch(self, texts, add_special: bool = True) -> list[list[int]]:
-        return [self._wrap(e.ids, add_special) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [
+            self._wrap(e.ids, add_special) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -186,19 +202,35 @@ class Tokenizer:
         arguments (tools, enable_thinking...) are passed to the template.
         """
         if not self.chat_template:
-            raise LmlabError("this model has no chat template (it is a base model); send plain text instead of chat messages.")
+            raise LmlabError(
+                "this model has no chat template (it is a base model); send plain text instead of chat messages."
+            )
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise LmlabError("chat messages must be a list of {'role': ..., 'content': ...} dicts; fix the messages argument.")
-        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token, "pad_token": self.pad_token}
+            raise LmlabError(
+                "chat messages must be a list of {'role': ..., 'content': ...} dicts; fix the messages argument."
+            )
+        specials = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
         try:
             template = _compile_template(self.chat_template)
-            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   **{k: v for k, v in specials.items() if v is not None}, **variables)
+            return template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in specials.items() if v is not None},
+                **variables,
+            )
         except LmlabError:
             raise
         except Exception as e:  # noqa: BLE001 - jinja2 raises TemplateError, TypeError, UndefinedError...
             msg = str(e).rstrip(".") or type(e).__name__
-            raise LmlabError(f"the model's chat template refused these messages ({msg}); fix the roles/order of the messages or send plain text.") from None
+            raise LmlabError(
+                f"the model's chat template refused these messages ({msg}); "
+                "fix the roles/order of the messages or send plain text."
+            ) from None
 
     # -- constructors
 
@@ -257,9 +289,18 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
-        return cls(backend, kind=_kind_of(backend), bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id,
-                   unk_id=tok_id("unk_token"), add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=template,
-                   source=str(folder))
+        return cls(
+            backend,
+            kind=_kind_of(backend),
+            bos_id=bos_id,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            unk_id=tok_id("unk_token"),
+            add_bos=bool(add_bos),
+            add_eos=bool(add_eos),
+            chat_template=template,
+            source=str(folder),
+        )
 
     @classmethod
     def from_gguf(cls, source_or_path) -> "Tokenizer":
@@ -271,7 +312,10 @@ class Tokenizer:
         model = md.get("tokenizer.ggml.model")
         tokens = src.array("tokenizer.ggml.tokens")
         if not model or tokens is None:
-            raise LmlabError(f"{src.path} carries no tokenizer (no tokenizer.ggml.tokens in its metadata); use a GGUF file converted with its tokenizer.")
+            raise LmlabError(
+                f"{src.path} carries no tokenizer (no tokenizer.ggml.tokens in its metadata); "
+                "use a GGUF file converted with its tokenizer."
+            )
         types = src.array("tokenizer.ggml.token_type")
         types = [int(t) for t in types] if types is not None and len(types) == len(tokens) else [_NORMAL] * len(tokens)
         if model == "gpt2":
@@ -281,15 +325,22 @@ class Tokenizer:
             backend = _sentencepiece_bpe(src, list(tokens), types)
             kind = "sentencepiece"
         else:
-            raise LmlabError(f"{src.path} uses a {model!r} tokenizer, which lmlab cannot rebuild from GGUF; "
-                             "supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece).")
+            raise LmlabError(
+                f"{src.path} uses a {model!r} tokenizer, which lmlab cannot rebuild from GGUF; "
+                "supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)."
+            )
         _add_special_tokens(backend, tokens, types)
         return cls(
-            backend, kind=kind, bos_id=md.get("tokenizer.ggml.bos_token_id"), eos_ids=src.eos_token_ids(),
-            pad_id=md.get("tokenizer.ggml.padding_token_id"), unk_id=md.get("tokenizer.ggml.unknown_token_id"),
+            backend,
+            kind=kind,
+            bos_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_ids=src.eos_token_ids(),
+            pad_id=md.get("tokenizer.ggml.padding_token_id"),
+            unk_id=md.get("tokenizer.ggml.unknown_token_id"),
             add_bos=md.get("tokenizer.ggml.add_bos_token", model == "llama"),
             add_eos=md.get("tokenizer.ggml.add_eos_token", False),
-            chat_template=md.get("tokenizer.chat_template"), source=str(src.path),
+            chat_template=md.get("tokenizer.chat_template"),
+            source=str(src.path),
         )
 
 
@@ -315,14 +366,14 @@ class IncrementalDecoder:
 
     def _step(self, final: bool) -> str:
         dec = self.tokenizer.decode
-        known = dec(self.ids[self._prefix:self._read], self.skip_special)
-        text = dec(self.ids[self._prefix:], self.skip_special)
+        known = dec(self.ids[self._prefix : self._read], self.skip_special)
+        text = dec(self.ids[self._prefix :], self.skip_special)
         if len(text) > len(known) and (final or not text.endswith("\ufffd")) and text.startswith(known):
             self._prefix, self._read = self._read, len(self.ids)
-            return text[len(known):]
+            return text[len(known) :]
         if final and len(text) > len(known):  # a decoder changed earlier text: emit the tail of the full decode
             self._prefix = self._read = len(self.ids)
-            return text[len(known):]
+            return text[len(known) :]
         return ""
 
     def push(self, token_id: int) -> str:
@@ -351,25 +402,40 @@ def _byte_level_bpe(src, tokens: list[str], types: list[int]):
         vocab[tok] = i
     merges_list = src.array("tokenizer.ggml.merges")
     if merges_list is None:
-        raise LmlabError(f"{src.path} has a byte-level BPE vocabulary but no tokenizer.ggml.merges; re-convert it with a current llama.cpp.")
+        raise LmlabError(
+            f"{src.path} has a byte-level BPE vocabulary but no tokenizer.ggml.merges; "
+            "re-convert it with a current llama.cpp."
+        )
     merges = [tuple(m.split(" ", 1)) for m in merges_list]
     try:
-        model = models.BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                           end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        model = models.BPE(
+            vocab,
+            merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
     except Exception as e:  # noqa: BLE001
         raise LmlabError(f"{src.path} has an inconsistent BPE vocabulary ({str(e)[:100]}); re-download it.") from None
     backend = Backend(model)
     pre = src.metadata.get("tokenizer.ggml.pre", "default")
     if pre in _SPLITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre in _DIGIT_SPLIT:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:  # "gpt2", "default" and the rest: GPT-2's own regex
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -377,8 +443,8 @@ def _byte_level_bpe(src, tokens: list[str], types: list[int]):
 
 
 def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     md = src.metadata
     gemma = src.arch.startswith("gemma")
@@ -388,22 +454,36 @@ def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
         scores = [-float(i) for i in range(len(tokens))]
     else:
         raw = src.array("tokenizer.ggml.scores")
-        scores = [float(s) for s in raw] if raw is not None and len(raw) == len(tokens) else [-float(i) for i in range(len(tokens))]
+        scores = (
+            [float(s) for s in raw]
+            if raw is not None and len(raw) == len(tokens)
+            else [-float(i) for i in range(len(tokens))]
+        )
     vocab = {t: i for i, t in enumerate(tokens)}
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
     try:
-        model = models.BPE(vocab, _merges_from_vocab(tokens, vocab, scores), dropout=None,
-                           unk_token=unk if gemma else None, fuse_unk=True, byte_fallback=True)
+        model = models.BPE(
+            vocab,
+            _merges_from_vocab(tokens, vocab, scores),
+            dropout=None,
+            unk_token=unk if gemma else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
     except Exception as e:  # noqa: BLE001
-        raise LmlabError(f"{src.path} has an inconsistent SentencePiece vocabulary ({str(e)[:100]}); re-download it.") from None
+        raise LmlabError(
+            f"{src.path} has an inconsistent SentencePiece vocabulary ({str(e)[:100]}); re-download it."
+        ) from None
     backend = Backend(model)
     prefix_space = md.get("tokenizer.ggml.add_space_prefix", not gemma)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma:
         backend.normalizer = normalizers.Replace(" ", "\u2581")
     else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix_space else "never", split=False)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix_space else "never", split=False
+        )
         if prefix_space:
             steps.append(decoders.Strip(content=" ", left=1))
     backend.decoder = decoders.Sequence(steps)
@@ -454,8 +534,14 @@ def _add_special_tokens(backend, tokens: list[str], types: list[int]) -> None:
     from tokenizers import AddedToken
 
     vocab = backend.get_vocab()
-    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL and t in vocab]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
+    control = [
+        AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL and t in vocab
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, k in zip(tokens, types)
+        if k == _USER_DEFINED and t in vocab
+    ]
     if control:
         backend.add_special_tokens(control)
     if user:
@@ -493,7 +579,9 @@ def _compile_template(template: str):
         # jinja's own tojson escapes HTML characters; templates expect plain JSON
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -18,6 +18,16 @@ from lmlab.bench.sweep import LmlabRunner, ModelShape, SweepSpec, bench_prompts,
 from lmlab.host import host_details, lmlab_home
 
 __all__ = [
-    "LmlabRunner", "ModelShape", "SweepSpec", "bench_prompts", "estimate_memory", "host_details",
-    "lmlab_home", "machine_limits", "measure", "measure_machine", "run_sweep", "weight_bytes_per_step",
+    "LmlabRunner",
+    "ModelShape",
+    "SweepSpec",
+    "bench_prompts",
+    "estimate_memory",
+    "host_details",
+    "lmlab_home",
+    "machine_limits",
+    "measure",
+    "measure_machine",
+    "run_sweep",
+    "weight_bytes_per_step",
 ]

@@ -7,8 +7,8 @@
   access pattern of batch-1 decoding. Bigger than any cache, so it reads DRAM. Every mat-vec
   kernel at hand is timed: the BLAS's ``torch.mv``, oneDNN's on a prepacked weight
   (``lmlab.kernels``) and lmlab's native kernel (``lmlab.native``), and the fastest is the
-  machine's figure: on some CPUs the BLAS path reads far below what the memory allows. A plain copy (read + write) and a plain read (a sum)
-  are measured next to it for reference.
+  machine's figure: on some CPUs the BLAS path reads far below what the memory allows. A plain
+  copy (read + write) and a plain read (a sum) are measured next to it for reference.
 - **matmul peak** (GFLOP/s): a large square GEMM per dtype (float32, bfloat16, float16), the
   best of several runs, again the faster of the BLAS and oneDNN.
 
@@ -36,8 +36,10 @@ GiB = 1 << 30
 
 def host_key(details: dict) -> str:
     """One string per (CPU, cores, threads, torch, device): a cache entry is valid for it only."""
-    return (f"{details['cpu']} | {details['physical_cores']} cores | {details['threads']} threads"
-            f" | torch {details['torch']} | {details['device']}")
+    return (
+        f"{details['cpu']} | {details['physical_cores']} cores | {details['threads']} threads"
+        f" | torch {details['torch']} | {details['device']}"
+    )
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -75,9 +77,7 @@ def measure_bandwidth(device="cpu", nbytes: int = GiB) -> dict:
     t_mv = _best_time(lambda: torch.mv(w, x, out=y), dev)
     t_onednn = _onednn_time(x[None], w, dev)
     t_native = _native_time(x[None], w, dev)
-    dst = torch.empty_like(w)
-    t_copy = _best_time(lambda: dst.copy_(w), dev)
-    del dst
+    t_copy = _copy_time(w, dev)
     t_read = _best_time(lambda: w.sum(), dev)
     return {
         "matvec_gb_s": size / t_mv / 1e9,
@@ -87,6 +87,12 @@ def measure_bandwidth(device="cpu", nbytes: int = GiB) -> dict:
         "read_gb_s": size / t_read / 1e9,
         "bandwidth_test_bytes": size,
     }
+
+
+def _copy_time(w: torch.Tensor, dev: torch.device) -> float:
+    """Seconds of one copy of ``w`` into a buffer of its size, which is freed on return."""
+    dst = torch.empty_like(w)
+    return _best_time(lambda: dst.copy_(w), dev)
 
 
 def _native_time(x: torch.Tensor, w: torch.Tensor, dev: torch.device) -> float | None:
@@ -147,7 +153,9 @@ def measure_machine(device="cpu", threads: int | None = None) -> dict:
     with torch.inference_mode():
         entry = {"host": details, **measure_bandwidth(device), "matmul_gflops": measure_matmul(device)}
     # what bandwidth_pct and the roofline are relative to: the faster mat-vec this machine runs
-    entry["bandwidth_gb_s"] = max(entry["matvec_gb_s"], entry["onednn_matvec_gb_s"] or 0.0, entry["native_matvec_gb_s"] or 0.0)
+    entry["bandwidth_gb_s"] = max(
+        entry["matvec_gb_s"], entry["onednn_matvec_gb_s"] or 0.0, entry["native_matvec_gb_s"] or 0.0
+    )
     entry["threads"] = details["threads"]
     entry["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return entry

@@ -25,7 +25,9 @@ from lmlab.errors import LmlabError
 
 INSTALL = {
     "hf": "transformers is not installed; pip install transformers (or pip install 'lmlab[test]').",
-    "llama.cpp": "llama-cpp-python is not installed; pip install 'lmlab[llamacpp]' (it compiles llama.cpp, a few minutes).",
+    "llama.cpp": (
+        "llama-cpp-python is not installed; pip install 'lmlab[llamacpp]' (it compiles llama.cpp, a few minutes)."
+    ),
 }
 MODULE = {"hf": "transformers", "llama.cpp": "llama_cpp"}
 
@@ -46,7 +48,10 @@ def peer_check(peer: str, lm=None) -> None:
         return
     kind = lm.resolved.kind if lm.resolved is not None else None
     if peer == "llama.cpp" and kind != "gguf":
-        raise LmlabError(f"the llama.cpp peer runs GGUF files only and {lm.name} is not one; drop --peer llama.cpp or bench a GGUF model (e.g. smollm2-135m).")
+        raise LmlabError(
+            f"the llama.cpp peer runs GGUF files only and {lm.name} is not one; "
+            "drop --peer llama.cpp or bench a GGUF model (e.g. smollm2-135m)."
+        )
     if peer == "hf" and kind not in ("hf", "gguf"):
         raise LmlabError(f"the hf peer needs a HF folder or a GGUF file and {lm.name} is neither; drop --peer hf.")
     if peer == "hf" and kind == "gguf" and not _importable("accelerate"):
@@ -78,14 +83,18 @@ class HFRunner:
         torch_dtype = getattr(torch, dtype)
         path = resolved.path
         if resolved.kind == "gguf" and not _importable("accelerate"):
-            raise LmlabError("the hf peer needs accelerate to load a GGUF file into transformers; pip install accelerate.")
+            raise LmlabError(
+                "the hf peer needs accelerate to load a GGUF file into transformers; pip install accelerate."
+            )
         try:
             # transformers draws its own progress bars while reading a GGUF: keep them off our stderr
             with contextlib.redirect_stderr(io.StringIO()):
                 model = self._load(transformers, resolved, torch_dtype)
         except (ValueError, OSError, KeyError) as e:  # an architecture or GGUF type transformers cannot read
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LmlabError(f"transformers could not load {path.name} for the hf peer ({msg}); drop --peer hf for this model.") from None
+            raise LmlabError(
+                f"transformers could not load {path.name} for the hf peer ({msg}); drop --peer hf for this model."
+            ) from None
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -103,7 +112,9 @@ class HFRunner:
     def _load(transformers, resolved, torch_dtype):
         path = resolved.path
         if resolved.kind == "gguf":
-            return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype
+            )
         return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
 
     def trial(self, ids: list[list[int]], new_tokens: int):
@@ -130,8 +141,16 @@ class HFRunner:
         s = Stamps()
         with torch.inference_mode():
             s.t0 = time.perf_counter()
-            self.model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False, num_beams=1, streamer=s, pad_token_id=self.pad)
+            self.model.generate(
+                x,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                streamer=s,
+                pad_token_id=self.pad,
+            )
         if len(s.stamps) != new_tokens:
             raise RuntimeError(f"transformers generated {len(s.stamps)} steps, expected {new_tokens}")
         return Trial(len(ids), len(ids[0]), s.stamps)
@@ -195,8 +214,9 @@ class LlamaCppRunner:
         n_gpu_layers = 0 if self.device.type == "cpu" else -1
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_llama_worker, args=(child, str(resolved.path), threads, max(n_ctx, 64), n_gpu_layers),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=_llama_worker, args=(child, str(resolved.path), threads, max(n_ctx, 64), n_gpu_layers), daemon=True
+        )
         self.proc.start()
         child.close()
         self.pid = self.proc.pid  # PeakMemory reads this process's peak RSS
@@ -226,7 +246,8 @@ class LlamaCppRunner:
         raise LmlabError(
             f"llama.cpp crashed ({how}) running {self.path.name}; builds with AMX kernels do this on some CPUs, so "
             "reinstall it without them: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON' "
-            "pip install --force-reinstall --no-cache-dir llama-cpp-python.")
+            "pip install --force-reinstall --no-cache-dir llama-cpp-python."
+        )
 
     def trial(self, ids: list[list[int]], new_tokens: int):
         if len(ids) != 1:
@@ -256,8 +277,14 @@ def _llama_worker(conn, path: str, threads: int, n_ctx: int, n_gpu_layers: int) 
     try:
         from llama_cpp import Llama
 
-        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                    n_gpu_layers=n_gpu_layers, verbose=False)
+        llm = Llama(
+            model_path=path,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - any load failure is reported as one sentence
         conn.send(("error", f"llama.cpp could not load {path} ({e}); drop --peer llama.cpp for this model."))
         return
@@ -275,7 +302,9 @@ def _llama_worker(conn, path: str, threads: int, n_ctx: int, n_gpu_layers: int) 
             stamps = []
             t0 = time.perf_counter()
             # greedy; generate() never stops on EOS by itself (create_completion does), so it runs to n
-            for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0, repeat_penalty=1.0, reset=False):
+            for _ in llm.generate(
+                ids, top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0, repeat_penalty=1.0, reset=False
+            ):
                 stamps.append(time.perf_counter() - t0)
                 if len(stamps) == n:
                     break

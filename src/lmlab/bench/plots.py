@@ -49,12 +49,19 @@ def tokens_vs_batch(points: list[dict], title: str = ""):
     ax = fig.add_subplot()
     several_prompts = len({p["prompt_len"] for p in points}) > 1
     palette: dict = {}
-    for key, pts in _group(points, lambda p: (p["engine"], p["dtype"], p.get("quant"), p["prompt_len"], p["new_tokens"])).items():
+    for key, pts in _group(
+        points, lambda p: (p["engine"], p["dtype"], p.get("quant"), p["prompt_len"], p["new_tokens"])
+    ).items():
         pts = sorted(pts, key=lambda p: p["batch"])
-        ax.plot([p["batch"] for p in pts], [p["decode_tok_s"] for p in pts], marker="o",
-                color=_color(pts[0], palette), linestyle=DTYPE_STYLES.get(pts[0]["dtype"], "-"),
-                alpha=1.0 if not several_prompts or pts[0]["prompt_len"] == min(q["prompt_len"] for q in points) else 0.6,
-                label=_series_label(pts[0], several_prompts))
+        ax.plot(
+            [p["batch"] for p in pts],
+            [p["decode_tok_s"] for p in pts],
+            marker="o",
+            color=_color(pts[0], palette),
+            linestyle=DTYPE_STYLES.get(pts[0]["dtype"], "-"),
+            alpha=1.0 if not several_prompts or pts[0]["prompt_len"] == min(q["prompt_len"] for q in points) else 0.6,
+            label=_series_label(pts[0], several_prompts),
+        )
     batches = sorted({p["batch"] for p in points})
     if len(batches) > 1:
         ax.set_xscale("log", base=2)
@@ -82,8 +89,12 @@ def memory_vs_length(points: list[dict], title: str = ""):
         pts = sorted(pts, key=lambda p: p["prompt_len"] + p["new_tokens"])
         xs = [p["prompt_len"] + p["new_tokens"] for p in pts]
         color = _color(pts[0], palette)
-        style = dict(marker=markers[pts[0]["batch"]], color=color, linestyle=DTYPE_STYLES.get(pts[0]["dtype"], "-"),
-                     label=_series_label(pts[0], False, len(batches) > 1))
+        style = dict(
+            marker=markers[pts[0]["batch"]],
+            color=color,
+            linestyle=DTYPE_STYLES.get(pts[0]["dtype"], "-"),
+            label=_series_label(pts[0], False, len(batches) > 1),
+        )
         ax_peak.plot(xs, [p["peak_mem_bytes"] / 2**20 for p in pts], **style)
         ax_kv.plot(xs, [p["kv_cache_bytes"] / 2**20 for p in pts], **style)
     for ax, what in ((ax_peak, "peak memory (MiB)"), (ax_kv, "KV cache (MiB)")):
@@ -119,8 +130,14 @@ def roofline(points: list[dict], machine: dict | None, title: str = ""):
             if x and y:
                 ax.scatter([x], [y], color=color, marker=marker, s=28, zorder=3)
                 if len(points) <= 12:  # beyond that the labels only cover each other
-                        ax.annotate(f"b{p['batch']}·p{p['prompt_len']}", (x, y), fontsize=6, alpha=0.7,
-                                xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(
+                        f"b{p['batch']}·p{p['prompt_len']}",
+                        (x, y),
+                        fontsize=6,
+                        alpha=0.7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
                 xs.append(x)
                 ys.append(y)
     bw = (machine or {}).get("bandwidth_gb_s")
@@ -133,13 +150,24 @@ def roofline(points: list[dict], machine: dict | None, title: str = ""):
         # the slanted roof rises until it meets the highest matmul ceiling shown
         top = max(shown.values()) if shown else max(ys + [1.0]) * 2
         x_line = [lo, min(hi, top / bw)]
-        ax.plot(x_line, [bw * x for x in x_line], color="#444444", linewidth=1.2,
-                label=f"bandwidth {bw:.1f} GB/s (fp32 mat-vec)")
+        ax.plot(
+            x_line,
+            [bw * x for x in x_line],
+            color="#444444",
+            linewidth=1.2,
+            label=f"bandwidth {bw:.1f} GB/s (fp32 mat-vec)",
+        )
     for name, peak in sorted(shown.items()):
         color, style = PEAK_STYLES.get(name, ("#444444", "-."))
         ridge = peak / bw if bw else lo
-        ax.plot([ridge, hi], [peak, peak], color=color, linestyle=style, linewidth=1.2,
-                label=f"{name} matmul peak {peak:,.0f} GFLOP/s")
+        ax.plot(
+            [ridge, hi],
+            [peak, peak],
+            color=color,
+            linestyle=style,
+            linewidth=1.2,
+            label=f"{name} matmul peak {peak:,.0f} GFLOP/s",
+        )
     # legend entries for the engines and the two kinds of point
     for (engine, dtype), color in palette.items():
         ax.scatter([], [], color=color, marker="s", label=f"{engine} {dtype}")

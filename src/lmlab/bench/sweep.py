@@ -83,7 +83,12 @@ def parse_peers(peers) -> list[str]:
             name = name.strip().lower()
             if not name:
                 continue
-            name = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "llama-cpp": "llama.cpp", "transformers": "hf"}.get(name, name)
+            name = {
+                "llamacpp": "llama.cpp",
+                "llama_cpp": "llama.cpp",
+                "llama-cpp": "llama.cpp",
+                "transformers": "hf",
+            }.get(name, name)
             if name not in KNOWN_PEERS:
                 raise LmlabError(f"unknown peer {name!r}; use --peer hf or --peer llama.cpp.")
             if name not in out:
@@ -137,7 +142,12 @@ def estimate_memory(cfg, weight_bytes: int, dtype: torch.dtype, batch: int, prom
     act += prompt_len * (prompt_len + new_tokens)  # boolean causal mask
     act += batch * H * prompt_len * min(prompt_len, 512) * 4  # attention score blocks
     act += 4 * batch * cfg.vocab_size * 4  # logits, log-probs, entropy in float32
-    return {"weights": int(weight_bytes), "kv_cache": int(kv), "activations": int(act), "total": int(weight_bytes + kv + act)}
+    return {
+        "weights": int(weight_bytes),
+        "kv_cache": int(kv),
+        "activations": int(act),
+        "total": int(weight_bytes + kv + act),
+    }
 
 
 def available_memory(device: torch.device, held_bytes: int = 0) -> int:
@@ -161,8 +171,10 @@ def check_points_fit(cfg, points, weight_bytes_of, device, held_bytes: int = 0) 
     avail = None
     for dtype, batch, prompt_len, new_tokens in points:
         if prompt_len + new_tokens > ctx:
-            raise LmlabError(f"prompt {prompt_len} + {new_tokens} new tokens = {prompt_len + new_tokens} tokens is longer than "
-                             f"this model's context of {ctx} tokens; lower --prompt-len or --new-tokens.")
+            raise LmlabError(
+                f"prompt {prompt_len} + {new_tokens} new tokens = {prompt_len + new_tokens} tokens is longer than "
+                f"this model's context of {ctx} tokens; lower --prompt-len or --new-tokens."
+            )
     for dtype, batch, prompt_len, new_tokens in points:
         est = estimate_memory(cfg, weight_bytes_of(dtype), getattr(torch, dtype), batch, prompt_len, new_tokens)
         if avail is None:
@@ -170,9 +182,12 @@ def check_points_fit(cfg, points, weight_bytes_of, device, held_bytes: int = 0) 
         if est["total"] > 0.9 * avail:
             where = "GPU memory" if device.type == "cuda" else "RAM"
             raise LmlabError(
-                f"batch {batch} × prompt {prompt_len} (+{new_tokens} new tokens, {dtype}) needs about {_gb(est['total'])} "
-                f"(weights {_gb(est['weights'])} + KV cache {_gb(est['kv_cache'])} + activations {_gb(est['activations'])}) "
-                f"but {_gb(avail)} of {where} is available; lower --batch or --prompt-len.")
+                f"batch {batch} × prompt {prompt_len} (+{new_tokens} new tokens, {dtype}) "
+                f"needs about {_gb(est['total'])} "
+                f"(weights {_gb(est['weights'])} + KV cache {_gb(est['kv_cache'])} "
+                f"+ activations {_gb(est['activations'])}) "
+                f"but {_gb(avail)} of {where} is available; lower --batch or --prompt-len."
+            )
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -213,7 +228,7 @@ def bench_prompts(lm, batch: int, prompt_len: int, seed: int = 0) -> list[list[i
     span = max(1, len(stream) - body)
     for i in range(batch):
         off = (i * 7919) % span
-        ids = stream[off: off + body]
+        ids = stream[off : off + body]
         while len(ids) < body:  # a text shorter than the prompt: repeat it
             ids += stream[: body - len(ids)]
         rows.append(prefix + ids)
@@ -417,7 +432,9 @@ class SweepSpec:
     def __post_init__(self):
         # an unknown scheme fails when the spec is built, before anything loads
         if self.quant not in (None, "", *QUANTS):
-            raise LmlabError(f"quantization {self.quant!r} is not available yet; --quant none is the only value for now.")
+            raise LmlabError(
+                f"quantization {self.quant!r} is not available yet; --quant none is the only value for now."
+            )
 
     def grid(self, dtype: str):
         for prompt_len in self.prompt_lens:
@@ -426,7 +443,9 @@ class SweepSpec:
                     yield dtype, batch, prompt_len, new_tokens
 
 
-def derive(point: dict, shape: ModelShape, weight_bytes: int, kv_per_token: int, machine: dict | None, matmul_dtype: str | None) -> dict:
+def derive(
+    point: dict, shape: ModelShape, weight_bytes: int, kv_per_token: int, machine: dict | None, matmul_dtype: str | None
+) -> dict:
     """Add KV bytes, achieved bandwidth, FLOP/s and their % of the machine to a measured point."""
     B, P, N = point["batch"], point["prompt_len"], point["new_tokens"]
     mean_ctx = P + N / 2
@@ -435,16 +454,18 @@ def derive(point: dict, shape: ModelShape, weight_bytes: int, kv_per_token: int,
     d_flops = shape.decode_step_flops(B, mean_ctx)
     p_flops = shape.prefill_flops(B, P)
     p_bytes = weight_bytes + kv_per_token * B * P
-    point.update({
-        "kv_cache_bytes": int(kv_per_token * B * (P + N)),
-        "weight_bytes_per_step": int(weight_bytes),
-        "bytes_per_step": int(bytes_per_step),
-        "bandwidth_gb_s": bytes_per_step * steps_s / 1e9,
-        "decode_tflops": d_flops * steps_s / 1e12,
-        "decode_intensity": d_flops / bytes_per_step,  # FLOP/byte
-        "prefill_tflops": p_flops / (point["ttft_ms"] / 1e3) / 1e12,
-        "prefill_intensity": p_flops / p_bytes,
-    })
+    point.update(
+        {
+            "kv_cache_bytes": int(kv_per_token * B * (P + N)),
+            "weight_bytes_per_step": int(weight_bytes),
+            "bytes_per_step": int(bytes_per_step),
+            "bandwidth_gb_s": bytes_per_step * steps_s / 1e9,
+            "decode_tflops": d_flops * steps_s / 1e12,
+            "decode_intensity": d_flops / bytes_per_step,  # FLOP/byte
+            "prefill_tflops": p_flops / (point["ttft_ms"] / 1e3) / 1e12,
+            "prefill_intensity": p_flops / p_bytes,
+        }
+    )
     bw = (machine or {}).get("bandwidth_gb_s")
     peak = ((machine or {}).get("matmul_gflops") or {}).get(matmul_dtype) if matmul_dtype else None
     point["bandwidth_pct"] = 100 * point["bandwidth_gb_s"] / bw if bw else None
@@ -468,9 +489,9 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     The sweep holds the only reference, so each model is freed before the next engine loads.
     """
     import lmlab
-    from lmlab.loading import parse_device
     from lmlab.bench.machine import machine_limits
     from lmlab.bench.peers import make_peer, peer_check
+    from lmlab.loading import parse_device
 
     log = log or (lambda msg: None)
     progress = progress or (lambda **kw: None)
@@ -521,10 +542,19 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
             ids = [row[:prompt_len] for row in all_ids[:batch]]
             progress(description=f"{label} b{batch} p{prompt_len} n{new_tokens}")
             m = measure(runner, ids, new_tokens, spec.warmup, spec.repeats, tick=lambda: progress(advance=1))
-            pt = {"model": model_name, "engine": runner.engine, "peer": None if runner.engine == "lmlab" else runner.engine,
-                  "dtype": runner.dtype, "quant": spec.quant if runner.engine == "lmlab" else None,
-                  "device": str(device), "threads": threads, "batch": batch, "prompt_len": prompt_len,
-                  "new_tokens": new_tokens, **m}
+            pt = {
+                "model": model_name,
+                "engine": runner.engine,
+                "peer": None if runner.engine == "lmlab" else runner.engine,
+                "dtype": runner.dtype,
+                "quant": spec.quant if runner.engine == "lmlab" else None,
+                "device": str(device),
+                "threads": threads,
+                "batch": batch,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                **m,
+            }
             derive(pt, shape, runner.weight_bytes, kv_bytes_per_token(cfg, kv_dtype), machine, matmul_dtype)
             points.append(pt)
             if on_point:
@@ -547,11 +577,16 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     if "llama.cpp" in peers:
         pts = [pt for pt in spec.grid(dtypes[0]) if pt[1] == 1]
         if len(pts) < len(list(spec.grid(dtypes[0]))):
-            note = "llama.cpp runs batch 1 only (llama-cpp-python has no batched generate); its larger batches are left out."
+            note = (
+                "llama.cpp runs batch 1 only (llama-cpp-python has no batched generate); "
+                "its larger batches are left out."
+            )
             notes.append(note)
         if pts:
             n_ctx = max(p + n for _, _, p, n in pts) + 8
-            peer = make_peer("llama.cpp", resolved=resolved, dtype=None, device=device, threads=threads, cfg=cfg, n_ctx=n_ctx)
+            peer = make_peer(
+                "llama.cpp", resolved=resolved, dtype=None, device=device, threads=threads, cfg=cfg, n_ctx=n_ctx
+            )
             run_engine(peer, pts, "llama.cpp", torch.float16, None)
             peer.close()
             _free()
@@ -559,8 +594,15 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     add_ratios(points, peers)
     # side by side: each (prompt, batch, new tokens) block lists lmlab per dtype, then each peer
     engines = ["lmlab", *peers]
-    points.sort(key=lambda p: (p["prompt_len"], p["batch"], p["new_tokens"], engines.index(p["engine"]),
-                               dtypes.index(p["dtype"]) if p["dtype"] in dtypes else len(dtypes)))
+    points.sort(
+        key=lambda p: (
+            p["prompt_len"],
+            p["batch"],
+            p["new_tokens"],
+            engines.index(p["engine"]),
+            dtypes.index(p["dtype"]) if p["dtype"] in dtypes else len(dtypes),
+        )
+    )
     notes.append(f"peak memory: {points[0]['peak_mem_method'] if points else ''}; one engine's model loaded at a time")
     return {"points": points, "machine": machine, "host": host, "notes": notes}
 
@@ -577,9 +619,15 @@ def add_ratios(points: list[dict], peers: list[str]) -> None:
         if pt["engine"] != "lmlab":
             continue
         for peer in peers:
-            match = [q for q in points if q["engine"] == peer and q["batch"] == pt["batch"]
-                     and q["prompt_len"] == pt["prompt_len"] and q["new_tokens"] == pt["new_tokens"]
-                     and (peer != "hf" or q["dtype"] == pt["dtype"])]
+            match = [
+                q
+                for q in points
+                if q["engine"] == peer
+                and q["batch"] == pt["batch"]
+                and q["prompt_len"] == pt["prompt_len"]
+                and q["new_tokens"] == pt["new_tokens"]
+                and (peer != "hf" or q["dtype"] == pt["dtype"])
+            ]
             k = peer_key(peer)
             if match and match[0]["decode_tok_s"]:
                 pt[f"ratio_vs_{k}"] = pt["decode_tok_s"] / match[0]["decode_tok_s"]

@@ -39,20 +39,44 @@ def points_table(points: list[dict], peers: list[str]):
 
     several_new = len({p["new_tokens"] for p in points}) > 1
     t = Table(title="lmlab bench", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    cols = ["engine", "dtype", "batch", "prompt"] + (["new"] if several_new else []) + [
-        "TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "decode\nmedian", "p50/p95\nms", "peak\nmem",
-        "KV\ncache", "GB/s", "%\nBW", "prefill\n% FLOP"]
+    cols = (
+        ["engine", "dtype", "batch", "prompt"]
+        + (["new"] if several_new else [])
+        + [
+            "TTFT\nms",
+            "prefill\ntok/s",
+            "decode\ntok/s",
+            "decode\nmedian",
+            "p50/p95\nms",
+            "peak\nmem",
+            "KV\ncache",
+            "GB/s",
+            "%\nBW",
+            "prefill\n% FLOP",
+        ]
+    )
     cols += [f"×\n{p}" for p in peers]
     for c in cols:
         left = c in ("engine", "dtype")
         t.add_column(c, justify="left" if left else "right", no_wrap=True)
     for p in points:
-        row = [p["engine"], p["dtype"] + ("" if p.get("quant") in (None, "none") else f" {p['quant']}"),
-               str(p["batch"]), str(p["prompt_len"])] + ([str(p["new_tokens"])] if several_new else [])
+        row = [
+            p["engine"],
+            p["dtype"] + ("" if p.get("quant") in (None, "none") else f" {p['quant']}"),
+            str(p["batch"]),
+            str(p["prompt_len"]),
+        ] + ([str(p["new_tokens"])] if several_new else [])
         row += [
-            _num(p["ttft_ms"]), _num(p["prefill_tok_s"]), _num(p["decode_tok_s"]), _num(p["decode_tok_s_median"]),
-            f"{_num(p['p50_ms'])}/{_num(p['p95_ms'])}", _mb(p["peak_mem_bytes"]), _mb(p["kv_cache_bytes"]),
-            _num(p["bandwidth_gb_s"]), _num(p["bandwidth_pct"], "{:.0f}%"), _num(p["flops_pct"], "{:.1f}%"),
+            _num(p["ttft_ms"]),
+            _num(p["prefill_tok_s"]),
+            _num(p["decode_tok_s"]),
+            _num(p["decode_tok_s_median"]),
+            f"{_num(p['p50_ms'])}/{_num(p['p95_ms'])}",
+            _mb(p["peak_mem_bytes"]),
+            _mb(p["kv_cache_bytes"]),
+            _num(p["bandwidth_gb_s"]),
+            _num(p["bandwidth_pct"], "{:.0f}%"),
+            _num(p["flops_pct"], "{:.1f}%"),
         ]
         for peer in peers:
             r = p.get(f"ratio_vs_{peer_key(peer)}")
@@ -68,12 +92,19 @@ def machine_table(entry: dict):
     t = Table(title="this machine", title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value")
-    t.add_row("cpu", f"{h['cpu']} ({h['physical_cores']} cores, {h['logical_cpus']} logical; {', '.join(h.get('cpu_flags') or []) or '-'})")
+    t.add_row(
+        "cpu",
+        f"{h['cpu']} ({h['physical_cores']} cores, {h['logical_cpus']} logical; "
+        f"{', '.join(h.get('cpu_flags') or []) or '-'})",
+    )
     t.add_row("device", str(h["device"]))
     t.add_row("threads", str(entry["threads"]))
     t.add_row("memory", _mb(h.get("ram_bytes")))
     t.add_row("torch", h["torch"])
-    t.add_row("bandwidth (fp32 mat-vec, fastest kernel)", f"{entry['bandwidth_gb_s']:.1f} GB/s over {entry['bandwidth_test_bytes'] / 2**30:.0f} GiB")
+    t.add_row(
+        "bandwidth (fp32 mat-vec, fastest kernel)",
+        f"{entry['bandwidth_gb_s']:.1f} GB/s over {entry['bandwidth_test_bytes'] / 2**30:.0f} GiB",
+    )
     t.add_row("  BLAS torch.mv", f"{entry['matvec_gb_s']:.1f} GB/s")
     if entry.get("onednn_matvec_gb_s"):
         t.add_row("  oneDNN, prepacked", f"{entry['onednn_matvec_gb_s']:.1f} GB/s")
@@ -87,8 +118,12 @@ def machine_table(entry: dict):
     if h["device"] == "cpu":
         from lmlab import native
 
-        t.add_row("decoding step", "native (lmlab.native): " + native.status() if native.available()
-                  else "PyTorch (model.py): native code " + native.status())
+        t.add_row(
+            "decoding step",
+            "native (lmlab.native): " + native.status()
+            if native.available()
+            else "PyTorch (model.py): native code " + native.status(),
+        )
     return t
 
 
@@ -99,12 +134,16 @@ def bench(
     new_tokens: str = typer.Option("128", "--new-tokens", help="Tokens to generate per sequence, comma-separated."),
     dtype: str = typer.Option("float32", "--dtype", help="Dtypes, comma-separated: float32,bfloat16,float16."),
     quant: str = typer.Option("none", "--quant", help="Weight quantization (none is the only value for now)."),
-    peer: list[str] = typer.Option(None, "--peer", help="Also time a peer on the same weights: hf, llama.cpp (repeatable)."),
+    peer: list[str] = typer.Option(
+        None, "--peer", help="Also time a peer on the same weights: hf, llama.cpp (repeatable)."
+    ),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per point (best and median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per point before the timed ones."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for lmlab and every peer (default: torch's)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
-    machine: bool = typer.Option(False, "--machine", help="Measure this machine's bandwidth and matmul peak, cache them, print them."),
+    machine: bool = typer.Option(
+        False, "--machine", help="Measure this machine's bandwidth and matmul peak, cache them, print them."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     plots: Path = typer.Option(None, "--plots", "--png", help="Write the plots (PNG and SVG) into this folder."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
@@ -139,9 +178,18 @@ def bench(
     resolved = resolve(model)  # an unknown model fails here, before the machine is measured
     config = {k: v for k, v in spec.__dict__.items() if k != "model"}
     t0 = time.perf_counter()
-    with record_run("bench", model=model, model_path=str(resolved.path), config=config, seed=None,
-                    inputs={"prompts": "Python standard library source, cut to each prompt length (random ids without a tokenizer)"},
-                    record=not no_record, wandb=wandb or None) as run:
+    with record_run(
+        "bench",
+        model=model,
+        model_path=str(resolved.path),
+        config=config,
+        seed=None,
+        inputs={
+            "prompts": "Python standard library source, cut to each prompt length (random ids without a tokenizer)"
+        },
+        record=not no_record,
+        wandb=wandb or None,
+    ) as run:
         result = _sweep_with_progress(spec, run)
         run.timings = {"wall_s": time.perf_counter() - t0}
         written = []
@@ -151,15 +199,26 @@ def bench(
             written = write_plots(result["points"], result["machine"], plots, title=Path(model).name)
             run.outputs = {"plots": [str(p) for p in written]}
         if json_out:
-            print_json({"model": model, "host": result["host"], "machine": result["machine"], "points": result["points"],
-                        "notes": result["notes"], "plots": [str(p) for p in written], "run_id": getattr(run, "id", None)})
+            print_json(
+                {
+                    "model": model,
+                    "host": result["host"],
+                    "machine": result["machine"],
+                    "points": result["points"],
+                    "notes": result["notes"],
+                    "plots": [str(p) for p in written],
+                    "run_id": getattr(run, "id", None),
+                }
+            )
             return
         out.print(points_table(result["points"], spec.peers))
         m = result["machine"]
         peaks = ", ".join(f"{k} {v:,.0f}" for k, v in m["matmul_gflops"].items() if v)
-        err.print(f"[dim]machine: {m['bandwidth_gb_s']:.1f} GB/s (fp32 mat-vec), matmul peak GFLOP/s {peaks}; "
-                  f"{result['host']['threads']} threads · rates: best of {spec.repeats} after {spec.warmup} warm-up "
-                  f"(decode median beside it) · {' · '.join(n.rstrip('.') for n in result['notes'])}[/]")
+        err.print(
+            f"[dim]machine: {m['bandwidth_gb_s']:.1f} GB/s (fp32 mat-vec), matmul peak GFLOP/s {peaks}; "
+            f"{result['host']['threads']} threads · rates: best of {spec.repeats} after {spec.warmup} warm-up "
+            f"(decode median beside it) · {' · '.join(n.rstrip('.') for n in result['notes'])}[/]"
+        )
         for p in written:
             if p.suffix == ".png":
                 err.print(f"[dim]wrote {p} (+ .svg)[/]")
@@ -182,8 +241,14 @@ def _sweep_with_progress(spec, run) -> dict:
         run.metrics = {"points": list(points), "machine": state["machine"]}
         run.checkpoint()  # a crash or Ctrl-C keeps every point measured so far
 
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
         task = bar.add_task("bench", total=None)
 
         def progress(total=None, advance=None, description=None):
@@ -202,7 +267,12 @@ def _sweep_with_progress(spec, run) -> dict:
             bar.console.print(f"[dim]{msg}[/]")
 
         result = run_sweep(spec, progress=progress, on_point=on_point, log=log, load=load)
-    run.metrics = {"points": result["points"], "machine": result["machine"], "host": result["host"], "notes": result["notes"]}
+    run.metrics = {
+        "points": result["points"],
+        "machine": result["machine"],
+        "host": result["host"],
+        "notes": result["notes"],
+    }
     return result
 
 
@@ -217,8 +287,15 @@ def _machine(device: str, threads: int | None, json_out: bool, no_record: bool) 
     if threads is not None:
         torch.set_num_threads(threads)
     dev = parse_device(device)
-    with record_run("bench", model=None, model_path=None, config={"machine": True, "device": str(dev), "threads": threads},
-                    seed=None, inputs={}, record=not no_record) as run:
+    with record_run(
+        "bench",
+        model=None,
+        model_path=None,
+        config={"machine": True, "device": str(dev), "threads": threads},
+        seed=None,
+        inputs={},
+        record=not no_record,
+    ) as run:
         with err.status("measuring memory bandwidth and matmul peak (about 10 s)"):
             entry = machine_limits(dev, threads, remeasure=True)
         run.metrics = {"machine": entry}

@@ -14,11 +14,32 @@ from lmlab.errors import LmlabError
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def sampling_kwargs(temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty,
-                    presence_penalty, no_repeat_ngram, seed, n) -> dict:
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                presence_penalty=presence_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed, n=n)
+def sampling_kwargs(
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    typical_p,
+    repetition_penalty,
+    frequency_penalty,
+    presence_penalty,
+    no_repeat_ngram,
+    seed,
+    n,
+) -> dict:
+    return dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        no_repeat_ngram_size=no_repeat_ngram,
+        seed=seed,
+        n=n,
+    )
 
 
 def prob_style(p: float) -> str:
@@ -75,14 +96,18 @@ def generate(
     seed: int = typer.Option(None, help="Same seed, same output."),
     n: int = typer.Option(1, "-n", help="Samples per prompt."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the end-of-sequence token: run to --max-new-tokens."),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="Do not stop at the end-of-sequence token: run to --max-new-tokens."
+    ),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tokens (default on a terminal)."),
     show_probs: bool = typer.Option(False, "--show-probs", help="Colour each token by its probability."),
     alternatives: int = typer.Option(0, "--alternatives", help="Show the top K alternatives of each token."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     prompts_file: Path = typer.Option(None, "--prompts", help="File with one prompt per line, run as one batch."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    fake_chat: bool = typer.Option(False, "--fake-chat", help="Prompt a base model as an assistant (a transcript it continues)."),
+    fake_chat: bool = typer.Option(
+        False, "--fake-chat", help="Prompt a base model as an assistant (a transcript it continues)."
+    ),
     few_shot: Path = typer.Option(None, "--few-shot", help="Text file of examples to put before the prompt."),
     truncate: str = typer.Option(None, "--truncate", help="'left': keep the end of a prompt longer than the context."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
@@ -96,17 +121,32 @@ def generate(
     from lmlab.runs import record_run
 
     if prompt is None and prompts_file is None:
-        raise LmlabError('no prompt was given; pass a prompt, e.g. lmlab generate "Once upon a time", or --prompts FILE.')
+        raise LmlabError(
+            'no prompt was given; pass a prompt, e.g. lmlab generate "Once upon a time", or --prompts FILE.'
+        )
     if truncate not in (None, "left"):
         raise LmlabError(f"--truncate takes 'left', got {truncate!r}.")
     prompts = _read_prompts(prompts_file) if prompts_file else [prompt]
-    sk = sampling_kwargs(temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty,
-                         presence_penalty, no_repeat_ngram, seed, n)
+    sk = sampling_kwargs(
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        typical_p,
+        repetition_penalty,
+        frequency_penalty,
+        presence_penalty,
+        no_repeat_ngram,
+        seed,
+        n,
+    )
     from lmlab.engine.sampling import SamplingParams
 
     SamplingParams(**sk).validate()  # bad values fail before the model loads
     if max_new_tokens <= 0:
-        raise LmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 64.")
+        raise LmlabError(
+            f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 64."
+        )
     lm = load_model(model, dtype, device)
     shots = read_few_shot(few_shot) if few_shot else None
     stops = list(stop or [])
@@ -124,11 +164,34 @@ def generate(
         stream = sys.stdout.isatty() and not json_out
     if len(texts) > 1 or n > 1 or json_out:
         stream = False
-    gen_kw = dict(max_new_tokens=max_new_tokens, stop=stops, alternatives=max(alternatives, 5 if show_probs else 0),
-                  use_cache=not no_cache, truncate=truncate, add_special=add_special, ignore_eos=ignore_eos, **sk)
-    config = dict(dtype=dtype, device=device, chat=chat, fake_chat=fake_chat, few_shot=str(few_shot) if few_shot else None, **gen_kw)
-    with record_run("generate", model=model, model_path=_model_path(lm), config=config, seed=seed,
-                    inputs={"prompts": prompts, "rendered": texts}, record=not no_record, wandb=wandb or None) as run:
+    gen_kw = dict(
+        max_new_tokens=max_new_tokens,
+        stop=stops,
+        alternatives=max(alternatives, 5 if show_probs else 0),
+        use_cache=not no_cache,
+        truncate=truncate,
+        add_special=add_special,
+        ignore_eos=ignore_eos,
+        **sk,
+    )
+    config = dict(
+        dtype=dtype,
+        device=device,
+        chat=chat,
+        fake_chat=fake_chat,
+        few_shot=str(few_shot) if few_shot else None,
+        **gen_kw,
+    )
+    with record_run(
+        "generate",
+        model=model,
+        model_path=_model_path(lm),
+        config=config,
+        seed=seed,
+        inputs={"prompts": prompts, "rendered": texts},
+        record=not no_record,
+        wandb=wandb or None,
+    ) as run:
         if stream:
             _stream_one(lm, texts[0], gen_kw, show_probs, alternatives, run)
         else:
@@ -148,7 +211,7 @@ def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
             pieces.append(ev.text)
             ids.append(ev.id)
             if show_probs:
-                out.print(Text(ev.text, style=prob_style(2.718281828 ** ev.logprob)), end="")
+                out.print(Text(ev.text, style=prob_style(2.718281828**ev.logprob)), end="")
             else:
                 out.print(ev.text, end="", markup=False, highlight=False)
             sys.stdout.flush()
@@ -168,7 +231,9 @@ def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
     err.print(format_stats(timings, lm.load_seconds))
     run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": [gen.result().finish_reason]}
     run.timings = timings
-    run.add_metrics(decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"])
+    run.add_metrics(
+        decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"]
+    )
 
 
 def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
@@ -183,14 +248,30 @@ def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
             run.outputs = {"texts": [r.text for r in partial], "finish_reasons": ["interrupted"] * len(partial)}
         raise
     timings = results[0].timings
-    run.outputs = {"texts": [r.text for r in results], "token_ids": [r.token_ids for r in results],
-                   "finish_reasons": [r.finish_reason for r in results]}
+    run.outputs = {
+        "texts": [r.text for r in results],
+        "token_ids": [r.token_ids for r in results],
+        "finish_reasons": [r.finish_reason for r in results],
+    }
     run.timings = timings
-    run.add_metrics(decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"])
+    run.add_metrics(
+        decode_tok_s=timings["decode_tok_s"], prefill_tok_s=timings["prefill_tok_s"], ttft_ms=timings["ttft_ms"]
+    )
     if json_out:
-        print_json({"model": lm.name, "results": [
-            {"prompt": prompts[i // max(1, len(results) // len(prompts))], **{k: v for k, v in r.to_dict().items() if k != "prompt"}}
-            for i, r in enumerate(results)], "timings": timings, "run_id": run.id})
+        print_json(
+            {
+                "model": lm.name,
+                "results": [
+                    {
+                        "prompt": prompts[i // max(1, len(results) // len(prompts))],
+                        **{k: v for k, v in r.to_dict().items() if k != "prompt"},
+                    }
+                    for i, r in enumerate(results)
+                ],
+                "timings": timings,
+                "run_id": run.id,
+            }
+        )
         return
     for i, r in enumerate(results):
         if len(results) > 1:
@@ -198,12 +279,14 @@ def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
         if show_probs:
             line = Text()
             for tid, lp in zip(r.token_ids, r.logprobs):
-                line.append(lm.tokenizer.decode([tid]), style=prob_style(2.718281828 ** lp))
+                line.append(lm.tokenizer.decode([tid]), style=prob_style(2.718281828**lp))
             out.print(line)
         else:
             out.print(r.text, markup=False, highlight=False)
         if alternatives:
-            _print_alternatives(lm, r.token_ids, [[(p, round(q, 4)) for _, p, q in a[:alternatives]] for a in r.alternatives])
+            _print_alternatives(
+                lm, r.token_ids, [[(p, round(q, 4)) for _, p, q in a[:alternatives]] for a in r.alternatives]
+            )
     err.print(format_stats(timings, lm.load_seconds))
 
 
@@ -222,7 +305,10 @@ def _print_alternatives(lm, ids, alts):
 # ----------------------------------------------------------------------------- chat
 
 CHAT_KNOBS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "max_new_tokens", "seed")
-CHAT_HELP = "commands: /reset  /set KNOB VALUE (temperature top_k top_p min_p typical_p repetition_penalty max_new_tokens seed)  /show  /quit"
+CHAT_HELP = (
+    "commands: /reset  /set KNOB VALUE "
+    "(temperature top_k top_p min_p typical_p repetition_penalty max_new_tokens seed)  /show  /quit"
+)
 
 
 def chat(
@@ -247,18 +333,42 @@ def chat(
     from lmlab.engine.sampling import SamplingParams
     from lmlab.runs import record_run
 
-    knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
-                 seed=seed, typical_p=1.0)
+    knobs = dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        typical_p=1.0,
+    )
     SamplingParams(**knobs)  # bad values fail before the model loads
     if max_new_tokens <= 0:
-        raise LmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 256.")
+        raise LmlabError(
+            f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 256."
+        )
     lm = load_model(model, dtype, device)
     mode = "fake" if fake_chat else default_mode(lm.tokenizer)
-    conv = Chat(lm, system=system, mode=mode, few_shot=read_few_shot(few_shot) if few_shot else None,
-                max_new_tokens=max_new_tokens, **knobs)
-    err.print(f"chatting with {lm.name} ({'chat template' if mode == 'template' else 'fake-chat transcript'}); {CHAT_HELP}")
-    with record_run("chat", model=model, model_path=_model_path(lm), config=dict(mode=mode, dtype=dtype, **conv.settings),
-                    seed=seed, inputs={"system": system}, record=not no_record) as run:
+    conv = Chat(
+        lm,
+        system=system,
+        mode=mode,
+        few_shot=read_few_shot(few_shot) if few_shot else None,
+        max_new_tokens=max_new_tokens,
+        **knobs,
+    )
+    err.print(
+        f"chatting with {lm.name} ({'chat template' if mode == 'template' else 'fake-chat transcript'}); {CHAT_HELP}"
+    )
+    with record_run(
+        "chat",
+        model=model,
+        model_path=_model_path(lm),
+        config=dict(mode=mode, dtype=dtype, **conv.settings),
+        seed=seed,
+        inputs={"system": system},
+        record=not no_record,
+    ) as run:
         run.outputs = {"turns": conv.turns}
         while True:
             try:
@@ -282,7 +392,10 @@ def chat(
                 continue
             if turn.dropped_exchanges:
                 n = turn.dropped_exchanges
-                err.print(f"[dim](dropped the oldest {n} exchange{'s' if n > 1 else ''} to fit the {lm.config.max_seq_len}-token context)[/]")
+                err.print(
+                    f"[dim](dropped the oldest {n} exchange{'s' if n > 1 else ''} to fit the "
+                    f"{lm.config.max_seq_len}-token context)[/]"
+                )
             out.print("bot> ", end="")
             try:
                 for ev in turn:
@@ -313,7 +426,11 @@ def _chat_command(line: str, conv) -> bool:
             err.print(f"unknown knob {key!r}; one of: {', '.join(CHAT_KNOBS)}")
             return True
         try:
-            value = None if raw.lower() == "none" else (int(raw) if key in ("top_k", "max_new_tokens", "seed") else float(raw))
+            value = (
+                None
+                if raw.lower() == "none"
+                else (int(raw) if key in ("top_k", "max_new_tokens", "seed") else float(raw))
+            )
             conv.set(key, value)
         except ValueError:
             err.print(f"{raw!r} is not a number for {key}")

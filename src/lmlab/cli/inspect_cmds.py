@@ -33,6 +33,7 @@ def _token(text: str) -> str:
 
     return show_token(text)
 
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -84,7 +85,10 @@ def _load(model: str, dtype: str, device: str, rope_theta, max_seq_len, n_layers
         overrides["max_seq_len"] = int(max_seq_len)
     lm = load_model(model, dtype, device, overrides=overrides or None, n_layers=n_layers)
     if rope_theta is not None and lm.config.pos != "rope":
-        raise LmlabError(f"--rope-theta applies to RoPE models, but {model} ({lm.config.family}) learns its positions; drop the option.")
+        raise LmlabError(
+            f"--rope-theta applies to RoPE models, but {model} ({lm.config.family}) learns its positions; "
+            "drop the option."
+        )
     knobs = [f"{k}={v:g}" for k, v in overrides.items()] + ([f"n_layers={n_layers}"] if n_layers else [])
     err.print(f"[dim]{lm!r} loaded in {lm.load_seconds:.2f} s" + (f" ({', '.join(knobs)})" if knobs else "") + "[/dim]")
     _start_record(lm)
@@ -108,11 +112,22 @@ def _start_record(lm) -> None:
 
     args = cur["args"]
     inputs = {k: args[k] for k in _INPUT_ARGS if args.get(k) is not None}
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in _INPUT_ARGS and k != "json_out"}
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in args.items() if k not in _INPUT_ARGS and k != "json_out"
+    }
     path = str(lm.resolved.path) if getattr(lm, "resolved", None) is not None else None
-    cur["run"] = cur["stack"].enter_context(record_run(
-        cur["name"], model=args.get("model"), model_path=path, config=config, seed=args.get("seed"),
-        inputs=inputs, record=cur["record"], wandb=cur["wandb"] or None))
+    cur["run"] = cur["stack"].enter_context(
+        record_run(
+            cur["name"],
+            model=args.get("model"),
+            model_path=path,
+            config=config,
+            seed=args.get("seed"),
+            inputs=inputs,
+            record=cur["record"],
+            wandb=cur["wandb"] or None,
+        )
+    )
 
 
 def _emit(payload: dict, json_out: bool) -> bool:
@@ -129,8 +144,10 @@ def _model_and_prompt(words: list[str] | None, model: str) -> tuple[str, str | N
     """The positional words: [PROMPT] or [MODEL, PROMPT]."""
     words = [words] if isinstance(words, str) else list(words or [])
     if len(words) > 2:
-        raise LmlabError(f"expected a prompt (optionally after the model name) but got {len(words)} words; "
-                         'put the prompt in quotes, e.g. "The cat sat on the".')
+        raise LmlabError(
+            f"expected a prompt (optionally after the model name) but got {len(words)} words; "
+            'put the prompt in quotes, e.g. "The cat sat on the".'
+        )
     if len(words) == 2:
         return words[0], words[1]
     return model, (words[0] if words else None)
@@ -140,10 +157,18 @@ def _recorded(name: str, fn):
     """The command fn with --no-record/--wandb added, run inside its run record."""
     sig = inspect.signature(fn)
     extra = [
-        inspect.Parameter("no_record", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--no-record", help="Do not record this run in the run store.")),
-        inspect.Parameter("wandb", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--wandb", help="Mirror the run to wandb.")),
+        inspect.Parameter(
+            "no_record",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--no-record", help="Do not record this run in the run store."),
+        ),
+        inspect.Parameter(
+            "wandb",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--wandb", help="Mirror the run to wandb."),
+        ),
     ]
 
     takes_prompt = "prompt" in sig.parameters
@@ -154,22 +179,47 @@ def _recorded(name: str, fn):
             kwargs["model"], kwargs["prompt"] = _model_and_prompt(kwargs.get("prompt"), kwargs["model"])
         bound = sig.bind(*args, **kwargs)
         with ExitStack() as stack:
-            token = _CURRENT.set({"name": name, "args": dict(bound.arguments), "stack": stack,
-                                  "record": not no_record, "wandb": wandb, "run": None})
+            token = _CURRENT.set(
+                {
+                    "name": name,
+                    "args": dict(bound.arguments),
+                    "stack": stack,
+                    "record": not no_record,
+                    "wandb": wandb,
+                    "run": None,
+                }
+            )
             try:
                 return fn(*args, **kwargs)
             finally:
                 _CURRENT.reset(token)
 
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
-              for p in sig.parameters.values()]
+    params = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+        for p in sig.parameters.values()
+    ]
     if takes_prompt:  # `lmlab shapes "prompt"` and `lmlab shapes MODEL "prompt"` both work
-        params = [p.replace(annotation=list[str], default=typer.Argument(
-            None, metavar="[MODEL] PROMPT", help="The prompt, optionally after the model (same as -m MODEL).",
-            show_default=False)) if p.name == "prompt" else p for p in params]
+        params = [
+            p.replace(
+                annotation=list[str],
+                default=typer.Argument(
+                    None,
+                    metavar="[MODEL] PROMPT",
+                    help="The prompt, optionally after the model (same as -m MODEL).",
+                    show_default=False,
+                ),
+            )
+            if p.name == "prompt"
+            else p
+            for p in params
+        ]
     command.__signature__ = sig.replace(parameters=params + extra)
-    command.__annotations__ = {**fn.__annotations__, **({"prompt": list[str]} if takes_prompt else {}),
-                               "no_record": bool, "wandb": bool}
+    command.__annotations__ = {
+        **fn.__annotations__,
+        **({"prompt": list[str]} if takes_prompt else {}),
+        "no_record": bool,
+        "wandb": bool,
+    }
     return command
 
 
@@ -191,7 +241,9 @@ def _progress(label: str):
     if not err.is_terminal:
         yield None
         return
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
+    ) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int) -> None:
@@ -236,20 +288,39 @@ def inspect_cmd(
     # log p of each token given the ones before it (the first has no prediction)
     token_lp = [None] + logp[:-1].gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
     top = logp[-1].topk(min(top_k, lm.config.vocab_size))
-    next_rows = [{"id": i, "token": t, "prob": p.exp().item(), "logprob": p.item()}
-                 for i, t, p in zip(top.indices.tolist(), token_labels(lm, top.indices), top.values)]
-    if _emit({
-        "model": model,
-        "tokens": [{"pos": i, "id": tid, "token": lab, "logprob": lp, "entropy_after": e}
-                   for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))],
-        "next": next_rows, "entropy": ent[-1].item(), "forward_ms": ms,
-    }, json_out):
+    next_rows = [
+        {"id": i, "token": t, "prob": p.exp().item(), "logprob": p.item()}
+        for i, t, p in zip(top.indices.tolist(), token_labels(lm, top.indices), top.values)
+    ]
+    if _emit(
+        {
+            "model": model,
+            "tokens": [
+                {"pos": i, "id": tid, "token": lab, "logprob": lp, "entropy_after": e}
+                for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))
+            ],
+            "next": next_rows,
+            "entropy": ent[-1].item(),
+            "forward_ms": ms,
+        },
+        json_out,
+    ):
         return
-    rows = [[i, tid, _token(lab), "" if lp is None else f"{lp:.3f}", f"{e:.3f}"]
-            for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))]
-    out.print(rich_table(["pos", "id", "token", "log p(token)", "entropy after (nats)"], rows, f"{len(ids_list)} tokens"))
+    rows = [
+        [i, tid, _token(lab), "" if lp is None else f"{lp:.3f}", f"{e:.3f}"]
+        for i, (tid, lab, lp, e) in enumerate(zip(ids_list, labels, token_lp, ent.tolist()))
+    ]
+    out.print(
+        rich_table(["pos", "id", "token", "log p(token)", "entropy after (nats)"], rows, f"{len(ids_list)} tokens")
+    )
     rows = [[r["id"], _token(r["token"]), f"{r['prob']:.4f}", f"{r['logprob']:.3f}"] for r in next_rows]
-    out.print(rich_table(["id", "token", "prob", "log p"], rows, f"top {len(next_rows)} next tokens (entropy {ent[-1].item():.3f} nats)"))
+    out.print(
+        rich_table(
+            ["id", "token", "prob", "log p"],
+            rows,
+            f"top {len(next_rows)} next tokens (entropy {ent[-1].item():.3f} nats)",
+        )
+    )
     err.print(f"[dim]forward {ms:.1f} ms[/dim]")
 
 
@@ -308,8 +379,11 @@ def lens_cmd(
     lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
     chosen = parse_layers(lm.config, layers) if layers else None
     p = _prompt(prompt, ids)
-    result, gen = (logit_lens_generation(lm, p, k, chosen, max_new_tokens=generate) if generate
-                   else (logit_lens(lm, p, k, chosen), None))
+    result, gen = (
+        logit_lens_generation(lm, p, k, chosen, max_new_tokens=generate)
+        if generate
+        else (logit_lens(lm, p, k, chosen), None)
+    )
     _write_png(result, png)
     d = {"model": model, **result.to_dict()}
     if gen is not None:
@@ -328,7 +402,11 @@ def _diff_and_effect(lm, p, ivs, max_new_tokens, seed, temperature, json_out, mo
     from lmlab.inspect import effect, generation_diff
 
     eff = effect(lm, p, ivs)
-    diff = generation_diff(lm, p, ivs, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature) if max_new_tokens else None
+    diff = (
+        generation_diff(lm, p, ivs, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature)
+        if max_new_tokens
+        else None
+    )
     if _emit({"model": model, "effect": eff.to_dict(), "generation": diff.to_dict() if diff else None}, json_out):
         return
     out.print(eff)
@@ -398,7 +476,9 @@ def patch_cmd(
     clean: str = typer.Option(..., "--clean", help="The clean prompt (or ids:1,2,3 for token ids)."),
     corrupt: str = typer.Option(..., "--corrupt", help="The corrupted prompt, same number of tokens (or ids:...)."),
     answer: str = typer.Option(None, "--answer", help="The clean answer token (default: the clean run's top token)."),
-    wrong: str = typer.Option(None, "--wrong", help="The corrupted answer token (default: the corrupted run's top token)."),
+    wrong: str = typer.Option(
+        None, "--wrong", help="The corrupted answer token (default: the corrupted run's top token)."
+    ),
     point: str = typer.Option("resid_pre", help="resid_pre | resid_mid | resid_post | attn_out | mlp_out"),
     layers: str = typer.Option(None, "--layers", help="Layers to sweep, e.g. '0-10' (default: all)."),
     model: str = _model_opt(),
@@ -421,15 +501,22 @@ def patch_cmd(
     wrong_t = int(wrong) if wrong is not None and wrong.isdigit() and lm.tokenizer is None else wrong
     t0 = time.perf_counter()
     with _progress("patching") as progress:
-        result = patching_sweep(lm, clean_p, corrupt_p, answer_t, wrong_t, point=point, layers=chosen, progress=progress)
+        result = patching_sweep(
+            lm, clean_p, corrupt_p, answer_t, wrong_t, point=point, layers=chosen, progress=progress
+        )
     _write_png(result, png)
     if _emit({"model": model, **result.to_dict()}, json_out):
         return
     out.print(result)
     layer, pos, frac = result.best()
-    out.print(f"clean logit diff {result.clean_metric:.3f}, corrupted {result.corrupt_metric:.3f}; "
-              f"strongest single patch: layer {layer}, position {pos} ({_token(result.clean_tokens[pos])}) restores {frac:.0%}")
-    err.print(f"[dim]{len(result.layers) * len(result.positions)} patched runs in {time.perf_counter() - t0:.1f} s[/dim]")
+    out.print(
+        f"clean logit diff {result.clean_metric:.3f}, corrupted {result.corrupt_metric:.3f}; "
+        f"strongest single patch: layer {layer}, "
+        f"position {pos} ({_token(result.clean_tokens[pos])}) restores {frac:.0%}"
+    )
+    err.print(
+        f"[dim]{len(result.layers) * len(result.positions)} patched runs in {time.perf_counter() - t0:.1f} s[/dim]"
+    )
 
 
 def _parse_maybe_ids(text: str):
@@ -463,7 +550,9 @@ def shapes_cmd(
         return
     out.print(trace)
     if not trace.all_ok:
-        err.print("[red]some shapes differ from docs/hooks.md (marked MISMATCH); please report this as an lmlab bug[/red]")
+        err.print(
+            "[red]some shapes differ from docs/hooks.md (marked MISMATCH); please report this as an lmlab bug[/red]"
+        )
 
 
 # ----------------------------------------------------------------------------- induction
@@ -474,7 +563,9 @@ def induction_cmd(
     seq_len: int = typer.Option(40, "--seq-len", help="Random tokens per repeat."),
     n_seqs: int = typer.Option(4, "--n-seqs", help="Sequences (their losses are averaged)."),
     seed: int = typer.Option(0, help="Seed of the random tokens."),
-    top_layers: int = typer.Option(3, "--top-layers", help="Scan single heads in this many of the most important layers."),
+    top_layers: int = typer.Option(
+        3, "--top-layers", help="Scan single heads in this many of the most important layers."
+    ),
     png: Path = _png_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),

@@ -17,15 +17,28 @@ def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable
 
     rows = []
     for a in ALIASES.values():
-        rows.append(dict(name=a.name, family=a.family, size=a.size, hub_id=a.hub_id,
-                         offline=available_offline(a.name), bundled=bool(a.bundled), instruct=a.instruct))
+        rows.append(
+            dict(
+                name=a.name,
+                family=a.family,
+                size=a.size,
+                hub_id=a.hub_id,
+                offline=available_offline(a.name),
+                bundled=bool(a.bundled),
+                instruct=a.instruct,
+            )
+        )
     if json_out:
         return print_json(rows)
     t = Table(title="models (any local folder, .gguf file, nanoGPT ckpt.pt or hub id org/name also works)")
     for col in ("name", "family", "size", "offline now", "hub id"):
         t.add_column(col)
     for r in rows:
-        off = "[green]yes[/] (bundled)" if r["offline"] and r["bundled"] else ("[green]yes[/] (cached)" if r["offline"] else "no: needs network once")
+        off = (
+            "[green]yes[/] (bundled)"
+            if r["offline"] and r["bundled"]
+            else ("[green]yes[/] (cached)" if r["offline"] else "no: needs network once")
+        )
         t.add_row(r["name"], r["family"], r["size"], off, r["hub_id"])
     out.print(t)
 
@@ -35,20 +48,36 @@ def differences_from_gpt2(cfg: ModelConfig) -> list[str]:
     d = []
     if cfg.pos == "rope":
         part = f" on {cfg.rotary_dim} of {cfg.head_dim} dims per head" if cfg.rotary_dim != cfg.head_dim else ""
-        d.append(f"RoPE (rotary position embeddings, base {cfg.rope_theta:g}{part}) instead of learned position embeddings")
+        d.append(
+            f"RoPE (rotary position embeddings, base {cfg.rope_theta:g}{part}) instead of learned position embeddings"
+        )
         if cfg.rope_local_theta is not None:
-            d.append(f"two RoPE bases: {cfg.rope_local_theta:g} on sliding-window layers, {cfg.rope_theta:g} on global layers")
+            d.append(
+                f"two RoPE bases: {cfg.rope_local_theta:g} on sliding-window layers, "
+                f"{cfg.rope_theta:g} on global layers"
+            )
         if cfg.rope_scaling:
-            d.append(f"RoPE frequencies rescaled ({cfg.rope_scaling.get('rope_type')}, factor {cfg.rope_scaling.get('factor')}) for a longer context")
+            d.append(
+                f"RoPE frequencies rescaled ({cfg.rope_scaling.get('rope_type')}, "
+                f"factor {cfg.rope_scaling.get('factor')}) for a longer context"
+            )
     if cfg.norm == "rmsnorm":
-        d.append("RMSNorm (no mean subtraction, no bias) instead of LayerNorm" + (", scaling by (1 + w)" if cfg.norm_weight_offset else ""))
+        d.append(
+            "RMSNorm (no mean subtraction, no bias) instead of LayerNorm"
+            + (", scaling by (1 + w)" if cfg.norm_weight_offset else "")
+        )
     if cfg.sandwich_norm:
         d.append("extra norms after attention and after the MLP (pre- and post-norm around each sublayer)")
     if cfg.n_kv_heads != cfg.n_heads:
         kind = "multi-query attention" if cfg.n_kv_heads == 1 else "grouped-query attention"
-        d.append(f"{kind}: {cfg.n_heads} query heads share {cfg.n_kv_heads} key/value heads ({cfg.gqa_groups} per group), a {cfg.gqa_groups}x smaller KV cache")
+        d.append(
+            f"{kind}: {cfg.n_heads} query heads share {cfg.n_kv_heads} key/value heads ({cfg.gqa_groups} per group), "
+            f"a {cfg.gqa_groups}x smaller KV cache"
+        )
     if cfg.head_dim * cfg.n_heads != cfg.d_model:
-        d.append(f"heads of {cfg.head_dim} dims: n_heads x head_dim = {cfg.n_heads * cfg.head_dim} != d_model {cfg.d_model}")
+        d.append(
+            f"heads of {cfg.head_dim} dims: n_heads x head_dim = {cfg.n_heads * cfg.head_dim} != d_model {cfg.d_model}"
+        )
     if cfg.mlp == "gated":
         name = {"silu": "SwiGLU", "gelu_tanh": "GeGLU", "gelu": "GeGLU"}[cfg.act]
         d.append(f"{name} MLP: down(act(gate x) * up x), three matrices instead of two")
@@ -104,13 +133,30 @@ def info_card(lm) -> dict:
     cfg, model = lm.config, lm.model
     n = lm.num_parameters
     groups = param_groups(model)
-    block = {name.removeprefix("blocks.0."): list(p.shape) for name, p in model.named_parameters() if name.startswith("blocks.0.")}
+    block = {
+        name.removeprefix("blocks.0."): list(p.shape)
+        for name, p in model.named_parameters()
+        if name.startswith("blocks.0.")
+    }
     card = dict(
-        name=lm.name, family=cfg.family, source=str(lm.resolved.path) if lm.resolved else None,
-        source_kind=lm.resolved.kind if lm.resolved else None, parameters=n, parameters_by_component=groups,
-        weight_bytes={"float32": n * 4, "bfloat16": n * 2, "float16": n * 2, "int8 (weight-only)": n, "int4 (weight-only)": n // 2},
-        differences_from_gpt2=differences_from_gpt2(cfg), block_0_weights=block, config=cfg.to_dict(),
-        loaded_dtype=str(lm.dtype).removeprefix("torch."), load_seconds=round(lm.load_seconds, 3),
+        name=lm.name,
+        family=cfg.family,
+        source=str(lm.resolved.path) if lm.resolved else None,
+        source_kind=lm.resolved.kind if lm.resolved else None,
+        parameters=n,
+        parameters_by_component=groups,
+        weight_bytes={
+            "float32": n * 4,
+            "bfloat16": n * 2,
+            "float16": n * 2,
+            "int8 (weight-only)": n,
+            "int4 (weight-only)": n // 2,
+        },
+        differences_from_gpt2=differences_from_gpt2(cfg),
+        block_0_weights=block,
+        config=cfg.to_dict(),
+        loaded_dtype=str(lm.dtype).removeprefix("torch."),
+        load_seconds=round(lm.load_seconds, 3),
     )
     on_disk = getattr(lm, "source_tensor_types", None)
     if on_disk:
@@ -121,17 +167,24 @@ def info_card(lm) -> dict:
     return card
 
 
-def info(model: str = typer.Argument(..., help="Model name, local path or hub id."),
-         json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+def info(
+    model: str = typer.Argument(..., help="Model name, local path or hub id."),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
     """An architecture card: config, parameters by component, bytes per dtype, how it differs from GPT-2."""
     lm = load_model(model, "float32")
     card = info_card(lm)
     if json_out:
         return print_json(card)
     cfg = lm.config
-    out.print(f"[bold]{lm.name}[/]  family [bold]{cfg.family}[/]  {card['parameters'] / 1e6:.1f}M parameters  ({card['source_kind']}: {card['source']})")
+    out.print(
+        f"[bold]{lm.name}[/]  family [bold]{cfg.family}[/]  {card['parameters'] / 1e6:.1f}M parameters  "
+        f"({card['source_kind']}: {card['source']})"
+    )
     if "tensor_types_on_disk" in card:
-        out.print("tensor types on disk: " + ", ".join(f"{k} x{v}" for k, v in sorted(card["tensor_types_on_disk"].items())))
+        out.print(
+            "tensor types on disk: " + ", ".join(f"{k} x{v}" for k, v in sorted(card["tensor_types_on_disk"].items()))
+        )
 
     t = Table(title="parameters by component")
     t.add_column("component")

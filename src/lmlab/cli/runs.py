@@ -25,12 +25,22 @@ runs_app = typer.Typer(
     add_completion=False,
 )
 
-STATUS_STYLE = {"complete": "green", "failed": "bold red", "interrupted": "yellow", "running": "cyan",
-                "incomplete": "bold yellow"}
+STATUS_STYLE = {
+    "complete": "green",
+    "failed": "bold red",
+    "interrupted": "yellow",
+    "running": "cyan",
+    "incomplete": "bold yellow",
+}
 # Metrics worth a place in `runs list`, in order: (key, label, unit).
 KEY_METRICS = (
-    ("decode_tok_s", "decode", "tok/s"), ("tokens_per_s", "", "tok/s"), ("prefill_tok_s", "prefill", "tok/s"),
-    ("ttft_ms", "TTFT", "ms"), ("perplexity", "ppl", ""), ("loss", "loss", ""), ("accuracy", "acc", ""),
+    ("decode_tok_s", "decode", "tok/s"),
+    ("tokens_per_s", "", "tok/s"),
+    ("prefill_tok_s", "prefill", "tok/s"),
+    ("ttft_ms", "TTFT", "ms"),
+    ("perplexity", "ppl", ""),
+    ("loss", "loss", ""),
+    ("accuracy", "acc", ""),
     ("kl", "KL", ""),
 )
 MAX_CELL_CHARS = 160
@@ -74,8 +84,11 @@ def key_metrics(run: dict, most: int = 3) -> str:
             parts.append(" ".join(x for x in (label, fmt_value(v, key), unit) if x))
     points = metrics.get("points")
     if isinstance(points, list) and points:
-        best = [p.get("decode_tok_s") for p in points if isinstance(p, dict)
-                and isinstance(p.get("decode_tok_s"), (int, float))]
+        best = [
+            p.get("decode_tok_s")
+            for p in points
+            if isinstance(p, dict) and isinstance(p.get("decode_tok_s"), (int, float))
+        ]
         parts.append(f"{len(points)} points" + (f", best decode {fmt_value(max(best))} tok/s" if best else ""))
     if not parts:  # no known metric: show the first plain numbers
         for k, v in metrics.items():
@@ -96,8 +109,9 @@ def list_runs(
     limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many runs (0 = all)."),
     command: str = typer.Option(None, "--command", "-c", help="Only runs of this command (generate, bench, ...)."),
     model: str = typer.Option(None, "--model", "-m", help="Only runs of this model."),
-    search: str = typer.Option(None, "--search", "-s",
-                               help="Only runs whose config, inputs, outputs or error contain this text."),
+    search: str = typer.Option(
+        None, "--search", "-s", help="Only runs whose config, inputs, outputs or error contain this text."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List recorded runs, newest first."""
@@ -108,18 +122,28 @@ def list_runs(
     if json_out:
         return print_json(runs)
     t = Table(title=None, header_style="bold")
-    for col, kw in (("id", {"no_wrap": True}), ("when", {"no_wrap": True}), ("command", {}), ("model", {}),
-                    ("status", {}), ("key metrics", {}), ("duration", {"justify": "right"})):
+    for col, kw in (
+        ("id", {"no_wrap": True}),
+        ("when", {"no_wrap": True}),
+        ("command", {}),
+        ("model", {}),
+        ("status", {}),
+        ("key metrics", {}),
+        ("duration", {"justify": "right"}),
+    ):
         t.add_column(col, **kw)
     for r in runs:
         duration = f"{r['duration_s']:.1f} s" if r.get("duration_s") is not None else "—"
-        t.add_row(r["id"], _when(r["created"]), r["command"], r.get("model") or "—", _status_text(r),
-                  key_metrics(r), duration)
+        t.add_row(
+            r["id"], _when(r["created"]), r["command"], r.get("model") or "—", _status_text(r), key_metrics(r), duration
+        )
     if runs:
         out.print(t)
     filtered = " matching" if (command or model or search) else ""
-    err.print(f"{len(runs)}{filtered} of {total} runs in {path}" + ("" if runs else
-              " (every generate / chat / inspect / bench / eval / train run lands here)"))
+    err.print(
+        f"{len(runs)}{filtered} of {total} runs in {path}"
+        + ("" if runs else " (every generate / chat / inspect / bench / eval / train run lands here)")
+    )
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -146,11 +170,19 @@ def show(
         run = store.get(run_id)
     if json_out:
         return print_json(run)
-    head = [("id", run["id"]), ("command", run["command"]), ("status", _status_text(run)),
-            ("model", run.get("model")), ("model path", run.get("model_path")), ("model sha256", run.get("model_hash")),
-            ("seed", run.get("seed")), ("started", run.get("created")), ("finished", run.get("finished")),
-            ("duration", f"{run['duration_s']:.2f} s" if run.get("duration_s") is not None else None),
-            ("command line", " ".join(run.get("argv") or []))]
+    head = [
+        ("id", run["id"]),
+        ("command", run["command"]),
+        ("status", _status_text(run)),
+        ("model", run.get("model")),
+        ("model path", run.get("model_path")),
+        ("model sha256", run.get("model_hash")),
+        ("seed", run.get("seed")),
+        ("started", run.get("created")),
+        ("finished", run.get("finished")),
+        ("duration", f"{run['duration_s']:.2f} s" if run.get("duration_s") is not None else None),
+        ("command line", " ".join(run.get("argv") or [])),
+    ]
     out.print(_kv_table(f"run {run['id']}", head))
     for section in ("config", "metrics", "timings"):
         value = run.get(section)
@@ -181,8 +213,12 @@ def show(
             if short:
                 out.print(_kv_table("", short))
             if len(flat) > SHOW_IO_LEAVES:
-                out.print(Text(f"... {len(flat) - SHOW_IO_LEAVES} more {section} fields: lmlab runs show {run['id']} --json",
-                               style="dim"))
+                out.print(
+                    Text(
+                        f"... {len(flat) - SHOW_IO_LEAVES} more {section} fields: lmlab runs show {run['id']} --json",
+                        style="dim",
+                    )
+                )
     if run.get("error"):
         out.print()
         out.print(Text("error", style="bold red"))
@@ -221,8 +257,13 @@ def diff(
         shown[c["section"]] = shown.get(c["section"], 0) + 1
         if shown[c["section"]] > MAX_DIFF_ROWS:  # e.g. every point of two bench sweeps
             continue
-        t.add_row(c["section"], c["key"], Text(_cell(c["a"], c["key"]) if c["change"] != "added" else "(absent)"),
-                  Text(_cell(c["b"], c["key"]) if c["change"] != "removed" else "(absent)"), fmt_ratio(c["ratio"]))
+        t.add_row(
+            c["section"],
+            c["key"],
+            Text(_cell(c["a"], c["key"]) if c["change"] != "added" else "(absent)"),
+            Text(_cell(c["b"], c["key"]) if c["change"] != "removed" else "(absent)"),
+            fmt_ratio(c["ratio"]),
+        )
     out.print(t)
     hidden = sum(max(0, n - MAX_DIFF_ROWS) for n in shown.values())
     more = f" ({hidden} not shown: add --json to see them all)" if hidden else ""
@@ -235,8 +276,12 @@ def export(
     html: bool = typer.Option(False, "--html", help="A self-contained HTML report with plots (the default)."),
     md: bool = typer.Option(False, "--md", help="A Markdown report."),
     json_out: bool = typer.Option(False, "--json", help="The full records as a JSON list."),
-    output: Path = typer.Option(None, "-o", "--output", help="Write here ('-' = stdout). Default: stdout for "
-                                "--md/--json, lmlab-report-<ids>.html for --html."),
+    output: Path = typer.Option(
+        None,
+        "-o",
+        "--output",
+        help="Write here ('-' = stdout). Default: stdout for --md/--json, lmlab-report-<ids>.html for --html.",
+    ),
 ):
     """Export runs as a shareable report (HTML or Markdown) or as JSON."""
     from lmlab.runs.report import render_html, render_markdown, report_filename

@@ -102,7 +102,9 @@ class _Row:
         self.handle, self.sampler, self.history = handle, sampler, history
         self.next_pos = next_pos  # position of the token fed next
         self.first = first  # the first cache slot this row uses
-        eos = set() if req.ignore_eos else set(lm.config.eos_token_ids) | set(getattr(lm.tokenizer, "eos_ids", ()) or ())
+        eos = (
+            set() if req.ignore_eos else set(lm.config.eos_token_ids) | set(getattr(lm.tokenizer, "eos_ids", ()) or ())
+        )
         self.text = SequenceText(lm.tokenizer, StopMatcher(req.stop), eos, max(1, req.max_new_tokens))
         self.last_id: int | None = None  # the token sampled last: fed at the next step
         self.t_first: float | None = None
@@ -146,8 +148,10 @@ class BatchEngine:
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 0:
             raise LmlabError(f"max_tokens must be a whole number >= 0, got {request.max_new_tokens!r}.")
         if n + request.max_new_tokens > self.context:
-            raise LmlabError(f"the prompt is {n} tokens and {request.max_new_tokens} more were asked for, but the model's "
-                             f"context is {self.context} tokens; shorten the prompt or ask for fewer tokens.")
+            raise LmlabError(
+                f"the prompt is {n} tokens and {request.max_new_tokens} more were asked for, but the model's "
+                f"context is {self.context} tokens; shorten the prompt or ask for fewer tokens."
+            )
         vocab = self.lm.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise LmlabError(f"a prompt token id is out of range; this model's vocabulary has ids 0..{vocab - 1}.")
@@ -163,9 +167,15 @@ class BatchEngine:
 
     def stats(self) -> dict:
         """What a metrics page shows: rows decoding now, requests waiting, steps run."""
-        return {"active": len(self._rows), "queued": len(self._queue), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "steps": self.steps, "busy_s": self.busy_s,
-                "cache_slots": self._cache.max_len if self._cache is not None else 0}
+        return {
+            "active": len(self._rows),
+            "queued": len(self._queue),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "steps": self.steps,
+            "busy_s": self.busy_s,
+            "cache_slots": self._cache.max_len if self._cache is not None else 0,
+        }
 
     def stop(self, drain: bool = True, timeout: float | None = 30.0) -> None:
         """Take no more requests. drain: let the queued and running ones finish; else cancel them."""
@@ -243,7 +253,7 @@ class BatchEngine:
             self._ensure_slots(P + 1)
             d = P - cache.length
             for t in (cache.k, cache.v):
-                t[:, :, :, d: d + cache.length] = t[:, :, :, : cache.length].clone()
+                t[:, :, :, d : d + cache.length] = t[:, :, :, : cache.length].clone()
             for r in self._rows:
                 r.first += d
             cache.length = P
@@ -257,8 +267,8 @@ class BatchEngine:
         shape[1] = 1
         k = torch.zeros(shape, dtype=cache.k.dtype, device=cache.k.device)
         v = torch.zeros_like(k)
-        k[:, :, :, start: cache.length] = own.k[:, :, :, :P]
-        v[:, :, :, start: cache.length] = own.v[:, :, :, :P]
+        k[:, :, :, start : cache.length] = own.k[:, :, :, :P]
+        v[:, :, :, start : cache.length] = own.v[:, :, :, :P]
         cache.k = torch.cat([cache.k, k], dim=1)
         cache.v = torch.cat([cache.v, v], dim=1)
         self._rows.append(row)
@@ -271,7 +281,7 @@ class BatchEngine:
         lead = min((r.first for r in self._rows), default=cache.length)
         if lead > 0:  # slots before every row's first: nobody reads them any more
             for t in (cache.k, cache.v):
-                t[:, :, :, : cache.length - lead] = t[:, :, :, lead: cache.length].clone()
+                t[:, :, :, : cache.length - lead] = t[:, :, :, lead : cache.length].clone()
             for r in self._rows:
                 r.first -= lead
             cache.length -= lead
@@ -303,7 +313,7 @@ class BatchEngine:
         """Sample the next token of each row from its logits (B, V), emit events, drop finished rows."""
         chosen, lps, alts = [], [], []
         for i, r in enumerate(rows):
-            row_logits = logits[i: i + 1]
+            row_logits = logits[i : i + 1]
             tid, lp = r.sampler(row_logits, r.history.counts, r.history.ids)
             r.history.add(tid)
             chosen.append(tid)
@@ -329,8 +339,11 @@ class BatchEngine:
             r.last_id = tid
             if r.handle.cancelled and reason is None:
                 reason = "cancelled"
-            r.handle.on_event(TokenEvent(0, r.n_generated - 1, tid, text, lps[i], ents[i], alt,
-                                         reason if reason != "cancelled" else None))
+            r.handle.on_event(
+                TokenEvent(
+                    0, r.n_generated - 1, tid, text, lps[i], ents[i], alt, reason if reason != "cancelled" else None
+                )
+            )
             if reason:
                 done.append((r, reason))
         for r, reason in done:
@@ -352,8 +365,9 @@ class BatchEngine:
         if not self._rows:
             cache.length = 0
 
-    def _end(self, handle: RequestHandle, reason: str, n_generated: int, row: _Row | None = None,
-             error: str | None = None) -> None:
+    def _end(
+        self, handle: RequestHandle, reason: str, n_generated: int, row: _Row | None = None, error: str | None = None
+    ) -> None:
         now = time.perf_counter()
         timings = {"total_ms": (now - handle.submitted) * 1e3}
         if row is not None and row.t_first is not None:

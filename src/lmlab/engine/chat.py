@@ -22,15 +22,34 @@ from lmlab.engine.prompting import default_mode, render
 from lmlab.engine.sampling import SamplingParams
 from lmlab.errors import LmlabError
 
-SETTINGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty", "no_repeat_ngram_size", "seed", "max_new_tokens")
+SETTINGS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+    "max_new_tokens",
+)
 
 
 class Chat:
     """A conversation: ``send(message)`` answers it, keeping history and cache for the next turn."""
 
-    def __init__(self, lm, *, system: str | None = None, mode: str | None = None, few_shot: str | None = None,
-                 max_new_tokens: int = 256, **sampling):
+    def __init__(
+        self,
+        lm,
+        *,
+        system: str | None = None,
+        mode: str | None = None,
+        few_shot: str | None = None,
+        max_new_tokens: int = 256,
+        **sampling,
+    ):
         """mode: "template" (the model's chat template), "fake" (a transcript for a base model) or
         None (the template where the model has one). few_shot: example exchanges as text (fake mode)."""
         self.lm, self.system, self.few_shot = lm, system, few_shot
@@ -67,8 +86,15 @@ class Chat:
         try:
             text, stops, add_special, dropped = self._fit_context()
             settings = dict(self.settings)
-            gen = Generation(self.lm, text, max_new_tokens=settings.pop("max_new_tokens"), stop=stops,
-                             add_special=add_special, reuse=self._kv, **settings)
+            gen = Generation(
+                self.lm,
+                text,
+                max_new_tokens=settings.pop("max_new_tokens"),
+                stop=stops,
+                add_special=add_special,
+                reuse=self._kv,
+                **settings,
+            )
         except LmlabError:
             self.history.pop()
             raise
@@ -92,15 +118,21 @@ class Chat:
             fits = len(tok.encode(text, add_special=add_special)) + self.settings["max_new_tokens"] <= ctx
             if fits or len(self.history) - first <= 1:  # a lone message that does not fit: Generation says so
                 return text, stops, add_special, dropped
-            del self.history[first:first + 2]  # the oldest user message and its answer
+            del self.history[first : first + 2]  # the oldest user message and its answer
             dropped += 1
 
     def _finish(self, turn: ChatTurn) -> None:
         self.history.append({"role": "assistant", "content": turn.text})
         self._kv = turn.generation.kv_state
         self.stats = turn.stats
-        self.turns.append({"user": turn.message, "assistant": turn.text, "finish_reason": turn.finish_reason,
-                           "timings": turn.stats.as_dict()})
+        self.turns.append(
+            {
+                "user": turn.message,
+                "assistant": turn.text,
+                "finish_reason": turn.finish_reason,
+                "timings": turn.stats.as_dict(),
+            }
+        )
 
 
 class ChatTurn:

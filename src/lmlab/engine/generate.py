@@ -27,7 +27,6 @@ from lmlab.engine.sampling import Sampler, SamplingParams, entropy, top_alternat
 from lmlab.engine.steps import decode_one_token, prefill
 from lmlab.errors import LmlabError
 
-
 GPU_CHECK_EVERY = 16  # generate() on a GPU reads sampled ids back once per this many steps
 
 
@@ -96,7 +95,9 @@ class GenerationStats:
         if not self.peak_memory_bytes:
             self.peak_memory_bytes = peak_memory_bytes(torch.device(self.device))
         d = {k: v for k, v in self.__dict__.items() if k not in ("decode_started", "device")}
-        d["prefill_tok_s"] = (self.prompt_tokens - self.cached_prompt_tokens) / self.prefill_s if self.prefill_s else 0.0
+        d["prefill_tok_s"] = (
+            (self.prompt_tokens - self.cached_prompt_tokens) / self.prefill_s if self.prefill_s else 0.0
+        )
         # decode rate counts every token after the first of each sequence (the first comes from prefill)
         after_first = self.generated_tokens - self.batch
         d["decode_tok_s"] = after_first / self.decode_s if self.decode_s and after_first > 0 else 0.0
@@ -159,7 +160,7 @@ class SequenceText:
             reason = "stop"
             self.text = self.text[:cut]
         safe = len(self.text) if reason else max(self.emitted, len(self.text) - self.stop.hold)
-        new, self.emitted = self.text[self.emitted:safe], safe
+        new, self.emitted = self.text[self.emitted : safe], safe
         return new, reason
 
     @property
@@ -218,29 +219,50 @@ class Generation:
     what a next call may reuse (one sequence).
     """
 
-    def __init__(self, lm, prompts, *, max_new_tokens: int = 64, stop=None, alternatives: int = 0,
-                 use_cache: bool = True, truncate: str | None = None, chat: bool = False,
-                 add_special: bool = True, check_every: int | None = None, ignore_eos: bool = False,
-                 reuse: "KVState | None" = None, params: SamplingParams | None = None, **sampling):
+    def __init__(
+        self,
+        lm,
+        prompts,
+        *,
+        max_new_tokens: int = 64,
+        stop=None,
+        alternatives: int = 0,
+        use_cache: bool = True,
+        truncate: str | None = None,
+        chat: bool = False,
+        add_special: bool = True,
+        check_every: int | None = None,
+        ignore_eos: bool = False,
+        reuse: "KVState | None" = None,
+        params: SamplingParams | None = None,
+        **sampling,
+    ):
         self.lm = lm
         self.reuse = reuse  # a previous call's KVState: its keys/values for a common prefix are not recomputed
         self.kv_state: KVState | None = None  # after iterating: this call's tokens and cache, to pass as `reuse`
         self.ignore_eos = ignore_eos  # run every sequence to max_new_tokens (benchmarks)
         self.params = params if params is not None else SamplingParams(**sampling)  # validated when built
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise LmlabError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}; use e.g. --max-new-tokens 64.")
+            raise LmlabError(
+                f"max_new_tokens must be a positive integer, got {max_new_tokens!r}; use e.g. --max-new-tokens 64."
+            )
         if alternatives < 0:
             raise LmlabError(f"alternatives must be >= 0, got {alternatives}.")
         self.stop = StopMatcher(stop)
         self.alternatives, self.use_cache = alternatives, use_cache
-        self.single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+        self.single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
         self.prompts, self.prompt_ids = self._encode(prompts, chat, add_special)
         ctx = lm.config.max_seq_len
         for i, ids in enumerate(self.prompt_ids):
             if len(ids) >= ctx:
                 if truncate != "left":
-                    raise LmlabError(f"prompt {i + 1} is {len(ids)} tokens but the model's context is {ctx}; shorten it or pass --truncate left to keep its last {ctx - max_new_tokens} tokens.")
-                self.prompt_ids[i] = ids[-max(1, ctx - max_new_tokens):]
+                    raise LmlabError(
+                        f"prompt {i + 1} is {len(ids)} tokens but the model's context is {ctx}; "
+                        f"shorten it or pass --truncate left to keep its last {ctx - max_new_tokens} tokens."
+                    )
+                self.prompt_ids[i] = ids[-max(1, ctx - max_new_tokens) :]
         longest = max(len(ids) for ids in self.prompt_ids)
         self.max_new_tokens = min(max_new_tokens, ctx - longest)  # never run past the context
         self.stats = GenerationStats()
@@ -250,7 +272,9 @@ class Generation:
             raise LmlabError(f"check_every must be a positive integer, got {check_every!r}.")
         self.check_every = check_every or 1
         self.use_native = getattr(lm, "native_decode", True)
-        self._eos = set() if ignore_eos else set(lm.config.eos_token_ids) | set(getattr(lm.tokenizer, "eos_ids", ()) or ())
+        self._eos = (
+            set() if ignore_eos else set(lm.config.eos_token_ids) | set(getattr(lm.tokenizer, "eos_ids", ()) or ())
+        )
         B = len(self.prompt_ids)
         # what each sequence has produced so far, read back as events are made
         self._ids: list[list[int]] = [[] for _ in range(B)]
@@ -286,7 +310,10 @@ class Generation:
             if not enc:
                 bos = self.lm.config.bos_token_id
                 if bos is None:
-                    raise LmlabError("the prompt is empty and this model has no BOS token to start from; give a prompt of at least one token.")
+                    raise LmlabError(
+                        "the prompt is empty and this model has no BOS token to start from; "
+                        "give a prompt of at least one token."
+                    )
                 enc = [bos]
             ids.append(enc)
         n = self.params.n
@@ -304,7 +331,9 @@ class Generation:
     def events(self) -> Iterator[TokenEvent]:
         """Token events as they are generated; a Generation runs once."""
         if self._started:
-            raise LmlabError("this Generation has run already; start a new one (lm.stream or lm.generate) for another call.")
+            raise LmlabError(
+                "this Generation has run already; start a new one (lm.stream or lm.generate) for another call."
+            )
         self._started = True
         dev = self.lm.device
         sampler = Sampler(self.params, self.lm.config.vocab_size, dev)
@@ -353,7 +382,7 @@ class Generation:
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         ids = torch.full((B, T0), pad, dtype=torch.long, device=dev)
         for i, p in enumerate(self.prompt_ids):
-            ids[i, T0 - len(p):] = torch.tensor(p, device=dev)
+            ids[i, T0 - len(p) :] = torch.tensor(p, device=dev)
         key_mask = torch.ones(B, total, dtype=torch.bool, device=dev)
         key_mask[:, :T0] = torch.arange(T0, device=dev)[None] >= (T0 - lens)[:, None]
         positions = (key_mask[:, :T0].long().cumsum(-1) - 1).clamp(min=0)  # (B, T0), 0 at each prompt's first token
@@ -368,8 +397,16 @@ class Generation:
                 cache = KVCache(cfg, B, total, kv_dtype(lm.dtype, dev), dev)
         st.cached_prompt_tokens = start
         st.kv_cache_bytes = cache.nbytes if cache is not None else 0
-        batch = _Batch(rows=torch.arange(B, device=dev), key_mask=key_mask, next_pos=lens.clone(), padded=padded,
-                       prompt_len=T0, cache=cache, all_ids=ids, history=TokenHistory(self.params, ids, key_mask[:, :T0], cfg.vocab_size))
+        batch = _Batch(
+            rows=torch.arange(B, device=dev),
+            key_mask=key_mask,
+            next_pos=lens.clone(),
+            padded=padded,
+            prompt_len=T0,
+            cache=cache,
+            all_ids=ids,
+            history=TokenHistory(self.params, ids, key_mask[:, :T0], cfg.vocab_size),
+        )
         # the prompt's first `start` tokens are in the cache already (one row, no padding): prefill the rest
         logits = prefill(lm.model, ids[:, start:], positions[:, start:], cache, key_mask[:, :T0] if padded else None)
         if B == 1 and cache is not None:  # what a next call may reuse; _read_back adds each token as it is read
@@ -381,13 +418,16 @@ class Generation:
         model = self.lm.model
         if batch.cache is not None:
             km = batch.key_mask[:, : batch.cache.length + 1] if batch.padded else None
-            logits = decode_one_token(model, next_ids[:, None], batch.next_pos[:, None], batch.cache, km, self.use_native)
+            logits = decode_one_token(
+                model, next_ids[:, None], batch.next_pos[:, None], batch.cache, km, self.use_native
+            )
         else:  # uncached: recompute the whole sequence, the reference the cache must equal
             batch.all_ids = torch.cat([batch.all_ids, next_ids[:, None]], dim=1)
             S = batch.all_ids.shape[1]
             pos = (batch.key_mask[:, :S].long().cumsum(-1) - 1).clamp(min=0)
-            logits = model(batch.all_ids, positions=pos, key_mask=batch.key_mask[:, :S] if batch.padded else None,
-                           last_only=True)[:, -1]
+            logits = model(
+                batch.all_ids, positions=pos, key_mask=batch.key_mask[:, :S] if batch.padded else None, last_only=True
+            )[:, -1]
         batch.next_pos = batch.next_pos + 1
         return logits
 
@@ -441,13 +481,17 @@ class Generation:
                 if r in finished:
                     continue
                 tid = ids[j][r]
-                if self.kv_state is not None:  # one row: its ids as read back (the last is never fed; reuse stops at cache.length)
+                if (
+                    self.kv_state is not None
+                ):  # one row: its ids as read back (the last is never fed; reuse stops at cache.length)
                     self.kv_state.token_ids.append(tid)
                 out_text, reason = self._seqs[seq].push(tid)
                 alt = []
                 if alt_list[j] is not None:
                     probs, alt_ids = alt_list[j]
-                    alt = [(i, tok.token_str(i) if tok is not None else str(i), pr) for i, pr in zip(alt_ids[r], probs[r])]
+                    alt = [
+                        (i, tok.token_str(i) if tok is not None else str(i), pr) for i, pr in zip(alt_ids[r], probs[r])
+                    ]
                 ev = TokenEvent(seq, len(self._ids[seq]), tid, out_text, lps[j][r], ents[j][r], alt, reason)
                 self._ids[seq].append(tid)
                 self._logprobs[seq].append(ev.logprob)
@@ -465,9 +509,20 @@ class Generation:
         """One result per sequence (n per prompt), from what was generated so far: after Ctrl-C the
         unfinished ones have finish_reason "interrupted"."""
         timings = self.stats.as_dict()
-        return [GenerationResult(self.prompts[i], self.prompt_ids[i], self._seqs[i].handed_out, self._ids[i],
-                                 self._logprobs[i], self._entropies[i], self._alts[i], self._reasons[i], timings)
-                for i in range(len(self.prompt_ids))]
+        return [
+            GenerationResult(
+                self.prompts[i],
+                self.prompt_ids[i],
+                self._seqs[i].handed_out,
+                self._ids[i],
+                self._logprobs[i],
+                self._entropies[i],
+                self._alts[i],
+                self._reasons[i],
+                timings,
+            )
+            for i in range(len(self.prompt_ids))
+        ]
 
     def result(self):
         """What ``generate`` returns: one GenerationResult for one prompt and n == 1, else a list."""

@@ -65,11 +65,7 @@ class SamplingParams:
     @property
     def uses_counts(self) -> bool:
         """True when a penalty needs ``token_counts``."""
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def __post_init__(self):
         self.validate()  # a SamplingParams that exists is valid: the one place values are checked
@@ -94,8 +90,7 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise LmlabError(
-                f"top_p must be in (0, 1], got {self.top_p}; use --top-p 0.9 for nucleus "
-                "sampling or 1 to turn it off."
+                f"top_p must be in (0, 1], got {self.top_p}; use --top-p 0.9 for nucleus sampling or 1 to turn it off."
             )
         _check_number("min_p", self.min_p)
         if not 0 <= self.min_p < 1:
@@ -137,10 +132,7 @@ class SamplingParams:
             _check_int("seed", self.seed, "--seed 0")
         _check_int("n", self.n, "--n 4")
         if self.n < 1:
-            raise LmlabError(
-                f"n must be >= 1, got {self.n}; use --n 1 for one sample per prompt or more for "
-                "several."
-            )
+            raise LmlabError(f"n must be >= 1, got {self.n}; use --n 1 for one sample per prompt or more for several.")
 
 
 def _check_number(name: str, value) -> None:
@@ -161,9 +153,7 @@ def _check_int(name: str, value, example: str) -> None:
 
 def update_counts(token_counts: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
     """Add one occurrence of ``new_ids [B]`` to ``token_counts [B, vocab]`` in place; return it."""
-    token_counts.scatter_add_(
-        1, new_ids.view(-1, 1).to(torch.long), torch.ones_like(token_counts[:, :1])
-    )
+    token_counts.scatter_add_(1, new_ids.view(-1, 1).to(torch.long), torch.ones_like(token_counts[:, :1]))
     return token_counts
 
 
@@ -184,9 +174,7 @@ def counts_from_ids(seq_ids: torch.Tensor, vocab_size: int, dtype=torch.int32) -
 # Processors: penalties and bans (applied in greedy decoding too)
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, token_counts: torch.Tensor, penalty: float
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, token_counts: torch.Tensor, penalty: float) -> torch.Tensor:
     """HF repetition penalty on ``logits [B, V]`` for every token seen at least once.
 
     A seen token's logit is divided by ``penalty`` when positive and multiplied when negative,
@@ -265,14 +253,10 @@ def apply_penalties(
                 )
             token_counts = counts_from_ids(seq_ids, logits.shape[-1])
         logits = apply_repetition_penalty(logits, token_counts, params.repetition_penalty)
-        logits = apply_frequency_presence(
-            logits, token_counts, params.frequency_penalty, params.presence_penalty
-        )
+        logits = apply_frequency_presence(logits, token_counts, params.frequency_penalty, params.presence_penalty)
     if params.no_repeat_ngram_size > 0:
         if seq_ids is None:
-            raise LmlabError(
-                "no_repeat_ngram_size needs the token ids so far; pass seq_ids to the sampler."
-            )
+            raise LmlabError("no_repeat_ngram_size needs the token ids so far; pass seq_ids to the sampler.")
         logits = no_repeat_ngram_filter(logits, seq_ids, params.no_repeat_ngram_size)
     return logits
 
@@ -363,9 +347,7 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
 # Drawing a token, and what the engine reports about each step
 
 
-def sample(
-    logits: torch.Tensor, generator: torch.Generator | None = None, *, greedy: bool = False
-) -> torch.Tensor:
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None, *, greedy: bool = False) -> torch.Tensor:
     """One token id per row of ``logits [B, V]`` -> ``[B]`` long.
 
     ``greedy`` takes the argmax (lowest index among ties). Otherwise a draw from

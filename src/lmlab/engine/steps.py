@@ -19,8 +19,9 @@ def prefill(model, ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: 
     return model(ids, positions=positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]
 
 
-def decode_one_token(model, ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None,
-                     use_native: bool = True) -> torch.Tensor:
+def decode_one_token(
+    model, ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None, use_native: bool = True
+) -> torch.Tensor:
     """One cached step for one new token per row: ids and positions (B, 1) -> logits (B, V).
 
     use_native: take ``lmlab.native.decode_step`` when no hook is registered (False: always

@@ -39,19 +39,30 @@ def as_token_ids(lm, prompt) -> torch.Tensor:
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
         lengths = sorted({len(p) for p in prompt})
         if len(lengths) > 1:
-            raise LmlabError(f"the prompts have different lengths ({', '.join(map(str, lengths))} tokens); pass prompts of equal length, or one at a time.")
+            raise LmlabError(
+                f"the prompts have different lengths ({', '.join(map(str, lengths))} tokens); "
+                "pass prompts of equal length, or one at a time."
+            )
         ids = torch.tensor([list(p) for p in prompt], dtype=torch.long)
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         ids = torch.tensor([list(prompt)], dtype=torch.long)
     else:
-        raise LmlabError(f"cannot read a prompt of type {type(prompt).__name__}; pass a string, a list of token ids or a (B, T) tensor.")
+        raise LmlabError(
+            f"cannot read a prompt of type {type(prompt).__name__}; "
+            "pass a string, a list of token ids or a (B, T) tensor."
+        )
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise LmlabError("the prompt is empty; give at least one token.")
     vocab = lm.config.vocab_size
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise LmlabError(f"token id {int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())} is out of range; this model's vocabulary has ids 0..{vocab - 1}.")
+        raise LmlabError(
+            f"token id {int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())} is out of range; "
+            f"this model's vocabulary has ids 0..{vocab - 1}."
+        )
     if ids.shape[1] > lm.config.max_seq_len:
-        raise LmlabError(f"the prompt is {ids.shape[1]} tokens but the model's context is {lm.config.max_seq_len}; shorten it.")
+        raise LmlabError(
+            f"the prompt is {ids.shape[1]} tokens but the model's context is {lm.config.max_seq_len}; shorten it."
+        )
     return ids.to(lm.device)
 
 
@@ -75,7 +86,7 @@ def text_pieces(lm, ids) -> list[str]:
     for k in range(1, len(ids) + 1):
         text = lm.decode(ids[:k])
         if text.startswith(before):
-            pieces.append(text[len(before):])
+            pieces.append(text[len(before) :])
             before = text
         else:  # a character still incomplete: it shows up on a later token
             pieces.append("")
@@ -103,8 +114,15 @@ def check_budget(nbytes: int, budget_mb: float, force: bool) -> None:
         return
     size = f"{nbytes / MB:.1f} MB"
     if not force:
-        raise LmlabError(f"caching these activations would take {size}, over the {budget_mb:g} MB budget; ask for fewer names (e.g. names='blocks.*.resid_post'), a shorter prompt, or pass force=True (--force) to go ahead.")
-    warnings.warn(f"the activation cache will take {size}, over the {budget_mb:g} MB budget (forced).", ResourceWarning, stacklevel=3)
+        raise LmlabError(
+            f"caching these activations would take {size}, over the {budget_mb:g} MB budget; ask for fewer names "
+            "(e.g. names='blocks.*.resid_post'), a shorter prompt, or pass force=True (--force) to go ahead."
+        )
+    warnings.warn(
+        f"the activation cache will take {size}, over the {budget_mb:g} MB budget (forced).",
+        ResourceWarning,
+        stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -116,7 +134,9 @@ class ActivationCache:
     Also holds the input ids and their labels, so displays can name the tokens.
     """
 
-    def __init__(self, acts: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: list[str], cfg, model_name: str = ""):
+    def __init__(
+        self, acts: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: list[str], cfg, model_name: str = ""
+    ):
         self.acts = acts
         self.input_ids = input_ids  # (B, T)
         self.labels = labels  # one per position of sequence 0
@@ -127,7 +147,10 @@ class ActivationCache:
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.acts:
             hint = suggest(name, self.acts) if self.acts else ""
-            raise LmlabError(f"{name!r} is not in this cache.{hint} Pass it in names= to run_with_cache (this cache holds {len(self.acts)} names).")
+            raise LmlabError(
+                f"{name!r} is not in this cache.{hint} Pass it in names= to run_with_cache "
+                f"(this cache holds {len(self.acts)} names)."
+            )
         return self.acts[name]
 
     def __contains__(self, name) -> bool:
@@ -151,7 +174,9 @@ class ActivationCache:
         ``stack("blocks.*.resid_post")`` -> (L, B, T, C)."""
         names = [n for n in resolve_names(self.cfg, pattern) if n in self.acts]
         if not names:
-            raise LmlabError(f"no cached activation matches {pattern!r}; this cache holds e.g. {next(iter(self.acts), 'nothing')!r}.")
+            raise LmlabError(
+                f"no cached activation matches {pattern!r}; this cache holds e.g. {next(iter(self.acts), 'nothing')!r}."
+            )
         return torch.stack([self.acts[n] for n in names])
 
     def attention(self, layer: int, head: int | None = None, batch: int = 0) -> "AttentionPattern":
@@ -170,7 +195,13 @@ class ActivationCache:
         return sum(t.numel() * t.element_size() for t in self.acts.values())
 
     def to(self, device) -> "ActivationCache":
-        return ActivationCache({k: v.to(device) for k, v in self.acts.items()}, self.input_ids.to(device), self.labels, self.cfg, self.model_name)
+        return ActivationCache(
+            {k: v.to(device) for k, v in self.acts.items()},
+            self.input_ids.to(device),
+            self.labels,
+            self.cfg,
+            self.model_name,
+        )
 
     def summary(self) -> list[dict]:
         """One row per cached name: shape, dtype, MB, mean, std and mean L2 norm over the last dim."""
@@ -178,15 +209,17 @@ class ActivationCache:
         for name, t in self.acts.items():
             f = t.float()
             finite = f[torch.isfinite(f)]  # scores hold -inf where masked
-            rows.append({
-                "name": name,
-                "shape": tuple(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "mb": t.numel() * t.element_size() / MB,
-                "mean": finite.mean().item() if finite.numel() else float("nan"),
-                "std": finite.std().item() if finite.numel() > 1 else float("nan"),
-                "norm": f.nan_to_num(neginf=0.0).norm(dim=-1).mean().item(),
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "shape": tuple(t.shape),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "mb": t.numel() * t.element_size() / MB,
+                    "mean": finite.mean().item() if finite.numel() else float("nan"),
+                    "std": finite.std().item() if finite.numel() > 1 else float("nan"),
+                    "norm": f.nan_to_num(neginf=0.0).norm(dim=-1).mean().item(),
+                }
+            )
         return rows
 
     def __repr__(self) -> str:
@@ -219,7 +252,12 @@ class AttentionPattern:
     def __rich__(self):
         from lmlab.inspect.display import heatmap_table
 
-        return heatmap_table(self.matrix(), self.labels, self.labels, title=f"attention pattern, {self.title} (rows: query, columns: key)")
+        return heatmap_table(
+            self.matrix(),
+            self.labels,
+            self.labels,
+            title=f"attention pattern, {self.title} (rows: query, columns: key)",
+        )
 
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import heatmap_html
@@ -229,7 +267,15 @@ class AttentionPattern:
     def save_png(self, path) -> None:
         from lmlab.inspect.display import save_heatmap_png
 
-        save_heatmap_png(self.matrix(), self.labels, self.labels, path, title=f"attention pattern, {self.title}", xlabel="key", ylabel="query")
+        save_heatmap_png(
+            self.matrix(),
+            self.labels,
+            self.labels,
+            path,
+            title=f"attention pattern, {self.title}",
+            xlabel="key",
+            ylabel="query",
+        )
 
 
 # ----------------------------------------------------------------------------- running

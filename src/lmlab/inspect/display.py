@@ -71,8 +71,15 @@ def _ink(bg: tuple[int, int, int]) -> str:
 # ----------------------------------------------------------------------------- heatmaps
 
 
-def heatmap_table(matrix, row_labels, col_labels, title: str = "", center: float | None = None,
-                  cell_text: list[list[str]] | None = None, cell_width: int | None = None) -> Group:
+def heatmap_table(
+    matrix,
+    row_labels,
+    col_labels,
+    title: str = "",
+    center: float | None = None,
+    cell_text: list[list[str]] | None = None,
+    cell_width: int | None = None,
+) -> Group:
     """A terminal heatmap: one coloured cell per value (percent for probabilities), or the given
     cell texts (e.g. tokens) coloured by the values. Every cell starts with a space, so the
     numbers stay apart when colours are lost (a pipe)."""
@@ -90,7 +97,9 @@ def heatmap_table(matrix, row_labels, col_labels, title: str = "", center: float
     table = Table(box=None, padding=(0, 0), show_edge=False, pad_edge=False)
     table.add_column("", justify="right", no_wrap=True)
     for c in col_labels:
-        table.add_column(Text(" " + show_token(str(c), width - 1), style="bold"), justify="left", no_wrap=True, min_width=width)
+        table.add_column(
+            Text(" " + show_token(str(c), width - 1), style="bold"), justify="left", no_wrap=True, min_width=width
+        )
     for i, row_label in enumerate(row_labels):
         cells = [Text(show_token(str(row_label), 14), style="bold")]
         for j in range(m.shape[1]):
@@ -103,13 +112,22 @@ def heatmap_table(matrix, row_labels, col_labels, title: str = "", center: float
     return Group(Text(title + scale, style="bold"), table) if title else Group(table)
 
 
-def heatmap_html(matrix, row_labels, col_labels, title: str = "", center: float | None = None,
-                 cell_text: list[list[str]] | None = None) -> str:
+def heatmap_html(
+    matrix,
+    row_labels,
+    col_labels,
+    title: str = "",
+    center: float | None = None,
+    cell_text: list[list[str]] | None = None,
+) -> str:
     """The same heatmap as an HTML table (for Jupyter); hovering a cell shows its value."""
     m = torch.as_tensor(matrix).float().cpu()
     lo, hi = _range(m, center)
     esc = html.escape
-    head = "".join(f"<th style='writing-mode:vertical-rl;font-weight:normal'>{esc(show_token(str(c), 16))}</th>" for c in col_labels)
+    head = "".join(
+        f"<th style='writing-mode:vertical-rl;font-weight:normal'>{esc(show_token(str(c), 16))}</th>"
+        for c in col_labels
+    )
     rows = []
     for i, r in enumerate(row_labels):
         tds = []
@@ -117,14 +135,31 @@ def heatmap_html(matrix, row_labels, col_labels, title: str = "", center: float 
             v = m[i, j].item()
             bg = rgb(v, lo, hi, center is not None)
             text = esc(show_token(cell_text[i][j], 8)) if cell_text is not None else _cell(v, lo, hi)
-            tds.append(f"<td title='{v:.4g}' style='background:rgb{bg};color:{_ink(bg)};padding:1px 3px;text-align:center;font-size:11px'>{text}</td>")
-        rows.append(f"<tr><th style='text-align:right;font-weight:normal'>{esc(show_token(str(r), 16))}</th>{''.join(tds)}</tr>")
+            tds.append(
+                f"<td title='{v:.4g}' style='background:rgb{bg};color:{_ink(bg)};"
+                f"padding:1px 3px;text-align:center;font-size:11px'>{text}</td>"
+            )
+        rows.append(
+            f"<tr><th style='text-align:right;font-weight:normal'>{esc(show_token(str(r), 16))}</th>{''.join(tds)}</tr>"
+        )
     cap = f"<caption style='caption-side:top'>{esc(title)}</caption>" if title else ""
-    return f"<table style='border-collapse:collapse;font-family:monospace'>{cap}<tr><th></th>{head}</tr>{''.join(rows)}</table>"
+    return (
+        f"<table style='border-collapse:collapse;font-family:monospace'>{cap}"
+        f"<tr><th></th>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
-def save_heatmap_png(matrix, row_labels, col_labels, path, title: str = "", xlabel: str = "", ylabel: str = "",
-                     center: float | None = None, cell_text: list[list[str]] | None = None) -> None:
+def save_heatmap_png(
+    matrix,
+    row_labels,
+    col_labels,
+    path,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    center: float | None = None,
+    cell_text: list[list[str]] | None = None,
+) -> None:
     """Write the heatmap as a PNG file (matplotlib's Agg backend: no display needed)."""
     import matplotlib
 
@@ -141,8 +176,15 @@ def save_heatmap_png(matrix, row_labels, col_labels, path, title: str = "", xlab
     if cell_text is not None:
         for i in range(rows):
             for j in range(cols):
-                ax.text(j, i, show_token(cell_text[i][j], 8), ha="center", va="center", fontsize=6,
-                        color="white" if (m[i, j] - lo) / ((hi - lo) or 1) > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    show_token(cell_text[i][j], 8),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if (m[i, j] - lo) / ((hi - lo) or 1) > 0.6 else "black",
+                )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -180,7 +222,10 @@ def rich_table(headers: list[str], rows: list[list], title: str = "") -> Group:
 
 
 def cache_html(cache) -> str:
-    rows = [[r["name"], str(r["shape"]), r["dtype"], f"{r['mb']:.3f}", r["mean"], r["std"], r["norm"]] for r in cache.summary()]
+    rows = [
+        [r["name"], str(r["shape"]), r["dtype"], f"{r['mb']:.3f}", r["mean"], r["std"], r["norm"]]
+        for r in cache.summary()
+    ]
     cap = f"{cache!r}: " + " ".join(show_token(t, 12) for t in cache.labels[:40])
     return html_table(["name", "shape", "dtype", "MB", "mean", "std", "mean norm"], rows, cap)
 
@@ -189,32 +234,63 @@ def cache_html(cache) -> str:
 
 
 def _effect_rows(e) -> list[list]:
-    return [[i, show_token(r["token"], 14), show_token(r["base_top"], 14), show_token(r["modified_top"], 14),
-             f"{r['kl']:.4f}", f"{r['base_prob']:.3f}", f"{r['dlogit']:+.3f}", f"{r['dprob']:+.3f}", "yes" if r["agree"] else "NO"]
-            for i, r in enumerate(e.rows())]
+    return [
+        [
+            i,
+            show_token(r["token"], 14),
+            show_token(r["base_top"], 14),
+            show_token(r["modified_top"], 14),
+            f"{r['kl']:.4f}",
+            f"{r['base_prob']:.3f}",
+            f"{r['dlogit']:+.3f}",
+            f"{r['dprob']:+.3f}",
+            "yes" if r["agree"] else "NO",
+        ]
+        for i, r in enumerate(e.rows())
+    ]
 
 
-EFFECT_HEADERS = ["pos", "token", "base top", "modified top", "KL (nats)", "p(base top)", "Δlogit", "Δprob", "top-1 same"]
+EFFECT_HEADERS = [
+    "pos",
+    "token",
+    "base top",
+    "modified top",
+    "KL (nats)",
+    "p(base top)",
+    "Δlogit",
+    "Δprob",
+    "top-1 same",
+]
 
 
 def effect_table(e) -> Group:
     s = e.summary()
     title = "effect of " + ("; ".join(e.interventions) or "nothing")
-    line = Text(f"mean KL {s['mean_kl']:.4f} nats, max {s['max_kl']:.4f}; top-1 agreement {s['top1_agreement']:.0%}; "
-                f"last position Δlogit {s['last_dlogit']:+.3f}, Δprob {s['last_dprob']:+.3f}")
+    line = Text(
+        f"mean KL {s['mean_kl']:.4f} nats, max {s['max_kl']:.4f}; top-1 agreement {s['top1_agreement']:.0%}; "
+        f"last position Δlogit {s['last_dlogit']:+.3f}, Δprob {s['last_dprob']:+.3f}"
+    )
     return Group(rich_table(EFFECT_HEADERS, _effect_rows(e), title), line)
 
 
 def effect_html(e) -> str:
     s = e.summary()
-    cap = "effect of " + ("; ".join(e.interventions) or "nothing") + f" — mean KL {s['mean_kl']:.4f} nats, top-1 agreement {s['top1_agreement']:.0%}"
+    cap = (
+        "effect of "
+        + ("; ".join(e.interventions) or "nothing")
+        + f" — mean KL {s['mean_kl']:.4f} nats, top-1 agreement {s['top1_agreement']:.0%}"
+    )
     return html_table(EFFECT_HEADERS, _effect_rows(e), cap)
 
 
 def generation_diff_table(d) -> Table:
     """Side by side; from the first differing token on, the text is marked."""
     k = d.first_divergence
-    table = Table(title=f"generation, seed {d.seed}: " + ("identical" if k is None else f"differs from token {k}"), show_lines=True, expand=True)
+    table = Table(
+        title=f"generation, seed {d.seed}: " + ("identical" if k is None else f"differs from token {k}"),
+        show_lines=True,
+        expand=True,
+    )
     table.add_column("unmodified", ratio=1)
     table.add_column("modified: " + "; ".join(d.interventions), ratio=1)
 
@@ -233,12 +309,17 @@ def generation_diff_html(d) -> str:
     esc = html.escape
 
     def marked(tokens):
-        return "".join(f"<b style='color:#c00'>{esc(t)}</b>" if k is not None and i >= k else esc(t) for i, t in enumerate(tokens))
+        return "".join(
+            f"<b style='color:#c00'>{esc(t)}</b>" if k is not None and i >= k else esc(t) for i, t in enumerate(tokens)
+        )
 
     head = f"generation, seed {d.seed}: " + ("identical" if k is None else f"differs from token {k}")
-    return (f"<table><caption style='caption-side:top'>{esc(head)}</caption><tr><th>unmodified</th><th>modified: {esc('; '.join(d.interventions))}</th></tr>"
-            f"<tr><td style='white-space:pre-wrap;vertical-align:top'>{marked(d.base_pieces)}</td>"
-            f"<td style='white-space:pre-wrap;vertical-align:top'>{marked(d.mod_pieces)}</td></tr></table>")
+    return (
+        f"<table><caption style='caption-side:top'>{esc(head)}</caption>"
+        f"<tr><th>unmodified</th><th>modified: {esc('; '.join(d.interventions))}</th></tr>"
+        f"<tr><td style='white-space:pre-wrap;vertical-align:top'>{marked(d.base_pieces)}</td>"
+        f"<td style='white-space:pre-wrap;vertical-align:top'>{marked(d.mod_pieces)}</td></tr></table>"
+    )
 
 
 # ----------------------------------------------------------------------------- logit lens
@@ -252,33 +333,48 @@ def _lens_grid(r):
 
 def lens_table(r) -> Group:
     top1, _ = _lens_grid(r)
-    return heatmap_table(r.top_probs[..., 0], [f"L{l}" for l in r.layers], r.positions,
-                         title="logit lens: each layer's top-1 next token after each input token, coloured by its probability",
-                         cell_text=top1, cell_width=8)
+    return heatmap_table(
+        r.top_probs[..., 0],
+        [f"L{layer}" for layer in r.layers],
+        r.positions,
+        title="logit lens: each layer's top-1 next token after each input token, coloured by its probability",
+        cell_text=top1,
+        cell_width=8,
+    )
 
 
 def lens_html(r) -> str:
     top1, cols = _lens_grid(r)
-    return heatmap_html(r.top_probs[..., 0], [f"L{l}" for l in r.layers], cols,
-                        title="logit lens: top-1 token per layer (colour: its probability; columns: input → final prediction)", cell_text=top1)
+    return heatmap_html(
+        r.top_probs[..., 0],
+        [f"L{layer}" for layer in r.layers],
+        cols,
+        title="logit lens: top-1 token per layer (colour: its probability; columns: input → final prediction)",
+        cell_text=top1,
+    )
 
 
 # ----------------------------------------------------------------------------- shapes
 
 
 def _shape_rows(t, step: str) -> list[list]:
-    return [[r.name, str(r.shape), r.dims, ("MISMATCH " if not r.ok else "") + r.note] for r in t.rows if r.step == step]
+    return [
+        [r.name, str(r.shape), r.dims, ("MISMATCH " if not r.ok else "") + r.note] for r in t.rows if r.step == step
+    ]
 
 
 SHAPE_HEADERS = ["point", "shape", "named dims", "note"]
-SHAPE_TITLES = {"prefill": "prefill: the whole prompt in one forward pass, into the KV cache",
-                "decode": "decode: one new token, attending to every cached one"}
+SHAPE_TITLES = {
+    "prefill": "prefill: the whole prompt in one forward pass, into the KV cache",
+    "decode": "decode: one new token, attending to every cached one",
+}
 
 
 def _kv_lines(t) -> list[str]:
     kv = t.kv
     return [
-        f"KV cache: k and v each {tuple(kv['shape_k_and_v_each'])} ({kv['dims']}), {kv['allocated_bytes'] / 1024:.1f} KiB allocated",
+        f"KV cache: k and v each {tuple(kv['shape_k_and_v_each'])} ({kv['dims']}), "
+        f"{kv['allocated_bytes'] / 1024:.1f} KiB allocated",
         f"grows by {kv['bytes_per_token']} bytes per token (2 x n_layers x n_kv_heads x head_dim x dtype bytes x B)",
         f"after prefill: {kv['length_after_prefill']} tokens, {kv['used_after_prefill_bytes'] / 1024:.1f} KiB; "
         f"after one decode step: {kv['length_after_decode']} tokens, {kv['used_after_decode_bytes'] / 1024:.1f} KiB",
@@ -287,8 +383,10 @@ def _kv_lines(t) -> list[str]:
 
 def shapes_renderable(t) -> Group:
     c = t.config
-    head = Text(f"{t.model_name}: {c['family']}, n_layers={c['n_layers']} d_model={c['d_model']} n_heads={c['n_heads']} "
-                f"n_kv_heads={c['n_kv_heads']} head_dim={c['head_dim']} d_ff={c['d_ff']} vocab={c['vocab_size']}")
+    head = Text(
+        f"{t.model_name}: {c['family']}, n_layers={c['n_layers']} d_model={c['d_model']} n_heads={c['n_heads']} "
+        f"n_kv_heads={c['n_kv_heads']} head_dim={c['head_dim']} d_ff={c['d_ff']} vocab={c['vocab_size']}"
+    )
     params = rich_table(["weight", "shape", "dims"], [[n, str(s), d] for n, s, d in t.params], "weights")
     steps = [rich_table(SHAPE_HEADERS, _shape_rows(t, step), title) for step, title in SHAPE_TITLES.items()]
     return Group(head, params, *steps, *[Text(line) for line in _kv_lines(t)])
@@ -304,26 +402,50 @@ def shapes_html(t) -> str:
 
 
 def _induction_rows(r, n: int = 10) -> list[list]:
-    return [[a.label, f"{a.removed:.1%}", f"{a.loss_first:.3f}", f"{a.loss_second:.3f}", f"{a.score:.3f}", f"{a.prev_score:.3f}"] for a in r.heads[:n]]
+    return [
+        [
+            a.label,
+            f"{a.removed:.1%}",
+            f"{a.loss_first:.3f}",
+            f"{a.loss_second:.3f}",
+            f"{a.score:.3f}",
+            f"{a.prev_score:.3f}",
+        ]
+        for a in r.heads[:n]
+    ]
 
 
 INDUCTION_HEADERS = ["head", "drop removed", "loss 1st", "loss 2nd", "induction attn", "prev-token attn"]
 
 
 def induction_renderable(r) -> Group:
-    head = Text(f"{r.n_seqs} sequences of {r.seq_len} random tokens, repeated: mean loss {r.loss_first:.3f} nats on the first "
-                f"repeat, {r.loss_second:.3f} on the second (drop {r.drop:.3f}); {r.seconds:.1f} s")
-    layers = heatmap_table(torch.tensor([[a.removed for a in r.layers]]), ["removed"], [str(a.layer) for a in r.layers],
-                           title="each layer ablated (all heads zeroed): fraction of the drop removed, by layer", center=0.0)
-    heads = rich_table(INDUCTION_HEADERS, _induction_rows(r),
-                       "single heads of the top layers, by drop removed (induction attn: to the token after the earlier "
-                       "occurrence; prev-token attn: to the token before)")
+    head = Text(
+        f"{r.n_seqs} sequences of {r.seq_len} random tokens, repeated: mean loss {r.loss_first:.3f} nats on the first "
+        f"repeat, {r.loss_second:.3f} on the second (drop {r.drop:.3f}); {r.seconds:.1f} s"
+    )
+    layers = heatmap_table(
+        torch.tensor([[a.removed for a in r.layers]]),
+        ["removed"],
+        [str(a.layer) for a in r.layers],
+        title="each layer ablated (all heads zeroed): fraction of the drop removed, by layer",
+        center=0.0,
+    )
+    heads = rich_table(
+        INDUCTION_HEADERS,
+        _induction_rows(r),
+        "single heads of the top layers, by drop removed (induction attn: to the token after the earlier "
+        "occurrence; prev-token attn: to the token before)",
+    )
     return Group(head, layers, heads)
 
 
 def induction_html(r) -> str:
     cap = f"loss first repeat {r.loss_first:.3f}, second {r.loss_second:.3f} nats (drop {r.drop:.3f})"
     heads = html_table(INDUCTION_HEADERS, _induction_rows(r), cap)
-    scores = heatmap_html(r.scores, [f"L{l}" for l in range(r.scores.shape[0])], [f"H{h}" for h in range(r.scores.shape[1])],
-                          title="attention induction score per head")
+    scores = heatmap_html(
+        r.scores,
+        [f"L{layer}" for layer in range(r.scores.shape[0])],
+        [f"H{h}" for h in range(r.scores.shape[1])],
+        title="attention induction score per head",
+    )
     return heads + scores

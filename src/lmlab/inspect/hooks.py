@@ -21,7 +21,10 @@ from typing import Iterable, Iterator
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError, suggest
-from lmlab.model import HOOK_POINTS, HookFn  # HookFn: f(tensor, name) -> tensor | None, a returned tensor replaces the activation
+from lmlab.model import (
+    HOOK_POINTS,
+    HookFn,
+)  # HookFn: f(tensor, name) -> tensor | None, a returned tensor replaces the activation
 
 # The letters HOOK_POINTS uses for shapes, and the dimension each stands for.
 DIM_NAMES = {
@@ -80,7 +83,14 @@ def shape_letters(name: str) -> list[str]:
 
 def dim_sizes(cfg: ModelConfig) -> dict[str, int]:
     """Sizes of the config-fixed letters (B, T and S vary per call)."""
-    return {"C": cfg.d_model, "H": cfg.n_heads, "K": cfg.n_kv_heads, "D": cfg.head_dim, "F": cfg.d_ff, "V": cfg.vocab_size}
+    return {
+        "C": cfg.d_model,
+        "H": cfg.n_heads,
+        "K": cfg.n_kv_heads,
+        "D": cfg.head_dim,
+        "F": cfg.d_ff,
+        "V": cfg.vocab_size,
+    }
 
 
 def layer_of(name: str) -> int | None:
@@ -92,14 +102,19 @@ def layer_of(name: str) -> int | None:
 
 def check_layer(cfg: ModelConfig, layer: int) -> int:
     if not 0 <= layer < cfg.n_layers:
-        raise LmlabError(f"layer {layer} is out of range; this model has {cfg.n_layers} layers, numbered 0..{cfg.n_layers - 1}.")
+        raise LmlabError(
+            f"layer {layer} is out of range; this model has {cfg.n_layers} layers, numbered 0..{cfg.n_layers - 1}."
+        )
     return layer
 
 
 def check_head(cfg: ModelConfig, layer: int, head: int) -> tuple[int, int]:
     check_layer(cfg, layer)
     if not 0 <= head < cfg.n_heads:
-        raise LmlabError(f"head {head} (layer {layer}) is out of range; this model has {cfg.n_heads} heads per layer, numbered 0..{cfg.n_heads - 1}.")
+        raise LmlabError(
+            f"head {head} (layer {layer}) is out of range; "
+            f"this model has {cfg.n_heads} heads per layer, numbered 0..{cfg.n_heads - 1}."
+        )
     return layer, head
 
 
@@ -109,13 +124,21 @@ def _check_one(cfg: ModelConfig, name: str, known: list[str]) -> None:
     if m and m.group(1).isdigit():
         check_layer(cfg, int(m.group(1)))  # an out-of-range layer, said as such
     if name == "pos_embed" and cfg.pos != "learned":
-        raise LmlabError(f"this {cfg.family} model has no 'pos_embed' hook: it encodes positions with RoPE inside attention (see blocks.{{i}}.attn.q and .k).")
+        raise LmlabError(
+            f"this {cfg.family} model has no 'pos_embed' hook: "
+            "it encodes positions with RoPE inside attention (see blocks.{i}.attn.q and .k)."
+        )
     if _WILDCARD.search(name):
-        raise LmlabError(f"the pattern {name!r} matches no hook name of this model; try e.g. 'blocks.*.attn.pattern' or 'blocks.0.*' (docs/hooks.md lists the names).")
+        raise LmlabError(
+            f"the pattern {name!r} matches no hook name of this model; "
+            "try e.g. 'blocks.*.attn.pattern' or 'blocks.0.*' (docs/hooks.md lists the names)."
+        )
     # Suggest among the names of the same layer, so the list stays short and relevant.
     layer = layer_of(name)
     pool = [n for n in known if layer_of(n) == layer] if layer is not None else known
-    raise LmlabError(f"unknown hook name {name!r}.{suggest(name, pool)} docs/hooks.md lists the names, e.g. 'blocks.0.attn.pattern'.")
+    raise LmlabError(
+        f"unknown hook name {name!r}.{suggest(name, pool)} docs/hooks.md lists the names, e.g. 'blocks.0.attn.pattern'."
+    )
 
 
 def resolve_names(cfg: ModelConfig, spec: str | Iterable[str] | None) -> list[str]:
@@ -129,7 +152,10 @@ def resolve_names(cfg: ModelConfig, spec: str | Iterable[str] | None) -> list[st
         return known
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
-        raise LmlabError("no hook names were given; pass a name such as 'blocks.0.resid_post' or a pattern such as 'blocks.*.attn.pattern'.")
+        raise LmlabError(
+            "no hook names were given; "
+            "pass a name such as 'blocks.0.resid_post' or a pattern such as 'blocks.*.attn.pattern'."
+        )
     chosen: set[str] = set()
     for item in items:
         if not isinstance(item, str):
@@ -168,14 +194,16 @@ def parse_heads(cfg: ModelConfig, spec: str | Iterable) -> list[tuple[int, int]]
     """'3.5,4.*' (layer.head, * for every head; a bare '7' means every head of layer 7), or
     (layer, head) pairs -> sorted, checked (layer, head) pairs."""
     if not isinstance(spec, str):
-        return sorted({check_head(cfg, int(l), int(h)) for l, h in spec})
+        return sorted({check_head(cfg, int(layer), int(head)) for layer, head in spec})
     heads: set[tuple[int, int]] = set()
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         layer_s, _, head_s = part.partition(".")
         if not head_s:
             head_s = "*"
         if not (layer_s.isdigit() or layer_s == "*") or not (head_s.isdigit() or head_s == "*"):
-            raise LmlabError(f"cannot read the head {part!r}; write heads as LAYER.HEAD, e.g. '3.5', '4.*' or '3.5,4.*'.")
+            raise LmlabError(
+                f"cannot read the head {part!r}; write heads as LAYER.HEAD, e.g. '3.5', '4.*' or '3.5,4.*'."
+            )
         layers = range(cfg.n_layers) if layer_s == "*" else [check_layer(cfg, int(layer_s))]
         for layer in layers:
             hs = range(cfg.n_heads) if head_s == "*" else [int(head_s)]

@@ -50,7 +50,9 @@ def repeat_losses(logits: torch.Tensor, ids: torch.Tensor, seq_len: int) -> tupl
     means are over the same count of tokens: seq_len - 1 per sequence.
     """
     off = ids.shape[1] - 2 * seq_len  # 1 with BOS, else 0
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (n, S-1): loss of token t+1
+    loss = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+    )  # (n, S-1): loss of token t+1
     # column c holds the loss of the token at position c + 1
     first = loss[:, off : off + seq_len - 1]  # tokens off+1 .. off+seq_len-1
     second = loss[:, off + seq_len : off + 2 * seq_len - 1]  # tokens off+seq_len+1 .. off+2*seq_len-1
@@ -94,13 +96,30 @@ class InductionResult:
         return self.heads[:n]
 
     def to_dict(self) -> dict:
-        row = lambda a: {"layer": a.layer, "head": a.head, "loss_first": a.loss_first, "loss_second": a.loss_second,  # noqa: E731
-                         "removed": a.removed, **({"induction_score": a.score, "previous_token_score": a.prev_score} if a.head is not None else {})}
+        def row(a):
+            return {
+                "layer": a.layer,
+                "head": a.head,
+                "loss_first": a.loss_first,
+                "loss_second": a.loss_second,
+                "removed": a.removed,
+                **({"induction_score": a.score, "previous_token_score": a.prev_score} if a.head is not None else {}),
+            }
+
         return {
-            "model": self.model_name, "seq_len": self.seq_len, "n_seqs": self.n_seqs, "seed": self.seed, "ablation": "zero",
-            "loss_first_repeat": self.loss_first, "loss_second_repeat": self.loss_second, "drop": self.drop,
-            "layers": [row(a) for a in self.layers], "heads": [row(a) for a in self.heads],
-            "induction_scores": self.scores.tolist(), "previous_token_scores": self.prev_scores.tolist(), "seconds": self.seconds,
+            "model": self.model_name,
+            "seq_len": self.seq_len,
+            "n_seqs": self.n_seqs,
+            "seed": self.seed,
+            "ablation": "zero",
+            "loss_first_repeat": self.loss_first,
+            "loss_second_repeat": self.loss_second,
+            "drop": self.drop,
+            "layers": [row(a) for a in self.layers],
+            "heads": [row(a) for a in self.heads],
+            "induction_scores": self.scores.tolist(),
+            "previous_token_scores": self.prev_scores.tolist(),
+            "seconds": self.seconds,
         }
 
     def __rich__(self):
@@ -117,8 +136,15 @@ class InductionResult:
         from lmlab.inspect.display import save_heatmap_png
 
         H = self.scores.shape[1]
-        save_heatmap_png(self.scores, [f"L{l}" for l in range(self.scores.shape[0])], [f"H{h}" for h in range(H)], path,
-                         title="induction score: attention to the token after the earlier occurrence", xlabel="head", ylabel="layer")
+        save_heatmap_png(
+            self.scores,
+            [f"L{layer}" for layer in range(self.scores.shape[0])],
+            [f"H{h}" for h in range(H)],
+            path,
+            title="induction score: attention to the token after the earlier occurrence",
+            xlabel="head",
+            ylabel="layer",
+        )
 
 
 def _attention_scores(model, ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,9 +165,10 @@ def _attention_scores(model, ids: torch.Tensor, seq_len: int) -> tuple[torch.Ten
         def look(p, name):  # (n, H, T, S)
             induction[layer] = p[:, :, q, q - seq_len + 1].float().mean(dim=(0, 2)).cpu()
             previous[layer] = p[:, :, q, q - 1].float().mean(dim=(0, 2)).cpu()
+
         return look
 
-    with registered(model, [(f"blocks.{l}.attn.pattern", score(l)) for l in range(cfg.n_layers)]):
+    with registered(model, [(f"blocks.{layer}.attn.pattern", score(layer)) for layer in range(cfg.n_layers)]):
         logits = model(ids)
     return logits, induction, previous
 
@@ -150,12 +177,14 @@ def _zero_heads(heads: list[int]):
     def edit(y):  # (n, T, H, D)
         y[:, :, heads] = 0.0
         return y
+
     return edit
 
 
 @torch.inference_mode()
-def induction_experiment(lm, seq_len: int = 40, n_seqs: int = 4, seed: int = 0, top_layers: int = 3,
-                         rows_per_pass: int = 16, progress=None) -> InductionResult:
+def induction_experiment(
+    lm, seq_len: int = 40, n_seqs: int = 4, seed: int = 0, top_layers: int = 3, rows_per_pass: int = 16, progress=None
+) -> InductionResult:
     """Repeated random tokens: the losses on each repeat, and the heads whose (zero) ablation
     removes most of the drop. ``progress(done, total)`` reports the ablation passes."""
     t0 = time.perf_counter()
@@ -164,7 +193,9 @@ def induction_experiment(lm, seq_len: int = 40, n_seqs: int = 4, seed: int = 0, 
     if seq_len < 2 or n_seqs < 1:
         raise LmlabError(f"the experiment needs seq_len >= 2 and n_seqs >= 1, got {seq_len} and {n_seqs}.")
     if 2 * seq_len + 1 > cfg.max_seq_len:
-        raise LmlabError(f"2 x {seq_len} tokens do not fit in the model's context of {cfg.max_seq_len}; use a smaller --seq-len.")
+        raise LmlabError(
+            f"2 x {seq_len} tokens do not fit in the model's context of {cfg.max_seq_len}; use a smaller --seq-len."
+        )
     top_layers = max(1, min(top_layers, cfg.n_layers))
     ids = repeated_tokens(lm, seq_len, n_seqs, seed)
     logits, scores, prev_scores = _attention_scores(model, ids, seq_len)
@@ -173,18 +204,41 @@ def induction_experiment(lm, seq_len: int = 40, n_seqs: int = 4, seed: int = 0, 
 
     def scan(keys: list[tuple[int, int | None]], done_before: int, total: int) -> list[Ablation]:
         """Ablate each (layer, head) key (head None: every head of the layer), batched."""
-        variants = [[(f"blocks.{l}.attn.head_out", _zero_heads(list(range(cfg.n_heads)) if h is None else [h]))] for l, h in keys]
+        variants = [
+            [(f"blocks.{layer}.attn.head_out", _zero_heads(list(range(cfg.n_heads)) if h is None else [h]))]
+            for layer, h in keys
+        ]
         report = (lambda done, _n: progress(done_before + done, total)) if progress else None
-        losses = run_variants(model, ids, variants, lambda lg, x: repeat_losses(lg, x, seq_len), rows_per_pass=rows_per_pass, progress=report)
-        return [Ablation(l, h, a1, a2, 1.0 - (a1 - a2) / drop if drop else float("nan")) for (l, h), (a1, a2) in zip(keys, losses)]
+        losses = run_variants(
+            model,
+            ids,
+            variants,
+            lambda lg, x: repeat_losses(lg, x, seq_len),
+            rows_per_pass=rows_per_pass,
+            progress=report,
+        )
+        return [
+            Ablation(layer, h, a1, a2, 1.0 - (a1 - a2) / drop if drop else float("nan"))
+            for (layer, h), (a1, a2) in zip(keys, losses)
+        ]
 
     total = cfg.n_layers + top_layers * cfg.n_heads
-    layer_results = scan([(l, None) for l in range(cfg.n_layers)], 0, total)
+    layer_results = scan([(layer, None) for layer in range(cfg.n_layers)], 0, total)
     best_layers = sorted(layer_results, key=lambda a: -a.removed)[:top_layers]
     head_results = scan([(a.layer, h) for a in best_layers for h in range(cfg.n_heads)], cfg.n_layers, total)
     for a in head_results:
         a.score, a.prev_score = scores[a.layer, a.head].item(), prev_scores[a.layer, a.head].item()
     head_results.sort(key=lambda a: -a.removed)
-    return InductionResult(getattr(lm, "name", ""), seq_len, n_seqs, seed, l1, l2, layer_results, head_results, scores,
-                           prev_scores, time.perf_counter() - t0)
-
+    return InductionResult(
+        getattr(lm, "name", ""),
+        seq_len,
+        n_seqs,
+        seed,
+        l1,
+        l2,
+        layer_results,
+        head_results,
+        scores,
+        prev_scores,
+        time.perf_counter() - t0,
+    )

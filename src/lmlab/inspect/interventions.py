@@ -19,8 +19,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.inspect.hooks import (
+    check_layer,
+    model_of,
+    parse_heads,
+    parse_layers,
+    registered,
+    resolve_names,
+    shape_letters,
+)
 from lmlab.model import HookContext
-from lmlab.inspect.hooks import check_layer, model_of, parse_heads, parse_layers, registered, resolve_names, shape_letters
 
 # ----------------------------------------------------------------------------- positions
 
@@ -55,7 +63,9 @@ def check_positions(positions) -> list[int] | None:
         return None
     positions = [positions] if isinstance(positions, int) else [int(p) for p in positions]
     if any(p < 0 for p in positions):
-        raise LmlabError(f"positions are absolute token indices counted from 0, got {min(positions)}; use e.g. positions=[0, 3].")
+        raise LmlabError(
+            f"positions are absolute token indices counted from 0, got {min(positions)}; use e.g. positions=[0, 3]."
+        )
     return sorted(set(positions))
 
 
@@ -85,7 +95,10 @@ def flatten(interventions) -> list[Intervention]:
         elif isinstance(iv, (list, tuple)):
             out += flatten(iv)
         elif iv is not None:
-            raise LmlabError(f"{iv!r} is not an intervention; use AblateHeads, SkipLayers, Patch, Steer, ScaleEmbeddings or ReplaceEmbeddings.")
+            raise LmlabError(
+                f"{iv!r} is not an intervention; "
+                "use AblateHeads, SkipLayers, Patch, Steer, ScaleEmbeddings or ReplaceEmbeddings."
+            )
     return out
 
 
@@ -122,7 +135,7 @@ class AblateHeads(Intervention):
         self.spec, self.mode, self.positions, self.reference = heads, mode, check_positions(positions), reference
 
     def describe(self) -> str:
-        spec = self.spec if isinstance(self.spec, str) else ",".join(f"{l}.{h}" for l, h in self.spec)
+        spec = self.spec if isinstance(self.spec, str) else ",".join(f"{layer}.{h}" for layer, h in self.spec)
         where = f" at positions {self.positions}" if self.positions is not None else ""
         return f"ablate heads {spec} ({self.mode}){where}"
 
@@ -132,13 +145,15 @@ class AblateHeads(Intervention):
         for layer, head in parse_heads(model.cfg, self.spec):
             by_layer.setdefault(layer, []).append(head)
         means = self._reference_means(lm, by_layer) if self.mode == "mean" and self.reference is not None else {}
-        return [(f"blocks.{l}.attn.head_out", self._fn(model, hs, means.get(l))) for l, hs in by_layer.items()]
+        return [
+            (f"blocks.{layer}.attn.head_out", self._fn(model, hs, means.get(layer))) for layer, hs in by_layer.items()
+        ]
 
     def _reference_means(self, lm, by_layer) -> dict[int, torch.Tensor]:
         from lmlab.inspect.cache import run_with_cache
 
-        _, cache = run_with_cache(lm, self.reference, [f"blocks.{l}.attn.head_out" for l in by_layer])
-        return {l: cache[f"blocks.{l}.attn.head_out"].mean(dim=(0, 1)) for l in by_layer}  # (H, D)
+        _, cache = run_with_cache(lm, self.reference, [f"blocks.{layer}.attn.head_out" for layer in by_layer])
+        return {layer: cache[f"blocks.{layer}.attn.head_out"].mean(dim=(0, 1)) for layer in by_layer}  # (H, D)
 
     def _fn(self, model, heads: list[int], mean: torch.Tensor | None):
         H = model.cfg.n_heads
@@ -231,7 +246,11 @@ class Patch(Intervention):
         self.heads = None if heads is None else ([heads] if isinstance(heads, int) else list(heads))
 
     def describe(self) -> str:
-        names = self.names if isinstance(self.names, str) else ("all cached" if self.names is None else ",".join(self.names))
+        names = (
+            self.names
+            if isinstance(self.names, str)
+            else ("all cached" if self.names is None else ",".join(self.names))
+        )
         where = f" at positions {self.positions}" if self.positions is not None else ""
         return f"patch {names}{where}" + (f" heads {self.heads}" if self.heads is not None else "")
 
@@ -241,17 +260,25 @@ class Patch(Intervention):
         names = list(self.source.keys()) if self.names is None else resolve_names(cfg, self.names)
         missing = [n for n in names if n not in self.source]
         if missing:
-            raise LmlabError(f"the source cache has no {missing[0]!r}; record it first with run_with_cache(..., names=[{missing[0]!r}]).")
+            raise LmlabError(
+                f"the source cache has no {missing[0]!r}; "
+                f"record it first with run_with_cache(..., names=[{missing[0]!r}])."
+            )
         if self.heads is not None:
             for n in names:
                 letters = shape_letters(n)
                 axis = "K" if "K" in letters else "H"
                 if axis not in letters:
-                    raise LmlabError(f"{n!r} has no head axis, so heads= cannot apply; patch a head point such as 'blocks.3.attn.head_out'.")
+                    raise LmlabError(
+                        f"{n!r} has no head axis, so heads= cannot apply; "
+                        "patch a head point such as 'blocks.3.attn.head_out'."
+                    )
                 limit = cfg.n_kv_heads if axis == "K" else cfg.n_heads
                 for h in self.heads:
                     if not 0 <= h < limit:
-                        raise LmlabError(f"head {h} is out of range for {n!r}; it has {limit} heads, numbered 0..{limit - 1}.")
+                        raise LmlabError(
+                            f"head {h} is out of range for {n!r}; it has {limit} heads, numbered 0..{limit - 1}."
+                        )
         return [(n, self._fn(model, n)) for n in names]
 
     def _fn(self, model, name: str):
@@ -267,7 +294,10 @@ class Patch(Intervention):
             B, T = xt.shape[:2]
             src = src_all.to(device=x.device, dtype=x.dtype)
             if src.shape[0] not in (1, B):
-                raise LmlabError(f"the source run has {src.shape[0]} sequences but this run has {B}; patch from a run with one sequence or the same number.")
+                raise LmlabError(
+                    f"the source run has {src.shape[0]} sequences but this run has {B}; "
+                    "patch from a run with one sequence or the same number."
+                )
             pos = step_positions(ctx, T)  # (B, T)
             inside = pos < src.shape[1]
             mask = inside if self.positions is None else inside & position_mask(ctx, T, self.positions)
@@ -304,7 +334,10 @@ def _mean_activation(lm, prompts, name: str) -> torch.Tensor:
         _, cache = run_with_cache(lm, p, [name])
         act = cache[name][0]  # (T, C)
         if act.shape[0] < 2:
-            raise LmlabError(f"the steering prompt {p!r} is a single token, and a first token only holds the attention sink; use a few words, e.g. 'I love you' against 'I hate you'.")
+            raise LmlabError(
+                f"the steering prompt {p!r} is a single token, and a first token only holds the attention sink; "
+                "use a few words, e.g. 'I love you' against 'I hate you'."
+            )
         vectors.append(act[1:])
     return torch.cat(vectors).mean(0)
 
@@ -321,14 +354,24 @@ class Steer(Intervention):
 
     POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
-    def __init__(self, vector: torch.Tensor, layer: int, scale: float = 1.0, point: str = "resid_pre", positions=None, label: str = ""):
+    def __init__(
+        self,
+        vector: torch.Tensor,
+        layer: int,
+        scale: float = 1.0,
+        point: str = "resid_pre",
+        positions=None,
+        label: str = "",
+    ):
         if point not in self.POINTS:
             raise LmlabError(f"cannot steer at {point!r}; use one of {', '.join(self.POINTS)}.")
         self.vector, self.layer, self.scale, self.point = vector, layer, float(scale), point
         self.positions, self.label = check_positions(positions), label
 
     @classmethod
-    def from_prompts(cls, lm, toward, away, layer: int, scale: float = 4.0, point: str = "resid_pre", positions=None) -> "Steer":
+    def from_prompts(
+        cls, lm, toward, away, layer: int, scale: float = 4.0, point: str = "resid_pre", positions=None
+    ) -> "Steer":
         check_layer(lm.config, layer)
         name = f"blocks.{layer}.{point}"
         if point not in cls.POINTS:
@@ -339,14 +382,20 @@ class Steer(Intervention):
 
     def describe(self) -> str:
         what = f" ({self.label})" if self.label else ""
-        return f"steer blocks.{self.layer}.{self.point} by {self.scale:g} x vector{what}, |v|={self.vector.norm().item():.2f}"
+        return (
+            f"steer blocks.{self.layer}.{self.point} by {self.scale:g} x vector{what}, "
+            f"|v|={self.vector.norm().item():.2f}"
+        )
 
     def hooks(self, lm):
         model = model_of(lm)
         cfg = model.cfg
         check_layer(cfg, self.layer)
         if self.vector.shape != (cfg.d_model,):
-            raise LmlabError(f"the steering vector has shape {tuple(self.vector.shape)} but this model's residual stream is ({cfg.d_model},); make it from this model.")
+            raise LmlabError(
+                f"the steering vector has shape {tuple(self.vector.shape)} but this model's residual stream is "
+                f"({cfg.d_model},); make it from this model."
+            )
 
         @with_context
         def steer(x: torch.Tensor, name: str, ctx: HookContext) -> torch.Tensor:  # (B, T, C)
@@ -377,7 +426,9 @@ def _check_ids(cfg, ids: Iterable[int], what: str) -> list[int]:
     ids = [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
-        raise LmlabError(f"{what} token id {bad[0]} is out of range; this model's vocabulary has ids 0..{cfg.vocab_size - 1}.")
+        raise LmlabError(
+            f"{what} token id {bad[0]} is out of range; this model's vocabulary has ids 0..{cfg.vocab_size - 1}."
+        )
     return ids
 
 
@@ -391,7 +442,11 @@ class ScaleEmbeddings(Intervention):
         self.positions = check_positions(positions)
 
     def describe(self) -> str:
-        which = "all tokens" if self.tokens is None and self.positions is None else f"tokens {self.tokens or []} positions {self.positions or []}"
+        which = (
+            "all tokens"
+            if self.tokens is None and self.positions is None
+            else f"tokens {self.tokens or []} positions {self.positions or []}"
+        )
         return f"scale embeddings of {which} by {self.scale:g}"
 
     def hooks(self, lm):
@@ -419,13 +474,17 @@ class ReplaceEmbeddings(Intervention):
 
     def __init__(self, tokens: dict | None = None, positions: dict | None = None):
         if not tokens and not positions:
-            raise LmlabError("ReplaceEmbeddings needs tokens={id: new id or vector} or positions={position: new id or vector}.")
+            raise LmlabError(
+                "ReplaceEmbeddings needs tokens={id: new id or vector} or positions={position: new id or vector}."
+            )
         self.tokens, self.positions = dict(tokens or {}), dict(positions or {})
         check_positions(list(self.positions))
 
     def describe(self) -> str:
         show = lambda v: f"id {v}" if isinstance(v, int) else "a vector"  # noqa: E731
-        parts = [f"token {k} -> {show(v)}" for k, v in self.tokens.items()] + [f"position {k} -> {show(v)}" for k, v in self.positions.items()]
+        parts = [f"token {k} -> {show(v)}" for k, v in self.tokens.items()] + [
+            f"position {k} -> {show(v)}" for k, v in self.positions.items()
+        ]
         return "replace embeddings: " + ", ".join(parts)
 
     def _vector(self, model, value) -> torch.Tensor:
@@ -443,7 +502,9 @@ class ReplaceEmbeddings(Intervention):
 
     def hooks(self, lm):
         model = model_of(lm)
-        by_token = [(i, self._vector(model, v)) for i, v in zip(_check_ids(model.cfg, self.tokens, "the"), self.tokens.values())]
+        by_token = [
+            (i, self._vector(model, v)) for i, v in zip(_check_ids(model.cfg, self.tokens, "the"), self.tokens.values())
+        ]
         by_pos = [(p, self._vector(model, v)) for p, v in self.positions.items()]
 
         @with_context

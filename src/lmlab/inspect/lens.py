@@ -54,8 +54,12 @@ class LensResult:
             "layers": [
                 {
                     "layer": layer,
-                    "top": [[{"token": t, "id": i, "prob": p} for t, i, p in zip(toks, ids, probs)]
-                            for toks, ids, probs in zip(self.top_tokens[li], self.top_ids[li].tolist(), self.top_probs[li].tolist())],
+                    "top": [
+                        [{"token": t, "id": i, "prob": p} for t, i, p in zip(toks, ids, probs)]
+                        for toks, ids, probs in zip(
+                            self.top_tokens[li], self.top_ids[li].tolist(), self.top_probs[li].tolist()
+                        )
+                    ],
                     "target_prob": self.target_probs[li].tolist(),
                 }
                 for li, layer in enumerate(self.layers)
@@ -76,8 +80,16 @@ class LensResult:
         from lmlab.inspect.display import save_heatmap_png
 
         top1 = [[toks[0] for toks in row] for row in self.top_tokens]
-        save_heatmap_png(self.top_probs[..., 0], [f"L{l}" for l in self.layers], self.positions, path,
-                         title="logit lens: top-1 token and its probability", xlabel="position", ylabel="layer", cell_text=top1)
+        save_heatmap_png(
+            self.top_probs[..., 0],
+            [f"L{layer}" for layer in self.layers],
+            self.positions,
+            path,
+            title="logit lens: top-1 token and its probability",
+            xlabel="position",
+            ylabel="layer",
+            cell_text=top1,
+        )
 
 
 def _lens(lm, resid: dict[int, torch.Tensor], k: int, target_ids: torch.Tensor) -> tuple:
@@ -95,7 +107,7 @@ def _lens(lm, resid: dict[int, torch.Tensor], k: int, target_ids: torch.Tensor) 
 
 
 def _layers(cfg, layers) -> list[int]:
-    return list(range(cfg.n_layers)) if layers is None else sorted({check_layer(cfg, int(l)) for l in layers})
+    return list(range(cfg.n_layers)) if layers is None else sorted({check_layer(cfg, int(layer)) for layer in layers})
 
 
 @torch.inference_mode()
@@ -113,17 +125,19 @@ def logit_lens(lm, prompt, k: int = 5, layers=None) -> LensResult:
     one prompt."""
     model = model_of(lm)
     chosen = _layers(model.cfg, layers)
-    logits, cache = run_with_cache(lm, prompt, [f"blocks.{l}.resid_post" for l in chosen])
+    logits, cache = run_with_cache(lm, prompt, [f"blocks.{layer}.resid_post" for layer in chosen])
     ids = cache.input_ids[0]  # (T,)
     # target: the next input token where there is one, the model's own top token at the end
     targets = torch.cat([ids[1:], logits[0, -1:].argmax(-1)])
-    resid = {l: cache[f"blocks.{l}.resid_post"][0] for l in chosen}
+    resid = {layer: cache[f"blocks.{layer}.resid_post"][0] for layer in chosen}
     top_ids, top_probs, toks, tprobs = _lens(lm, resid, k, targets)
     return LensResult(token_labels(lm, ids), token_labels(lm, targets), chosen, top_ids, top_probs, toks, tprobs)
 
 
 @torch.inference_mode()
-def logit_lens_generation(lm, prompt, k: int = 5, layers=None, max_new_tokens: int = 16, **gen_kw) -> tuple[LensResult, object]:
+def logit_lens_generation(
+    lm, prompt, k: int = 5, layers=None, max_new_tokens: int = 16, **gen_kw
+) -> tuple[LensResult, object]:
     """Generate from one prompt and lens the step that produced each generated token.
 
     The residual streams are caught by hooks while generating (the last position of each
@@ -131,18 +145,23 @@ def logit_lens_generation(lm, prompt, k: int = 5, layers=None, max_new_tokens: i
     """
     model = model_of(lm)
     chosen = _layers(model.cfg, layers)
-    caught: dict[int, list[torch.Tensor]] = {l: [] for l in chosen}
+    caught: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}
 
     def catcher(layer):
         def catch(x, name):
             caught[layer].append(x[0, -1].detach().clone())  # (C,) the position that predicts next
+
         return catch
 
     gen_kw.setdefault("temperature", 0.0)
-    with registered(model, [(f"blocks.{l}.resid_post", catcher(l)) for l in chosen]):
-        result = lm.generate(prompt if not isinstance(prompt, torch.Tensor) else prompt.tolist(), max_new_tokens=max_new_tokens, **gen_kw)
+    with registered(model, [(f"blocks.{layer}.resid_post", catcher(layer)) for layer in chosen]):
+        result = lm.generate(
+            prompt if not isinstance(prompt, torch.Tensor) else prompt.tolist(), max_new_tokens=max_new_tokens, **gen_kw
+        )
     generated = torch.tensor(result.token_ids, device=lm.device)
-    resid = {l: torch.stack(v) for l, v in caught.items()}  # (N, C)
+    resid = {layer: torch.stack(v) for layer, v in caught.items()}  # (N, C)
     top_ids, top_probs, toks, tprobs = _lens(lm, resid, k, generated)
     fed = [result.prompt_ids[-1]] + list(result.token_ids[:-1])  # the token each step read
-    return LensResult(token_labels(lm, fed), token_labels(lm, result.token_ids), chosen, top_ids, top_probs, toks, tprobs), result
+    return LensResult(
+        token_labels(lm, fed), token_labels(lm, result.token_ids), chosen, top_ids, top_probs, toks, tprobs
+    ), result

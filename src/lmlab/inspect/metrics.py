@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lmlab.inspect.cache import as_token_ids, text_pieces, token_labels
-from lmlab.inspect.interventions import flatten, intervene
 from lmlab.inspect.hooks import model_of
+from lmlab.inspect.interventions import flatten, intervene
 
 # ----------------------------------------------------------------------------- the numbers
 
@@ -160,10 +160,13 @@ class GenerationDiff:
 
     def to_dict(self) -> dict:
         return {
-            "prompt": self.prompt, "seed": self.seed, "interventions": self.interventions,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "interventions": self.interventions,
             "base": {"text": self.base_text, "token_ids": self.base_ids},
             "modified": {"text": self.mod_text, "token_ids": self.mod_ids},
-            "first_divergence": self.first_divergence, "same_tokens": self.same_tokens,
+            "first_divergence": self.first_divergence,
+            "same_tokens": self.same_tokens,
         }
 
     def __rich__(self):
@@ -177,7 +180,9 @@ class GenerationDiff:
         return generation_diff_html(self)
 
 
-def generation_diff(lm, prompt, *interventions, seed: int | None = 0, max_new_tokens: int = 32, **gen_kw) -> GenerationDiff:
+def generation_diff(
+    lm, prompt, *interventions, seed: int | None = 0, max_new_tokens: int = 32, **gen_kw
+) -> GenerationDiff:
     """Generate with the same prompt and seed, without and with the interventions (greedy by
     default: temperature=0; any sampling knob of lm.generate can be passed)."""
     ivs = flatten(interventions)
@@ -187,9 +192,12 @@ def generation_diff(lm, prompt, *interventions, seed: int | None = 0, max_new_to
         mod = lm.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **gen_kw)
     return GenerationDiff(
         prompt=prompt if isinstance(prompt, str) else None,
-        base_ids=list(base.token_ids), mod_ids=list(mod.token_ids),
+        base_ids=list(base.token_ids),
+        mod_ids=list(mod.token_ids),
         base_text=base.text if lm.tokenizer is not None else " ".join(map(str, base.token_ids)),
         mod_text=mod.text if lm.tokenizer is not None else " ".join(map(str, mod.token_ids)),
-        base_pieces=text_pieces(lm, base.token_ids), mod_pieces=text_pieces(lm, mod.token_ids),
-        seed=seed, interventions=[iv.describe() for iv in ivs],
+        base_pieces=text_pieces(lm, base.token_ids),
+        mod_pieces=text_pieces(lm, mod.token_ids),
+        seed=seed,
+        interventions=[iv.describe() for iv in ivs],
     )

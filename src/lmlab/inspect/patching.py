@@ -27,8 +27,16 @@ Edit = Callable[[torch.Tensor], torch.Tensor]  # an activation of one variant's 
 
 
 @torch.inference_mode()
-def run_variants(model, ids: torch.Tensor, variants: list[list[tuple[str, Edit]]], reduce: Callable, *,
-                 rows_per_pass: int = 16, last_only: bool = False, progress: Callable | None = None) -> list:
+def run_variants(
+    model,
+    ids: torch.Tensor,
+    variants: list[list[tuple[str, Edit]]],
+    reduce: Callable,
+    *,
+    rows_per_pass: int = 16,
+    last_only: bool = False,
+    progress: Callable | None = None,
+) -> list:
     """Run ``ids`` (n, T) once per variant, many variants per forward pass.
 
     A variant is a list of (hook name, edit); each edit gets that variant's n rows of the
@@ -51,6 +59,7 @@ def run_variants(model, ids: torch.Tensor, variants: list[list[tuple[str, Edit]]
                 for v, edit in entries:
                     x[v * n : (v + 1) * n] = edit(x[v * n : (v + 1) * n])
                 return x
+
             return hook
 
         with registered(model, [(name, make_hook(entries)) for name, entries in by_name.items()]):
@@ -68,11 +77,16 @@ def single_token(lm, token) -> int:
     """A token id from an id or a string that must encode to exactly one token."""
     if isinstance(token, int):
         if not 0 <= token < lm.config.vocab_size:
-            raise LmlabError(f"token id {token} is out of range; this model's vocabulary has ids 0..{lm.config.vocab_size - 1}.")
+            raise LmlabError(
+                f"token id {token} is out of range; this model's vocabulary has ids 0..{lm.config.vocab_size - 1}."
+            )
         return token
     ids = lm.encode(token, add_special=False)
     if len(ids) != 1:
-        raise LmlabError(f"{token!r} is {len(ids)} tokens, but the metric compares single tokens; try it with a leading space (e.g. ' Paris') or pick a shorter word.")
+        raise LmlabError(
+            f"{token!r} is {len(ids)} tokens, but the metric compares single tokens; "
+            "try it with a leading space (e.g. ' Paris') or pick a shorter word."
+        )
     return ids[0]
 
 
@@ -105,38 +119,76 @@ class PatchingResult:
 
     def to_dict(self) -> dict:
         return {
-            "point": self.point, "layers": self.layers, "positions": self.positions,
-            "clean_tokens": self.clean_tokens, "corrupt_tokens": self.corrupt_tokens,
-            "answer": self.answer, "wrong": self.wrong,
-            "clean_metric": self.clean_metric, "corrupt_metric": self.corrupt_metric,
-            "metric": self.metric.tolist(), "restored": self.restored.tolist(),
+            "point": self.point,
+            "layers": self.layers,
+            "positions": self.positions,
+            "clean_tokens": self.clean_tokens,
+            "corrupt_tokens": self.corrupt_tokens,
+            "answer": self.answer,
+            "wrong": self.wrong,
+            "clean_metric": self.clean_metric,
+            "corrupt_metric": self.corrupt_metric,
+            "metric": self.metric.tolist(),
+            "restored": self.restored.tolist(),
         }
 
     def __rich__(self):
         from lmlab.inspect.display import heatmap_table
 
-        return heatmap_table(self.restored, [f"L{l}" for l in self.layers], self.column_labels(),
-                             title=f"patching {self.point}: fraction of logit({self.answer!r}) - logit({self.wrong!r}) restored", center=0.0)
+        return heatmap_table(
+            self.restored,
+            [f"L{layer}" for layer in self.layers],
+            self.column_labels(),
+            title=f"patching {self.point}: fraction of logit({self.answer!r}) - logit({self.wrong!r}) restored",
+            center=0.0,
+        )
 
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import heatmap_html
 
-        return heatmap_html(self.restored, [f"L{l}" for l in self.layers], self.column_labels(),
-                            title=f"patching {self.point}: fraction restored (clean {self.clean_metric:.2f}, corrupt {self.corrupt_metric:.2f})", center=0.0)
+        return heatmap_html(
+            self.restored,
+            [f"L{layer}" for layer in self.layers],
+            self.column_labels(),
+            title=(
+                f"patching {self.point}: fraction restored "
+                f"(clean {self.clean_metric:.2f}, corrupt {self.corrupt_metric:.2f})"
+            ),
+            center=0.0,
+        )
 
     def save_png(self, path) -> None:
         from lmlab.inspect.display import save_heatmap_png
 
-        save_heatmap_png(self.restored, [f"L{l}" for l in self.layers], self.column_labels(), path,
-                         title=f"activation patching of {self.point}: fraction of logit diff restored", xlabel="position", ylabel="layer", center=0.0)
+        save_heatmap_png(
+            self.restored,
+            [f"L{layer}" for layer in self.layers],
+            self.column_labels(),
+            path,
+            title=f"activation patching of {self.point}: fraction of logit diff restored",
+            xlabel="position",
+            ylabel="layer",
+            center=0.0,
+        )
 
 
 PATCH_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 @torch.inference_mode()
-def patching_sweep(lm, clean, corrupt, answer=None, wrong=None, *, point: str = "resid_pre", layers=None,
-                   positions=None, rows_per_pass: int = 32, progress: Callable | None = None) -> PatchingResult:
+def patching_sweep(
+    lm,
+    clean,
+    corrupt,
+    answer=None,
+    wrong=None,
+    *,
+    point: str = "resid_pre",
+    layers=None,
+    positions=None,
+    rows_per_pass: int = 32,
+    progress: Callable | None = None,
+) -> PatchingResult:
     """Patch the clean run's ``blocks.{l}.{point}`` into the corrupted run at each (layer, position).
 
     answer / wrong: the tokens whose logit difference is the metric (ids or one-token strings);
@@ -148,21 +200,28 @@ def patching_sweep(lm, clean, corrupt, answer=None, wrong=None, *, point: str = 
         raise LmlabError(f"cannot patch {point!r}; use one of {', '.join(PATCH_POINTS)}.")
     clean_ids, corrupt_ids = as_token_ids(lm, clean), as_token_ids(lm, corrupt)
     if clean_ids.shape != corrupt_ids.shape or clean_ids.shape[0] != 1:
-        raise LmlabError(f"the clean and corrupted prompts must be one sequence each with the same number of tokens (got {clean_ids.shape[1]} and {corrupt_ids.shape[1]}); patching pairs them position by position (`lmlab inspect` shows the tokens).")
+        raise LmlabError(
+            "the clean and corrupted prompts must be one sequence each with the same number of tokens "
+            f"(got {clean_ids.shape[1]} and {corrupt_ids.shape[1]}); "
+            "patching pairs them position by position (`lmlab inspect` shows the tokens)."
+        )
     T = clean_ids.shape[1]
-    layers = list(range(cfg.n_layers)) if layers is None else [check_layer(cfg, int(l)) for l in layers]
+    layers = list(range(cfg.n_layers)) if layers is None else [check_layer(cfg, int(layer)) for layer in layers]
     positions = list(range(T)) if positions is None else [int(p) for p in positions]
     bad = [p for p in positions if not 0 <= p < T]
     if bad:
         raise LmlabError(f"position {bad[0]} is out of range; the prompts have {T} tokens, numbered 0..{T - 1}.")
 
-    names = [f"blocks.{l}.{point}" for l in layers]
+    names = [f"blocks.{layer}.{point}" for layer in layers]
     clean_logits, cache = run_with_cache(lm, clean_ids, names)
     corrupt_logits = model(corrupt_ids, last_only=True)
     a = single_token(lm, answer) if answer is not None else int(clean_logits[0, -1].argmax())
     w = single_token(lm, wrong) if wrong is not None else int(corrupt_logits[0, -1].argmax())
     if a == w:
-        raise LmlabError(f"the answer and the wrong token are the same ({token_labels(lm, [a])[0]!r}); pass --answer and --wrong (one token each) that the two prompts should tell apart.")
+        raise LmlabError(
+            f"the answer and the wrong token are the same ({token_labels(lm, [a])[0]!r}); "
+            "pass --answer and --wrong (one token each) that the two prompts should tell apart."
+        )
 
     def logit_diff(logits, _ids=None) -> float:
         return (logits[0, -1, a] - logits[0, -1, w]).item()
@@ -175,12 +234,26 @@ def patching_sweep(lm, clean, corrupt, answer=None, wrong=None, *, point: str = 
         def edit(x):  # (1, T, C)
             x[:, pos] = src
             return x
+
         return edit
 
-    variants = [[(f"blocks.{l}.{point}", put(l, p))] for l in layers for p in positions]
-    metrics = run_variants(model, corrupt_ids, variants, logit_diff, rows_per_pass=rows_per_pass, last_only=True, progress=progress)
+    variants = [[(f"blocks.{layer}.{point}", put(layer, p))] for layer in layers for p in positions]
+    metrics = run_variants(
+        model, corrupt_ids, variants, logit_diff, rows_per_pass=rows_per_pass, last_only=True, progress=progress
+    )
     metric = torch.tensor(metrics).view(len(layers), len(positions))
     gap = clean_m - corrupt_m
     restored = (metric - corrupt_m) / gap if gap != 0 else torch.full_like(metric, float("nan"))
-    return PatchingResult(point, layers, positions, token_labels(lm, clean_ids[0]), token_labels(lm, corrupt_ids[0]),
-                          token_labels(lm, [a])[0], token_labels(lm, [w])[0], clean_m, corrupt_m, metric, restored)
+    return PatchingResult(
+        point,
+        layers,
+        positions,
+        token_labels(lm, clean_ids[0]),
+        token_labels(lm, corrupt_ids[0]),
+        token_labels(lm, [a])[0],
+        token_labels(lm, [w])[0],
+        clean_m,
+        corrupt_m,
+        metric,
+        restored,
+    )

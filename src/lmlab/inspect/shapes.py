@@ -21,7 +21,7 @@ MB = 1024 * 1024
 
 def named(letters: list[str], shape: tuple[int, ...]) -> str:
     """['B', 'T', 'C'], (1, 7, 576) -> 'B=1, T=7, d_model=576'."""
-    return ", ".join(f"{DIM_NAMES[l]}={n}" for l, n in zip(letters, shape))
+    return ", ".join(f"{DIM_NAMES[letter]}={n}" for letter, n in zip(letters, shape))
 
 
 @dataclass
@@ -49,9 +49,14 @@ class ShapeTrace:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model_name, "tokens": self.tokens, "config": self.config,
+            "model": self.model_name,
+            "tokens": self.tokens,
+            "config": self.config,
             "parameters": [{"name": n, "shape": list(s), "dims": d} for n, s, d in self.params],
-            "trace": [{"step": r.step, "name": r.name, "shape": list(r.shape), "dims": r.dims, "ok": r.ok, "note": r.note} for r in self.rows],
+            "trace": [
+                {"step": r.step, "name": r.name, "shape": list(r.shape), "dims": r.dims, "ok": r.ok, "note": r.note}
+                for r in self.rows
+            ],
             "kv_cache": self.kv,
         }
 
@@ -79,7 +84,11 @@ def _param_shapes(model) -> list[tuple[str, tuple[int, ...], str]]:
         ("blocks.0.attn.o.weight", tuple(b.attn.o.weight.shape), "d_model, n_heads·head_dim"),
         ("blocks.0.mlp.up.weight", tuple(b.mlp.up.weight.shape), f"{gated}, d_model"),
         ("blocks.0.mlp.down.weight", tuple(b.mlp.down.weight.shape), "d_model, d_ff"),
-        ("lm_head.weight", tuple(model.lm_head.weight.shape), "vocab, d_model" + (" (tied to tok_embed)" if cfg.tie_embeddings else "")),
+        (
+            "lm_head.weight",
+            tuple(model.lm_head.weight.shape),
+            "vocab, d_model" + (" (tied to tok_embed)" if cfg.tie_embeddings else ""),
+        ),
     ]
     return out
 
@@ -93,18 +102,38 @@ def _rows_for_step(cfg, step: str, recorded: list[tuple[str, tuple]], B: int, T:
     for name, shape in recorded:
         letters = shape_letters(name)
         # final_norm and logits cover only the last position, as in the engine (last_only)
-        expect = tuple(sizes[l] if not (l == "T" and name in ("final_norm", "logits")) else 1 for l in letters)
+        expect = tuple(
+            sizes[letter] if not (letter == "T" and name in ("final_norm", "logits")) else 1 for letter in letters
+        )
         note = "last position only (as generation runs it)" if name in ("final_norm", "logits") else ""
         rows.append(ShapeRow(step, name, shape, named(letters, shape), shape == expect, note))
         if name.endswith("attn.v"):
             layer = template(name)[1]
             kv = (B, cfg.n_kv_heads, S, cfg.head_dim)
-            rows.append(ShapeRow(step, f"blocks.{layer}.attn.k/v (from cache)", kv, named(["B", "K", "S", "D"], kv), True,
-                                 "new keys/values written at slots " + (f"0..{T - 1}" if S == T else f"{S - T}") + f"; all {S} read back"))
+            rows.append(
+                ShapeRow(
+                    step,
+                    f"blocks.{layer}.attn.k/v (from cache)",
+                    kv,
+                    named(["B", "K", "S", "D"], kv),
+                    True,
+                    "new keys/values written at slots "
+                    + (f"0..{T - 1}" if S == T else f"{S - T}")
+                    + f"; all {S} read back",
+                )
+            )
             if cfg.gqa_groups > 1:
                 rep = (B, cfg.n_heads, S, cfg.head_dim)
-                rows.append(ShapeRow(step, f"blocks.{layer}.attn.k/v (GQA repeat)", rep, named(["B", "H", "S", "D"], rep), True,
-                                     f"each of {cfg.n_kv_heads} kv heads repeated x{cfg.gqa_groups} for the query heads sharing it"))
+                rows.append(
+                    ShapeRow(
+                        step,
+                        f"blocks.{layer}.attn.k/v (GQA repeat)",
+                        rep,
+                        named(["B", "H", "S", "D"], rep),
+                        True,
+                        f"each of {cfg.n_kv_heads} kv heads repeated x{cfg.gqa_groups} for the query heads sharing it",
+                    )
+                )
     return rows
 
 
@@ -142,7 +171,10 @@ def shape_trace(lm, prompt, collapse_layers: bool = True) -> ShapeTrace:
     if T + 1 > cfg.max_seq_len:
         from lmlab.errors import LmlabError
 
-        raise LmlabError(f"the prompt fills the model's context ({cfg.max_seq_len} tokens), leaving no room for a decode step; shorten it.")
+        raise LmlabError(
+            f"the prompt fills the model's context ({cfg.max_seq_len} tokens), leaving no room for a decode step; "
+            "shorten it."
+        )
     cache = KVCache(cfg, B, T + 1, kv_dtype(lm.dtype, lm.device), lm.device)
     recorded: list[tuple[str, tuple]] = []
 
@@ -170,5 +202,8 @@ def shape_trace(lm, prompt, collapse_layers: bool = True) -> ShapeTrace:
     kv["length_after_decode"] = cache.length
     if collapse_layers:
         rows = _collapse(rows, cfg.n_layers)
-    config = {k: getattr(cfg, k) for k in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size")}
+    config = {
+        k: getattr(cfg, k)
+        for k in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size")
+    }
     return ShapeTrace(getattr(lm, "name", ""), token_labels(lm, ids[0]), rows, _param_shapes(model), kv, config)

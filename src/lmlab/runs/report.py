@@ -35,10 +35,38 @@ KNOWN_MEASURES = {
 }
 MAX_OTHER_PLOTS = 4
 # Keys that say where a point was measured (not what was measured); text values count too.
-DIMENSIONS = ("batch", "prompt_len", "seq_len", "context", "gen_len", "new_tokens", "threads", "step", "epoch",
-              "iter", "engine", "dtype", "quant", "device", "compile", "impl", "peer", "model")
-X_PREFERENCE = ("batch", "prompt_len", "seq_len", "context", "gen_len", "new_tokens", "threads", "step", "epoch",
-                "iter")
+DIMENSIONS = (
+    "batch",
+    "prompt_len",
+    "seq_len",
+    "context",
+    "gen_len",
+    "new_tokens",
+    "threads",
+    "step",
+    "epoch",
+    "iter",
+    "engine",
+    "dtype",
+    "quant",
+    "device",
+    "compile",
+    "impl",
+    "peer",
+    "model",
+)
+X_PREFERENCE = (
+    "batch",
+    "prompt_len",
+    "seq_len",
+    "context",
+    "gen_len",
+    "new_tokens",
+    "threads",
+    "step",
+    "epoch",
+    "iter",
+)
 
 # ---------------------------------------------------------------------------------------------
 # The data both formats show
@@ -102,6 +130,7 @@ def run_title(run: dict) -> str:
 
 def summary_rows(runs: list[dict]) -> list[tuple[str, list[str]]]:
     """(label, one text per run) for the head of the report."""
+
     def argv(r):
         return " ".join(r.get("argv") or []) or "—"
 
@@ -126,8 +155,10 @@ def keyed_rows(runs: list[dict], section: str, skip: tuple[str, ...] = ()) -> li
     rows = []
     for k in keys:
         values = [f.get(k) for f in flats]
-        differs = any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str)
-                      for v in values)
+        differs = any(
+            json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str)
+            for v in values
+        )
         rows.append((k, values, differs))
     return rows
 
@@ -184,8 +215,9 @@ def _point_keys(points: list[dict]) -> tuple[list[str], list[str]]:
     keys: list[str] = []
     for p in points:
         keys += [k for k in p if k not in keys]
-    dims = [k for k in keys if k in DIMENSIONS
-            or all(isinstance(p.get(k), (str, bool)) or p.get(k) is None for p in points)]
+    dims = [
+        k for k in keys if k in DIMENSIONS or all(isinstance(p.get(k), (str, bool)) or p.get(k) is None for p in points)
+    ]
     numbers = [k for k in keys if k not in dims and any(_is_number(p.get(k)) for p in points)]
     known = [k for k in KNOWN_MEASURES if k in numbers]
     return dims, known or numbers
@@ -231,10 +263,14 @@ def _svg(fig, salt: str) -> str:
     # Text stays text (small, searchable); a different hash salt per figure keeps the SVGs'
     # internal ids unique within one page.
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
-        fig.savefig(buf, format="svg", bbox_inches="tight",
-                    metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+        fig.savefig(
+            buf,
+            format="svg",
+            bbox_inches="tight",
+            metadata={"Date": None, "Creator": None, "Format": None, "Type": None},
+        )
     svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+    return svg[svg.index("<svg") :]
 
 
 def _bench_figures(run: dict) -> list[tuple[str, str]]:
@@ -247,8 +283,10 @@ def _bench_figures(run: dict) -> list[tuple[str, str]]:
         from lmlab.bench.plots import sweep_figures
 
         figures = sweep_figures(points, (run.get("metrics") or {}).get("machine"))
-        captions = {name: (fig.axes[0].get_title() if fig.axes else "") or name.replace("_", " ")
-                    for name, fig in figures.items()}
+        captions = {
+            name: (fig.axes[0].get_title() if fig.axes else "") or name.replace("_", " ")
+            for name, fig in figures.items()
+        }
         return [(captions[name], _svg(fig, f"lmlab-bench-{name}")) for name, fig in figures.items()]
     except Exception:  # a point the bench plots do not expect must not cost the whole report
         return []
@@ -276,8 +314,9 @@ def plot_svgs(runs: list[dict]) -> list[tuple[str, str]]:
         ax = fig.add_subplot()
         xs = []
         for name, pts in lines.items():
-            ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="o", linewidth=1.6, markersize=4,
-                    label=name)
+            ax.plot(
+                [p[0] for p in pts], [p[1] * scale for p in pts], marker="o", linewidth=1.6, markersize=4, label=name
+            )
             xs += [p[0] for p in pts]
         if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
             ax.set_xscale("log", base=2)  # batch sizes and lengths double from point to point
@@ -336,8 +375,12 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html_grid(runs: list[dict], rows: list[tuple[str, list[str]]], diff_flags: list[bool] | None = None,
-               status_row: str | None = None) -> str:
+def _html_grid(
+    runs: list[dict],
+    rows: list[tuple[str, list[str]]],
+    diff_flags: list[bool] | None = None,
+    status_row: str | None = None,
+) -> str:
     head = "".join(f"<th>{_e(r['id'])}</th>" for r in runs) if len(runs) > 1 else "<th>value</th>"
     body = []
     for i, (label, values) in enumerate(rows):
@@ -349,7 +392,7 @@ def _html_grid(runs: list[dict], rows: list[tuple[str, list[str]]], diff_flags: 
             else:
                 cells.append(f"<td>{_e(v)}</td>")
         body.append(f'<tr{cls}><th class="key">{_e(label)}</th>{"".join(cells)}</tr>')
-    return f'<table><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _html_numbers(runs: list[dict], rows) -> str:
@@ -363,7 +406,7 @@ def _html_numbers(runs: list[dict], rows) -> str:
                 extra = f' <span class="ratio">{_e(fmt_ratio(r))}</span>'
             cells.append(f'<td class="num">{_e(fmt_value(v, key))}{extra}</td>')
         body.append(f'<tr><th class="key">{_e(key)}</th>{"".join(cells)}</tr>')
-    return f'<table><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def points_columns(points: list[dict]) -> tuple[list[str], dict[str, Any]]:
@@ -371,8 +414,11 @@ def points_columns(points: list[dict]) -> tuple[list[str], dict[str, Any]]:
     dimensions with one value for every point are said once, as constants. The JSON export
     holds every field."""
     dims, measures = _point_keys(points)
-    constants = {k: points[0].get(k) for k in dims
-                 if len(points) > 1 and len({json.dumps(p.get(k), default=str) for p in points}) == 1}
+    constants = {
+        k: points[0].get(k)
+        for k in dims
+        if len(points) > 1 and len({json.dumps(p.get(k), default=str) for p in points}) == 1
+    }
     return [k for k in dims if k not in constants] + measures, constants
 
 
@@ -384,8 +430,9 @@ def _html_points(points: list[dict]) -> str:
     cols, constants = points_columns(points)
     note = f'<p class="note">{_e(_constants_text(constants))}</p>' if constants else ""
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(fmt_value(p.get(c), c))}</td>' for c in cols) + "</tr>"
-                   for p in points)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{_e(fmt_value(p.get(c), c))}</td>' for c in cols) + "</tr>" for p in points
+    )
     return f"{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -399,8 +446,9 @@ def _html_io(run: dict) -> str:
         for key, text in fields:
             parts.append(f'<div class="field">{_e(key)}</div><pre>{_e(text)}</pre>')
         if more:
-            parts.append(f'<p class="note">… {more} more fields: '
-                         f'<code>lmlab runs export {_e(run["id"])} --json</code></p>')
+            parts.append(
+                f'<p class="note">… {more} more fields: <code>lmlab runs export {_e(run["id"])} --json</code></p>'
+            )
     return "".join(parts)
 
 
@@ -409,14 +457,18 @@ def render_html(runs: dict | Iterable[dict]) -> str:
     runs = _as_list(runs)
     from lmlab import __version__
 
-    s = [f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-         f"<title>{_e(_title(runs))}</title><style>{CSS}</style></head><body><main>"]
+    s = [
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(_title(runs))}</title><style>{CSS}</style></head><body><main>"
+    ]
     s.append(f"<header><h1>{_e(_title(runs))}</h1>")
     s.append("".join(f'<p class="sub">{_e(run_title(r))}</p>' for r in runs) + "</header>")
     if len(runs) > 1:
-        s.append(f'<p class="note">Ratios (×) compare each run with the first, {_e(runs[0]["id"])}. '
-                 "Highlighted config rows differ between runs.</p>")
+        s.append(
+            f'<p class="note">Ratios (×) compare each run with the first, {_e(runs[0]["id"])}. '
+            "Highlighted config rows differ between runs.</p>"
+        )
 
     s.append("<section><h2>Summary</h2>")
     s.append(_html_grid(runs, summary_rows(runs), status_row="status"))
@@ -425,8 +477,13 @@ def render_html(runs: dict | Iterable[dict]) -> str:
     config = keyed_rows(runs, "config")
     if config:
         s.append("<section><h2>Config</h2>")
-        s.append(_html_grid(runs, [(k, [fmt_value(v) for v in vals]) for k, vals, _ in config],
-                            diff_flags=[d for *_, d in config] if len(runs) > 1 else None))
+        s.append(
+            _html_grid(
+                runs,
+                [(k, [fmt_value(v) for v in vals]) for k, vals, _ in config],
+                diff_flags=[d for *_, d in config] if len(runs) > 1 else None,
+            )
+        )
         s.append("</section>")
 
     for section, title in (("metrics", "Metrics"), ("timings", "Timings")):
@@ -464,12 +521,19 @@ def render_html(runs: dict | Iterable[dict]) -> str:
         rows = keyed_rows(runs, section)
         if rows:
             s.append(f"<section><h2>{title}</h2>")
-            s.append(_html_grid(runs, [(k, [fmt_value(v, k) for v in vals]) for k, vals, _ in rows],
-                                diff_flags=[d for *_, d in rows] if len(runs) > 1 else None))
+            s.append(
+                _html_grid(
+                    runs,
+                    [(k, [fmt_value(v, k) for v in vals]) for k, vals, _ in rows],
+                    diff_flags=[d for *_, d in rows] if len(runs) > 1 else None,
+                )
+            )
             s.append("</section>")
 
-    s.append(f"<footer>Made by lmlab {_e(__version__)} on {_e(iso_time(time.time()))} from the local run store "
-             f"(<code>lmlab runs export {' '.join(_e(r['id']) for r in runs)} --html</code>).</footer>")
+    s.append(
+        f"<footer>Made by lmlab {_e(__version__)} on {_e(iso_time(time.time()))} from the local run store "
+        f"(<code>lmlab runs export {' '.join(_e(r['id']) for r in runs)} --html</code>).</footer>"
+    )
     s.append("</main></body></html>\n")
     return "".join(s)
 
@@ -503,8 +567,10 @@ def render_markdown(runs: dict | Iterable[dict]) -> str:
     out = [f"# {_md_cell(_title(runs))}\n"]
     out += [f"- {_md_cell(run_title(r))}\n" for r in runs]
     if len(runs) > 1:
-        out.append(f"\nRatios (×) compare each run with the first ({runs[0]['id']}); "
-                   "config rows marked **≠** differ between runs.\n")
+        out.append(
+            f"\nRatios (×) compare each run with the first ({runs[0]['id']}); "
+            "config rows marked **≠** differ between runs.\n"
+        )
 
     out.append("\n## Summary\n\n")
     out.append(_md_table(head, [[label] + values for label, values in summary_rows(runs)]))
@@ -521,8 +587,10 @@ def render_markdown(runs: dict | Iterable[dict]) -> str:
             out.append(f"\n## {title}\n\n")
             table = []
             for key, values, ratios in rows:
-                cells = [fmt_value(v, key) + (f" ({fmt_ratio(r)})" if j and r is not None else "")
-                         for j, (v, r) in enumerate(zip(values, ratios))]
+                cells = [
+                    fmt_value(v, key) + (f" ({fmt_ratio(r)})" if j and r is not None else "")
+                    for j, (v, r) in enumerate(zip(values, ratios))
+                ]
                 table.append([key] + cells)
             out.append(_md_table(head, table))
 
@@ -536,8 +604,11 @@ def render_markdown(runs: dict | Iterable[dict]) -> str:
             if constants:
                 out.append(_md_cell(_constants_text(constants)) + "\n\n")
             out.append(_md_table(cols, [[fmt_value(p.get(c), c) for c in cols] for p in points]))
-        out.append("\n(The HTML export draws these as plots: `lmlab runs export "
-                   + " ".join(r["id"] for r in runs) + " --html`.)\n")
+        out.append(
+            "\n(The HTML export draws these as plots: `lmlab runs export "
+            + " ".join(r["id"] for r in runs)
+            + " --html`.)\n"
+        )
 
     out.append("\n## Inputs and outputs\n")
     for r in runs:

@@ -78,17 +78,26 @@ def mirror(run: dict) -> str | None:
     wandb = require()
     try:
         config = dict(run.get("config") or {})
-        config.update({
-            "lmlab/command": run.get("command"), "lmlab/model": run.get("model"),
-            "lmlab/model_hash": run.get("model_hash"), "lmlab/seed": run.get("seed"),
-            "lmlab/run_id": run.get("id"), "lmlab/inputs": run.get("inputs"),
-            "lmlab/versions": run.get("versions"), "lmlab/host": run.get("host"),
-        })
+        config.update(
+            {
+                "lmlab/command": run.get("command"),
+                "lmlab/model": run.get("model"),
+                "lmlab/model_hash": run.get("model_hash"),
+                "lmlab/seed": run.get("seed"),
+                "lmlab/run_id": run.get("id"),
+                "lmlab/inputs": run.get("inputs"),
+                "lmlab/versions": run.get("versions"),
+                "lmlab/host": run.get("host"),
+            }
+        )
         config = json.loads(json.dumps(config, default=str))  # wandb wants plain JSON values
         wb = wandb.init(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
-            id=run.get("id"), name=f"{run.get('command')} {run.get('model') or ''} {run.get('id')}".strip(),
-            job_type=run.get("command"), config=config, tags=[run.get("status") or "unknown"],
+            id=run.get("id"),
+            name=f"{run.get('command')} {run.get('model') or ''} {run.get('id')}".strip(),
+            job_type=run.get("command"),
+            config=config,
+            tags=[run.get("status") or "unknown"],
             settings=wandb.Settings(console="off"),  # we start at the end: nothing to capture
         )
         metrics = dict(run.get("metrics") or {})
@@ -107,6 +116,9 @@ def mirror(run: dict) -> str | None:
         wb.finish(exit_code=0 if run.get("status") == "complete" else 1)
         return where
     except Exception as e:  # the run is safe in the local store; a mirror failure must not fail the command
-        sys.stderr.write(f"lmlab: could not mirror run {run.get('id')} to wandb ({type(e).__name__}: {e}); "
-                         "it is still in the local store (`lmlab runs show " f"{run.get('id')}`).\n")
+        sys.stderr.write(
+            f"lmlab: could not mirror run {run.get('id')} to wandb ({type(e).__name__}: {e}); "
+            "it is still in the local store (`lmlab runs show "
+            f"{run.get('id')}`).\n"
+        )
         return None
