@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules with a register(app) function, in the order their commands appear in --help.
-COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "runs"]
+COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "eval", "runs"]
 
 _DEBUG = False
 
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if _DEBUG:
             raise
-        sys.stderr.write(f"error: {type(e).__name__}: {e} (run with --debug for the traceback; please report it as an lmlab bug)\n")
+        sys.stderr.write(
+            f"error: {type(e).__name__}: {e} (run with --debug for the traceback; please report it as an lmlab bug)\n"
+        )
         return 1
 
 

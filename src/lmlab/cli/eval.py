@@ -1,0 +1,253 @@
+"""`lmlab eval`: perplexity, tasks (log-likelihood and generated answers), majority vote, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.errors import LmlabError
+
+eval_app = typer.Typer(help="Evaluate: perplexity, tasks, majority vote, comparisons.", no_args_is_help=True)
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise LmlabError(f"data file {path} does not exist; pass a text file to score.")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise LmlabError(f"{path} looks binary; pass a text file.")
+    return raw.decode("utf-8", errors="replace")
+
+
+@eval_app.command("perplexity")
+def perplexity_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file."),
+    data: Path = typer.Option(..., "--data", help="Text file to score."),
+    window: int = typer.Option(None, "--window", help="Tokens per window (default: the context, at most 1024)."),
+    stride: int = typer.Option(None, "--stride", help="Tokens between window starts; = window: disjoint, as lm-eval."),
+    surprising: int = typer.Option(10, "--surprising", help="Show this many highest-loss tokens."),
+    dtype: str = typer.Option("float32"),
+    json_out: bool = typer.Option(False, "--json"),
+    no_record: bool = typer.Option(False, "--no-record"),
+):
+    """Perplexity of a text (token, word and byte perplexity, bits per byte), with the most surprising tokens."""
+    from lmlab.eval.perplexity import perplexity
+    from lmlab.runs import record_run
+
+    text = _read_text(data)
+    lm = load_model(model, dtype)
+    config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype}
+    with record_run(
+        "eval perplexity", model=model, config=config, record=not no_record, inputs={"data": str(data)}
+    ) as run:
+        res = perplexity(lm, text, window, stride)
+        summary = res.summary()
+        run.add_metrics(**{k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        run.outputs = {"token_losses": res.losses, "surprising": res.most_surprising(lm.tokenizer, surprising)}
+    if json_out:
+        print_json({"model": model, **summary, "surprising": run.outputs["surprising"], "run_id": run.id})
+        return
+    how = (
+        "strided windows (transformers' method)"
+        if res.method == "strided"
+        else "disjoint windows (lm-eval's rolling log-likelihood)"
+    )
+    out.print(f"{model} on {data.name}: {res.tokens} tokens in {how}, window {res.window}, stride {res.stride}")
+    out.print(
+        f"  perplexity {res.perplexity:.3f} · word perplexity {res.word_perplexity:.3f} · "
+        f"byte perplexity {res.byte_perplexity:.4f} · bits per byte {res.bits_per_byte:.4f}"
+    )
+    if surprising:
+        out.print("most surprising tokens (loss in nats):")
+        for i, piece, loss in res.most_surprising(lm.tokenizer, surprising):
+            out.print(f"  #{i:<6} {piece!r:<20} {loss:6.2f}", markup=False)
+    err.print(f"{res.tokens_per_s:.0f} tokens/s · {res.seconds:.1f} s")
+
+
+@eval_app.command("run")
+def run_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file."),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="A built-in task (arithmetic, copy, reverse, pattern, sentiment, "
+        "facts) or a .jsonl file of {prompt, answer, choices?}.",
+    ),
+    shots: int = typer.Option(0, "-k", "--shots", help="Examples before each question, chosen with --seed."),
+    fmt: str = typer.Option("base", "--format", help="base, chat or fake-chat."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N items."),
+    items: int = typer.Option(50, "--items", help="Items a generated built-in task has."),
+    extract: str = typer.Option(None, "--extract", help="first_number, first_line or regex:PATTERN."),
+    vote: int = typer.Option(1, "--vote", help="Sample N answers and take the majority (generated tasks)."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature for --vote."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    plot: Path = typer.Option(None, "--plot", help="With --vote: write accuracy against N as a PNG."),
+    dtype: str = typer.Option("float32"),
+    json_out: bool = typer.Option(False, "--json"),
+    no_record: bool = typer.Option(False, "--no-record"),
+):
+    """Score a task: multiple choice on log-likelihood (acc, acc_norm) or generated answers (exact match)."""
+    from lmlab.eval.run import evaluate
+    from lmlab.eval.tasks import get_task
+    from lmlab.runs import record_run
+
+    t = get_task(task, items, seed, extract)
+    lm = load_model(model, dtype)
+    config = {
+        "task": t.name,
+        "shots": shots,
+        "format": fmt,
+        "limit": limit,
+        "vote": vote,
+        "temperature": temperature,
+        "seed": seed,
+        "dtype": dtype,
+    }
+    with record_run(
+        "eval run", model=model, config=config, seed=seed, record=not no_record, inputs={"task": task}
+    ) as run:
+        res = evaluate(
+            lm,
+            t,
+            shots=shots,
+            fmt=fmt,
+            limit=limit,
+            seed=seed,
+            vote=vote,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+        )
+        run.add_metrics(**{k: v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+        run.outputs = {"items": res.items, "vote_curve": res.vote_curve, "metrics": res.metrics}
+    if plot and res.vote_curve:
+        _plot_votes(res, plot)
+    if json_out:
+        print_json(
+            {
+                "model": model,
+                "task": t.name,
+                "format": fmt,
+                "shots": shots,
+                "metrics": res.metrics,
+                "vote_curve": res.vote_curve,
+                "run_id": run.id,
+            }
+        )
+        return
+    m = res.metrics
+    if "acc" in m:
+        out.print(
+            f"{model} · {t.name} · {fmt}, {shots}-shot · {m['n']} items: acc {_pct(m['acc'], m['acc_ci'])} · "
+            f"acc_norm {_pct(m['acc_norm'], m['acc_norm_ci'])}"
+        )
+    else:
+        out.print(
+            f"{model} · {t.name} · {fmt}, {shots}-shot · {m['n']} items: "
+            f"exact match {_pct(m['exact_match'], m['exact_match_ci'])}"
+        )
+    for n, acc in res.vote_curve:
+        if n in (1, 3, 5) or n == res.vote_curve[-1][0]:
+            out.print(f"  majority of {n:>2} samples at T={temperature:g}: {acc:.1%}")
+    if res.vote_curve:
+        best = max(a for _, a in res.vote_curve)
+        if best <= m["exact_match"]:
+            out.print(f"  voting did not beat the greedy answer ({m['exact_match']:.1%}) on these items.")
+    worst = [r for r in res.worst(3) if not r["correct"]]
+    if worst:
+        err.print("worst items:")
+        for r in worst:
+            err.print(f"  expected {r['answer']!r}, got {r['prediction']!r} · {r['prompt'][-60:]!r}", markup=False)
+
+
+def _pct(p: float, ci) -> str:
+    return f"{p:.1%} (95% CI {ci[0]:.0%}-{ci[1]:.0%})"
+
+
+def _plot_votes(res, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ns, accs = zip(*res.vote_curve)
+    ax.plot(ns, accs, marker="o", label="majority of N samples")
+    ax.axhline(res.metrics["exact_match"], color="grey", linestyle="--", label="greedy, one answer")
+    ax.set_xlabel("samples (N)")
+    ax.set_ylabel("exact match")
+    ax.set_title(f"{res.task}: majority vote")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    err.print(f"wrote {path}")
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    runs: list[str] = typer.Argument(..., help="Eval run ids (prefixes, 'last', 'last-2')."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """A table of eval runs with 95% intervals, and a paired test of the first two on the same items."""
+    from rich.table import Table
+
+    from lmlab.eval.run import paired_test
+    from lmlab.runs import RunStore
+
+    store = RunStore()
+    rows = []
+    for rid in runs:
+        r = store.get(store.resolve_id(rid))
+        if r["command"] != "eval run":
+            raise LmlabError(f"run {rid} is a {r['command']!r} run; compare takes 'eval run' runs.")
+        m = (r.get("outputs") or {}).get("metrics") or {}
+        key = "acc" if "acc" in m else "exact_match"
+        correct = [it["correct"] for it in (r.get("outputs") or {}).get("items", [])]
+        rows.append(
+            {
+                "id": r["id"][:8],
+                "model": r["model"],
+                "task": r["config"].get("task"),
+                "format": r["config"].get("format"),
+                "shots": r["config"].get("shots"),
+                "metric": key,
+                "value": m.get(key),
+                "ci": m.get(f"{key}_ci"),
+                "n": m.get("n"),
+                "correct": correct,
+            }
+        )
+    test = paired_test(rows[0]["correct"], rows[1]["correct"]) if len(rows) >= 2 else None
+    if json_out:
+        print_json({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in rows], "paired_test": test})
+        return
+    t = Table(title="eval runs")
+    for col in ("run", "model", "task", "format", "k", "metric", "value", "95% CI", "n"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        ci = f"{r['ci'][0]:.0%}-{r['ci'][1]:.0%}" if r["ci"] else ""
+        t.add_row(
+            r["id"],
+            str(r["model"]),
+            str(r["task"]),
+            str(r["format"]),
+            str(r["shots"]),
+            r["metric"],
+            f"{r['value']:.1%}" if r["value"] is not None else "",
+            ci,
+            str(r["n"]),
+        )
+    out.print(t)
+    if test:
+        out.print(
+            f"paired (McNemar, same items): only {rows[0]['id']} right {test['only_a']}, only {rows[1]['id']} "
+            f"right {test['only_b']}, p = {test['p_value']:.3g}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,185 @@
+"""lmlab.eval: perplexity windows, log-likelihood scoring against lm-evaluation-harness, tasks, voting."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli.main import main
+from lmlab.errors import LmlabError
+from lmlab.eval import evaluate, get_task, load_jsonl, majority, paired_test, perplexity, score_texts
+from lmlab.eval.perplexity import windows
+from tiny import char_vocab, make_tiny, save_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_eval")
+    make_tiny("llama", d)
+    save_char_tokenizer(d)
+    # lm-evaluation-harness needs an end-of-text token; neither side adds a BOS
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(eos_token=char_vocab()[0], add_bos_token=False)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lm(folder):
+    return lmlab.load(folder)
+
+
+def mc_items(n=12, seed=0):
+    rng = random.Random(seed)
+    words = ["cat", "dog", "a bird", "the sun", "blue", "green", "seven", "ten", "x", "yes", "no", "maybe so"]
+    items = []
+    for i in range(n):
+        choices = rng.sample(words, 4)
+        items.append(
+            {
+                "prompt": f"Question {i}: pick one of {', '.join(choices)}.\nAnswer:",
+                "choices": choices,
+                "answer": rng.randrange(4),
+            }
+        )
+    return items
+
+
+def test_loglikelihood_is_the_sum_of_the_models_token_log_probabilities(lm):
+    ctx, cont = "The cat sat ", "on the mat"
+    (s,) = score_texts(lm, [(ctx, cont)])
+    ids = lm.tokenizer.encode("The cat sat on the mat", add_special=False)
+    n_ctx = len(lm.tokenizer.encode("The cat sat", add_special=False))  # the trailing space moved to the continuation
+    logp = torch.log_softmax(lm([ids])[0].float(), -1)
+    want = sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids)))
+    assert s.n_tokens == len(ids) - n_ctx and s.logprob == pytest.approx(want, abs=1e-4)
+    assert s.is_greedy == all(int(logp[t - 1].argmax()) == ids[t] for t in range(n_ctx, len(ids)))
+    # batched with other requests of other lengths (left-padded), the score is the same
+    many = score_texts(lm, [("Hi", " there"), (ctx, cont), ("A much longer context than the others", " ok")])
+    assert many[1].logprob == pytest.approx(s.logprob, abs=1e-4)
+
+
+def test_multiple_choice_equals_lm_evaluation_harness(folder, lm, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    items = mc_items()
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={folder},dtype=float32",
+        tasks=["tiny_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        batch_size=4,
+        device="cpu",
+    )
+    theirs = out["results"]["tiny_mc"]
+    ours = evaluate(lm, load_jsonl(data), shots=0, fmt="base")
+    assert ours.metrics["acc"] == pytest.approx(theirs["acc,none"])
+    assert ours.metrics["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
+    samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(items)
+    for sample, row in zip(samples, ours.items):
+        their_lls = [float(r[0][0]) for r in sample["resps"]]
+        assert row["loglikelihoods"] == pytest.approx(their_lls, abs=1e-4)
+
+
+def test_multiple_choice_picks_the_choice_with_the_highest_total_loglikelihood(lm):
+    task = load_jsonl_from(mc_items(6, seed=3))
+    res = evaluate(lm, task, shots=0, fmt="base")  # prompts within the tiny model's 128-token context
+    for row in res.items:
+        # recomputed here from the model's logits, one choice at a time
+        lls = []
+        for c in row["choices"]:
+            ids = lm.tokenizer.encode(row["prompt"] + " " + c, add_special=False)
+            n = len(lm.tokenizer.encode(row["prompt"], add_special=False))
+            logp = torch.log_softmax(lm([ids])[0].float(), -1)
+            lls.append(sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids))))
+        assert row["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+        assert row["prediction"] == row["choices"][max(range(4), key=lambda j: lls[j])]
+        norm = [ll / len(c) for ll, c in zip(lls, row["choices"])]
+        assert row["correct_norm"] == (max(range(4), key=lambda j: norm[j]) == row["gold"])
+
+
+def load_jsonl_from(items, tmp=[]):  # noqa: B006  (a scratch folder for the session)
+    import tempfile
+    from pathlib import Path
+
+    p = Path(tempfile.mkdtemp()) / "items.jsonl"
+    p.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return load_jsonl(p)
+
+
+def test_perplexity_windows_cover_every_token_once():
+    # strided: every token but the first is scored once
+    for n, w, s in [(100, 32, 16), (33, 32, 8), (10, 32, 16), (64, 32, 32), (65, 32, 32), (7, 4, 4)]:
+        scored = sum(k for _, _, k in windows(n, w, s))
+        assert scored == (n if s >= w else n - 1), (n, w, s)
+
+
+def test_perplexity_matches_a_direct_computation(lm):
+    text = "the quick brown fox jumps over the lazy dog. " * 2  # 90 tokens: within the 128-token context
+    ids = lm.tokenizer.encode(text, add_special=False)
+    logp = torch.log_softmax(lm([ids])[0].float(), -1)
+    whole = sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)))
+    # one window holds the whole text: the strided result is the direct one
+    res = perplexity(lm, text, window=len(ids), stride=len(ids) // 2)
+    assert res.method == "strided" and res.tokens == len(ids) - 1
+    assert res.loglikelihood == pytest.approx(whole, abs=1e-3)
+    assert res.perplexity == pytest.approx(math.exp(-whole / (len(ids) - 1)), rel=1e-4)
+    assert res.bits_per_byte == pytest.approx(-whole / len(text.encode()) / math.log(2), rel=1e-4)
+    disjoint = perplexity(lm, text, window=16, stride=16)
+    assert disjoint.method == "disjoint" and disjoint.tokens == len(ids)  # the first token too, after the prefix
+
+
+def test_builtin_tasks_and_voting(lm):
+    for name in ("arithmetic", "copy", "reverse", "pattern", "sentiment", "facts"):
+        t = get_task(name, n=5)
+        assert t.items and all(it.prompt and it.answer for it in t.items)
+        assert get_task(name, n=5).items == t.items  # seeded: the same items every time
+    res = evaluate(lm, get_task("arithmetic", n=4), shots=1, limit=3, vote=3, temperature=1.0, max_new_tokens=4)
+    assert [n for n, _ in res.vote_curve] == [1, 2, 3] and len(res.items[0]["samples"]) == 3
+    assert majority(["1", "2", "2", "1"]) == "1" and majority(["", "", "3"]) == "3"
+    assert paired_test([True, True, False], [False, True, False]) == {"only_a": 1, "only_b": 0, "p_value": 1.0}
+
+
+def test_bad_task_files_name_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\nnot json\n')
+    with pytest.raises(LmlabError, match="bad.jsonl:2 is not valid JSON"):
+        load_jsonl(bad)
+    bad.write_text('{"prompt": "a", "answer": "z", "choices": ["x", "y"]}\n')
+    with pytest.raises(LmlabError, match="bad.jsonl:1: the answer 'z' is not one of its choices"):
+        load_jsonl(bad)
+    code = main(["eval", "run", "--task", str(tmp_path / "missing.jsonl"), "--no-record"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_eval_cli_records_runs_and_compares_them(folder, capsys, home):
+    task = home.parent / "t.jsonl"
+    task.write_text("".join(json.dumps(it) + "\n" for it in mc_items(8)))
+    assert main(["eval", "run", str(folder), "--task", str(task), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert main(["eval", "run", str(folder), "--task", str(task), "-k", "2", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert 0 <= a["metrics"]["acc"] <= 1 and a["run_id"] != b["run_id"]
+    assert main(["eval", "compare", a["run_id"], b["run_id"], "--json"]) == 0
+    cmp = json.loads(capsys.readouterr().out)
+    assert [r["value"] for r in cmp["runs"]] == [a["metrics"]["acc"], b["metrics"]["acc"]]
+    assert set(cmp["paired_test"]) == {"only_a", "only_b", "p_value"}
+    text = home.parent / "text.txt"
+    text.write_text("some text to score, " * 20)
+    assert main(["eval", "perplexity", str(folder), "--data", str(text), "--window", "64", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out)
+    assert ppl["method"] == "strided" and ppl["perplexity"] > 1
