@@ -28,6 +28,7 @@ demo: $(STAMP)
 		"The three most useful Python modules are"
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 clean:
