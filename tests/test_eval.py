@@ -183,3 +183,58 @@ def test_eval_cli_records_runs_and_compares_them(folder, capsys, home):
     assert main(["eval", "perplexity", str(folder), "--data", str(text), "--window", "64", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out)
     assert ppl["method"] == "strided" and ppl["perplexity"] > 1
+
+
+def test_judge_counts_both_orders_and_never_drops_an_unparsed_verdict():
+    from lmlab.eval.judge import judge_pairs, parse_rating, parse_verdict
+
+    assert parse_verdict("Verdict: A") == "A" and parse_verdict("**B** is better") == "B"
+    assert parse_verdict("verdict: tie.") == "tie" and parse_verdict("I cannot decide") is None
+    assert parse_rating("Rating: 7") == 7 and parse_rating("Rating: 11") is None
+
+    class Scripted:  # a judge that always prefers the first answer it is shown, and once says nothing useful
+        tokenizer = None
+
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, prompt, **kw):
+            self.calls += 1
+            return ["hmm"] if self.calls == 4 else ["Verdict: A"]
+
+    report = judge_pairs(Scripted(), ["q1", "q2"], ["a1", "a2"], ["b1", "b2"])
+    s = report.summary()
+    # q1: A first -> A; swapped, the judge again picks the first shown (B) -> an inconsistent pair
+    assert s["verdicts"] == 4 and s["unparsed"] == 1 and s["pairs_parsed_both_ways"] == 1
+    assert s["consistency"] == 0.0 and s["win_rate_a"] == pytest.approx(2 / 3)
+
+
+def test_eval_judge_cli_on_two_generate_runs(tmp_path, capsys, home):
+    folder = tmp_path / "judge"  # a context long enough for the judge's prompt, one character per token
+    folder.mkdir()
+    make_tiny("llama", folder, max_position_embeddings=2048)
+    save_char_tokenizer(folder)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\nwhat is up\n")
+    ids = []
+    for t in ("0", "1.0"):
+        args = [
+            "generate",
+            "-m",
+            str(folder),
+            "--prompts",
+            str(prompts),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            t,
+            "--seed",
+            "1",
+            "--json",
+        ]
+        assert main(args) == 0
+        ids.append(json.loads(capsys.readouterr().out)["run_id"])
+    assert main(["eval", "judge", "--runs", ids[0], "--runs", ids[1], "--judge", str(folder), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["result"]
+    assert res["questions"] == 2 and res["verdicts"] == 4  # a random judge: its unparsed verdicts are counted
+    assert res["unparsed"] + round(res["verdicts"] * (res["win_rate_a"] + res["win_rate_b"] + res["tie_rate"])) == 4

@@ -24,45 +24,52 @@ def _read_text(path: Path) -> str:
 
 @eval_app.command("perplexity")
 def perplexity_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file."),
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file (with --endpoint: the served name)."),
     data: Path = typer.Option(..., "--data", help="Text file to score."),
     window: int = typer.Option(None, "--window", help="Tokens per window (default: the context, at most 1024)."),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts; = window: disjoint, as lm-eval."),
     surprising: int = typer.Option(10, "--surprising", help="Show this many highest-loss tokens."),
+    endpoint: str = typer.Option(
+        None, "--endpoint", help="An OpenAI-compatible server's URL instead of a local model."
+    ),
+    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight with --endpoint."),
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Perplexity of a text (token, word and byte perplexity, bits per byte), with the most surprising tokens."""
-    from lmlab.eval.perplexity import perplexity
+    from lmlab.eval.perplexity import perplexity, perplexity_endpoint
     from lmlab.runs import record_run
 
     text = _read_text(data)
-    lm = load_model(model, dtype)
-    config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype}
+    backend = _endpoint(endpoint, model, api_key, concurrency)
+    lm = None if backend else load_model(model, dtype)
+    config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype, "endpoint": endpoint}
     with record_run(
         "eval perplexity", model=model, config=config, record=not no_record, inputs={"data": str(data)}
     ) as run:
-        res = perplexity(lm, text, window, stride)
+        res = perplexity_endpoint(backend, text) if backend else perplexity(lm, text, window, stride)
         summary = res.summary()
         run.add_metrics(**{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        run.outputs = {"token_losses": res.losses, "surprising": res.most_surprising(lm.tokenizer, surprising)}
+        worst = res.most_surprising(lm.tokenizer, surprising) if lm is not None else []
+        run.outputs = {"token_losses": res.losses, "surprising": worst}
     if json_out:
-        print_json({"model": model, **summary, "surprising": run.outputs["surprising"], "run_id": run.id})
+        print_json({"model": model, **summary, "surprising": worst, "run_id": run.id})
         return
-    how = (
-        "strided windows (transformers' method)"
-        if res.method == "strided"
-        else "disjoint windows (lm-eval's rolling log-likelihood)"
-    )
+    how = {
+        "strided": "strided windows (transformers' method)",
+        "disjoint": "disjoint windows (lm-eval's rolling log-likelihood)",
+        "endpoint": f"pieces sent to {endpoint} (echoed prompt log-probabilities)",
+    }[res.method]
     out.print(f"{model} on {data.name}: {res.tokens} tokens in {how}, window {res.window}, stride {res.stride}")
     out.print(
         f"  perplexity {res.perplexity:.3f} · word perplexity {res.word_perplexity:.3f} · "
         f"byte perplexity {res.byte_perplexity:.4f} · bits per byte {res.bits_per_byte:.4f}"
     )
-    if surprising:
+    if worst:
         out.print("most surprising tokens (loss in nats):")
-        for i, piece, loss in res.most_surprising(lm.tokenizer, surprising):
+        for i, piece, loss in worst:
             out.print(f"  #{i:<6} {piece!r:<20} {loss:6.2f}", markup=False)
     err.print(f"{res.tokens_per_s:.0f} tokens/s · {res.seconds:.1f} s")
 
@@ -86,6 +93,11 @@ def run_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     seed: int = typer.Option(0, "--seed"),
     plot: Path = typer.Option(None, "--plot", help="With --vote: write accuracy against N as a PNG."),
+    endpoint: str = typer.Option(
+        None, "--endpoint", help="An OpenAI-compatible server's URL instead of a local model."
+    ),
+    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight with --endpoint."),
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
@@ -96,8 +108,9 @@ def run_cmd(
     from lmlab.runs import record_run
 
     t = get_task(task, items, seed, extract)
-    lm = load_model(model, dtype)
+    lm = _endpoint(endpoint, model, api_key, concurrency) or load_model(model, dtype)
     config = {
+        "endpoint": endpoint,
         "task": t.name,
         "shots": shots,
         "format": fmt,
@@ -129,6 +142,7 @@ def run_cmd(
         print_json(
             {
                 "model": model,
+                "endpoint": endpoint,
                 "task": t.name,
                 "format": fmt,
                 "shots": shots,
@@ -161,6 +175,15 @@ def run_cmd(
         err.print("worst items:")
         for r in worst:
             err.print(f"  expected {r['answer']!r}, got {r['prediction']!r} · {r['prompt'][-60:]!r}", markup=False)
+
+
+def _endpoint(url, model, api_key, concurrency):
+    """The server backend for --endpoint (MODEL names the served model; the default picks the first)."""
+    if not url:
+        return None
+    from lmlab.eval.backends import EndpointBackend
+
+    return EndpointBackend(url, None if model == DEFAULT_MODEL else model, api_key, concurrency)
 
 
 def _pct(p: float, ci) -> str:
@@ -247,6 +270,80 @@ def compare_cmd(
             f"paired (McNemar, same items): only {rows[0]['id']} right {test['only_a']}, only {rows[1]['id']} "
             f"right {test['only_b']}, p = {test['p_value']:.3g}"
         )
+
+
+def _answers(store, rid: str) -> tuple[str, list[str], list[str]]:
+    """(run id, prompts, answers) of a generate or chat run."""
+    r = store.get(store.resolve_id(rid))
+    inputs, outputs = r.get("inputs") or {}, r.get("outputs") or {}
+    if r["command"] == "chat":
+        turns = outputs.get("turns") or []
+        return r["id"], [t["user"] for t in turns], [t["assistant"] for t in turns]
+    prompts, texts = inputs.get("prompts"), outputs.get("texts")
+    if r["command"] != "generate" or not prompts or texts is None:
+        raise LmlabError(
+            f"run {rid} is not a generate or chat run with answers; judge runs of lmlab generate "
+            "--prompts FILE (or lmlab chat)."
+        )
+    per = max(1, len(texts) // len(prompts))  # -n samples per prompt: judge the first
+    return r["id"], list(prompts), [texts[i * per] for i in range(len(prompts))]
+
+
+@eval_app.command("judge")
+def judge_cmd(
+    runs: list[str] = typer.Option(..., "--runs", help="Two generate runs on the same prompts (one with --rubric)."),
+    judge: str = typer.Option(DEFAULT_MODEL, "--judge", help="The judging model (with --endpoint: the served name)."),
+    rubric: Path = typer.Option(None, "--rubric", help="Grade each answer 1-10 by this rubric instead of pairs."),
+    endpoint: str = typer.Option(None, "--endpoint", help="An OpenAI-compatible server's URL for the judge."),
+    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
+    dtype: str = typer.Option("float32"),
+    json_out: bool = typer.Option(False, "--json"),
+    no_record: bool = typer.Option(False, "--no-record"),
+):
+    """A model judges two runs' answers pairwise, each pair in both orders (or grades answers by a rubric)."""
+    from lmlab.eval.backends import LocalBackend
+    from lmlab.eval.judge import judge_pairs, judge_rubric
+    from lmlab.runs import RunStore, record_run
+
+    store = RunStore()
+    sides = [_answers(store, r) for r in runs]
+    if rubric is None and len(sides) != 2:
+        raise LmlabError(f"pairwise judging takes two runs (--runs A --runs B), got {len(sides)}; or pass --rubric.")
+    rubric_text = _read_text(rubric) if rubric else None
+    backend = _endpoint(endpoint, judge, api_key, 1) or LocalBackend(load_model(judge, dtype))
+    config = {"runs": [s[0] for s in sides], "judge": judge, "rubric": str(rubric) if rubric else None}
+    with record_run("eval judge", model=judge, config=config, record=not no_record) as run:
+        if rubric_text is not None:
+            result = {s[0][:8]: judge_rubric(backend, s[1], s[2], rubric_text) for s in sides}
+            run.outputs = result
+            for rid, r in result.items():
+                run.add_metrics(**{f"mean_rating_{rid}": r["mean_rating"] or 0.0, f"unparsed_{rid}": r["unparsed"]})
+        else:
+            (ida, qa, aa), (idb, qb, ab) = sides
+            if qa != qb:
+                raise LmlabError(
+                    "the two runs answered different prompts; judge runs made from the same --prompts file."
+                )
+            report = judge_pairs(backend, qa, aa, ab)
+            result = report.summary()
+            run.outputs = {"summary": result, "verdicts": report.verdicts}
+            run.add_metrics(**result)
+    if json_out:
+        print_json({"judge": judge, "result": result, "run_id": run.id})
+        return
+    if rubric_text is not None:
+        for rid, r in result.items():
+            mean = f"{r['mean_rating']:.2f}" if r["mean_rating"] is not None else "–"
+            out.print(f"run {rid}: mean rating {mean} over {r['answers']} answers; {r['unparsed']} not parsed")
+        return
+    out.print(
+        f"{result['questions']} questions, {result['verdicts']} verdicts (each pair judged in both orders): "
+        f"A wins {result['win_rate_a']:.0%}, B wins {result['win_rate_b']:.0%}, ties {result['tie_rate']:.0%}"
+    )
+    out.print(
+        f"consistent under the swap: {result['consistency']:.0%} of {result['pairs_parsed_both_ways']} pairs; "
+        f"verdicts not parsed: {result['unparsed']} (kept in the run record)"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -157,3 +157,35 @@ def perplexity(lm, text: str, window: int | None = None, stride: int | None = No
         scored_ids,
         losses,
     )
+
+
+def perplexity_endpoint(backend, text: str, chunk_chars: int = 2000) -> PerplexityResult:
+    """Perplexity through a server's echoed prompt log-probabilities, the text sent in pieces of
+    about ``chunk_chars`` characters cut at line ends (each piece's first token is not scored)."""
+    if not text.strip():
+        raise LmlabError("the text is empty; give a file with some text to score.")
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > chunk_chars:
+            pieces.append(current)
+            current = ""
+        current += line
+    if current:
+        pieces.append(current)
+    t0 = time.perf_counter()
+    scored = backend._map(backend.prompt_logprobs, pieces)
+    losses = [-lp for _, lps in scored for lp in lps if lp is not None]
+    seconds = time.perf_counter() - t0
+    words = len(re.split(r"\s+", text.strip()))
+    return PerplexityResult(
+        "endpoint",
+        chunk_chars,
+        chunk_chars,
+        len(losses),
+        -sum(losses),
+        words,
+        len(text.encode("utf-8")),
+        seconds,
+        [],
+        losses,
+    )

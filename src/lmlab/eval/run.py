@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lmlab.engine.prompting import render
 from lmlab.errors import LmlabError
-from lmlab.eval.loglik import encode_pair, score_tokens
+from lmlab.eval.backends import LocalBackend
 from lmlab.eval.tasks import Item, Task, extract_answer
 
 FORMATS = ("base", "chat", "fake-chat")
@@ -96,34 +96,38 @@ def evaluate(
         raise LmlabError(f"--vote must be >= 1, got {vote}.")
     if vote > 1 and task.multiple_choice:
         raise LmlabError("--vote samples answers, so it needs a task without choices (e.g. arithmetic).")
-    lm._need_tokenizer()
-    tok = lm.tokenizer
+    backend = lm if hasattr(lm, "score") else LocalBackend(lm)
+    tok = backend.tokenizer
+    if fmt == "chat" and tok is None:
+        raise LmlabError(
+            "the chat format needs the model's chat template; use --format base or fake-chat with "
+            "--endpoint, or evaluate the model in process."
+        )
     items = task.items[:limit] if limit else list(task.items)
     if shots >= len(task.items):
         raise LmlabError(f"-k {shots} needs more items than the task has ({len(task.items)}); use fewer shots.")
     rng = random.Random(seed)
-    add_special = fmt != "chat" and bool(getattr(tok, "add_bos", False))
     prompts = []
     for i, it in enumerate(items):
         pool = [x for j, x in enumerate(task.items) if j != i]
         prompts.append(build_prompt(tok, it, rng.sample(pool, shots) if shots else [], fmt))
     if task.multiple_choice:
-        rows, metrics = _multiple_choice(lm, items, prompts, add_special, progress)
+        rows, metrics = _multiple_choice(backend, items, prompts, fmt == "chat", progress)
         curve = []
     else:
         rows, metrics, curve = _generated(
-            lm, task, items, prompts, add_special, vote, temperature, max_new_tokens, seed, progress
+            backend, task, items, prompts, fmt == "chat", vote, temperature, max_new_tokens, seed, progress
         )
     return EvalResult(task.name, fmt, shots, metrics, rows, curve)
 
 
-def _multiple_choice(lm, items, prompts, add_special, progress):
-    requests, owners = [], []
+def _multiple_choice(backend, items, prompts, chat, progress):
+    pairs, owners = [], []
     for i, (it, (ctx, delim, _)) in enumerate(zip(items, prompts)):
         for c in it.choices:
-            requests.append(encode_pair(lm.tokenizer, ctx, delim + c, add_special))
+            pairs.append((ctx, delim + c))
             owners.append(i)
-    scored = score_tokens(lm, requests)
+    scored = backend.score(pairs, chat=chat)
     by_item = collections.defaultdict(list)
     for i, s in zip(owners, scored):
         by_item[i].append(s)
@@ -160,22 +164,21 @@ def _multiple_choice(lm, items, prompts, add_special, progress):
     }
 
 
-def _generated(lm, task, items, prompts, add_special, vote, temperature, max_new_tokens, seed, progress):
+def _generated(backend, task, items, prompts, chat, vote, temperature, max_new_tokens, seed, progress):
     rows, correct = [], 0
     votes_correct = [0] * vote  # after 1..vote samples: majority correct
     for i, (it, (ctx, _, stops)) in enumerate(zip(items, prompts)):
         stop = task.stop + stops
-        ids = lm.tokenizer.encode(ctx, add_special=add_special)
-        r = lm.generate(ids, max_new_tokens=max_new_tokens, temperature=0, stop=stop)
-        pred = extract_answer(r.text, task.extract)
+        (text,) = backend.generate(ctx, max_new_tokens=max_new_tokens, stop=stop, chat=chat)
+        pred = extract_answer(text, task.extract)
         ok = pred == it.answer
         correct += ok
-        row = {"prompt": ctx, "answer": it.answer, "output": r.text, "prediction": pred, "correct": ok}
+        row = {"prompt": ctx, "answer": it.answer, "output": text, "prediction": pred, "correct": ok}
         if vote > 1:
-            samples = lm.generate(
-                ids, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, n=vote, seed=seed + i
+            samples = backend.generate(
+                ctx, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, n=vote, seed=seed + i, chat=chat
             )
-            answers = [extract_answer(s.text, task.extract) for s in samples]
+            answers = [extract_answer(t, task.extract) for t in samples]
             row["samples"] = answers
             for n in range(1, vote + 1):
                 votes_correct[n - 1] += majority(answers[:n]) == it.answer
