@@ -605,3 +605,31 @@ def test_no_log_text_keeps_prompts_and_outputs_out_of_the_store(home):
     assert got["argv"] == ["lmlab", "serve", "--api-key", "***"]
     stored = b"".join(p.read_bytes() for p in home.glob("runs.db*"))
     assert b"secret" not in stored and b"s3cr3t-key" not in stored
+
+
+def test_lmlab_eval_through_the_server_gives_the_in_process_numbers(server, lm):
+    """lmlab eval --endpoint: log-likelihoods from echoed prompt logprobs, split at the context's
+    character offset, equal the in-process scores of the same model (fp32, within 1e-4)."""
+    from lmlab.eval import evaluate, get_task
+    from lmlab.eval.backends import EndpointBackend
+
+    task = get_task("facts")
+    remote = evaluate(EndpointBackend(server.url, MODEL, KEY, concurrency=4), task, shots=1, limit=6)
+    local = evaluate(lm, task, shots=1, limit=6)
+    assert remote.metrics["acc"] == local.metrics["acc"] and remote.metrics["acc_norm"] == local.metrics["acc_norm"]
+    for r, loc in zip(remote.items, local.items):
+        assert r["loglikelihoods"] == pytest.approx(loc["loglikelihoods"], abs=1e-4)
+    gen = evaluate(EndpointBackend(server.url + "/v1", MODEL, KEY), get_task("pattern", n=4), shots=2, limit=2)
+    assert gen.metrics["n"] == 2 and all(row["output"] is not None for row in gen.items)
+
+
+def test_the_load_generator_times_every_token_at_each_concurrency(server):
+    from lmlab.bench.load import load_test
+
+    rows = load_test(server.url, MODEL, [1, 3], requests=1, max_tokens=5, api_key=KEY)
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["errors"] == 0 and r["tokens"] == 5 * r["concurrency"]  # ignore_eos: every token arrives
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and r["aggregate_tok_s"] > 0 and r["itl_p50_ms"] > 0
+    bad = load_test(server.url, MODEL, [1], requests=1, max_tokens=5)  # no key: every request fails, and says why
+    assert bad[0]["errors"] == 1 and "401" in bad[0]["first_error"]
