@@ -292,6 +292,19 @@ def _bench_figures(run: dict) -> list[tuple[str, str]]:
         return []
 
 
+def _train_figures(runs: list[dict]) -> list[tuple[str, str]]:
+    """Train runs: their loss curves overlaid in one plot (the plot of ``lmlab train --compare``)."""
+    if not all(r.get("command") == "train" and run_points(r) for r in runs):
+        return []
+    try:
+        from lmlab.train.plots import loss_figure
+
+        fig = loss_figure([(r["id"], run_points(r)) for r in runs], title="train and validation loss")
+        return [("loss (nats/token) vs step: train (line) and validation (dots)", _svg(fig, "lmlab-train-loss"))]
+    except Exception:  # points the loss plot does not expect must not cost the whole report
+        return []
+
+
 def plot_svgs(runs: list[dict]) -> list[tuple[str, str]]:
     """(caption, <svg>...</svg>) to show for the runs' series; [] when there are none.
 
@@ -301,6 +314,9 @@ def plot_svgs(runs: list[dict]) -> list[tuple[str, str]]:
         figures = _bench_figures(runs[0])
         if figures:
             return figures
+    figures = _train_figures(runs)
+    if figures:
+        return figures
     plan = plot_plan(runs)
     if not plan or not plan["measures"]:
         return []

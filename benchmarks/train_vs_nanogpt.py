@@ -1,0 +1,270 @@
+"""lmlab's trainer against a plain PyTorch loop written the way nanoGPT's train.py is, in one run.
+
+Part 1, speed: the same model (lmlab's Transformer, GPT-2 shape), the same shapes, batch,
+precision (float32), initialisation and batches, trained N steps by each, in alternating
+chunks of a few steps in one process (the machine is shared: load falls on both alike). The plain loop is nanoGPT's:
+``get_batch`` re-opens the memory map and stacks numpy slices each step; AdamW as nanoGPT
+builds it on a CPU (decay on matrices only, ``fused`` only on CUDA, so torch's per-parameter
+loop); the loss read back every step (``log_interval=1`` in the baby config); clipping at 1.0.
+lmlab's side is ``lmlab.train.loop.train_step`` on the pieces ``lmlab.train.train`` builds:
+fused AdamW, batches from one memory map by index, the loss read back once per chunk.
+
+Part 2, the nanoGPT baby GPT (README: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000
+iterations, char-level): ``lmlab train --preset nanogpt-baby`` on a character-level English
+text every machine has (the standard library's docstrings; nanoGPT used Shakespeare), with
+the validation loss, wall time, tokens/s and samples along the way.
+
+    python benchmarks/train_vs_nanogpt.py                 # both parts
+    python benchmarks/train_vs_nanogpt.py --part speed --steps 30 --chunk 5 --threads 1 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import math
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmlab.bench.machine import machine_limits
+from lmlab.host import cpu_model
+from lmlab.model import Transformer
+from lmlab.train import TrainConfig, train
+from lmlab.train.config import model_config, preset_values
+from lmlab.train.data import Batches, prepare
+from lmlab.train.loop import Dist, LossModel, flops_per_token, init_weights, make_optimizer, train_step
+
+SHAPES = {
+    # name: (n_layers, d_model, n_heads, block, batch)
+    "nanogpt-baby 0.8M": (4, 128, 4, 64, 12),
+    "10M (6x384, block 256)": (6, 384, 6, 256, 8),
+}
+
+
+def docstring_text(path: Path) -> Path:
+    """Every docstring of the standard library's non-test modules, one after another: ~English text."""
+    if path.exists():
+        return path
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for f in sorted(lib.rglob("*.py")):
+        if {"test", "tests", "site-packages", "idlelib"} & set(f.relative_to(lib).parts):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    parts.append(doc.strip())
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- nanoGPT's loop
+
+
+class NanoGPTLoop:
+    """nanoGPT's train.py on lmlab's model: the same loop, line for line where it matters."""
+
+    def __init__(self, tc: TrainConfig, data_dir: Path, vocab: int):
+        torch.manual_seed(tc.seed)
+        self.tc = tc
+        self.model = model = Transformer(model_config(tc, vocab))
+        init_weights(model, tc.n_layers)
+        model.train()
+        # configure_optimizers: decay 2-D parameters, not the others; fused only on CUDA
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        nodecay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": nodecay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
+        self.gen = torch.Generator().manual_seed(tc.seed)  # lmlab's sampler draws the same rows
+        self.data_dir = data_dir
+        self.X, self.Y = self.get_batch()
+
+    def get_batch(self):
+        block, batch = self.tc.block_size, self.tc.batch_size
+        # "We recreate np.memmap every batch to avoid a memory leak"
+        data = np.memmap(self.data_dir / "train.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - block - 1, (batch,), generator=self.gen)
+        x = torch.stack([torch.from_numpy((data[i : i + block]).astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy((data[i + 1 : i + 1 + block]).astype(np.int64)) for i in ix])
+        return x, y
+
+    def get_lr(self, it):
+        tc = self.tc
+        if it < tc.warmup:
+            return tc.lr * (it + 1) / (tc.warmup + 1)
+        if it > tc.steps:
+            return tc.min_lr
+        ratio = (it - tc.warmup) / (tc.steps - tc.warmup)
+        return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
+
+    def step(self, it: int) -> float:
+        tc, model, optimizer = self.tc, self.model, self.optimizer
+        ctx = contextlib.nullcontext()  # float32
+        for g in optimizer.param_groups:
+            g["lr"] = self.get_lr(it)
+        for _ in range(tc.grad_accum):
+            with ctx:
+                logits = model(self.X)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), self.Y.view(-1), ignore_index=-1)
+                loss = loss / tc.grad_accum
+            self.X, self.Y = self.get_batch()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item() * tc.grad_accum  # log_interval = 1
+
+
+class LmlabTrainer:
+    """lmlab's training step (``lmlab.train.loop.train_step``) with the pieces ``train()`` builds."""
+
+    def __init__(self, tc: TrainConfig, data):
+        torch.manual_seed(tc.seed)
+        self.tc = tc
+        self.model = Transformer(model_config(tc, data.vocab_size))
+        init_weights(self.model, tc.n_layers)
+        self.model.train()
+        self.opt = make_optimizer(self.model, tc, torch.device("cpu"))
+        self.net = LossModel(self.model)
+        if tc.compile:
+            self.net = torch.compile(self.net)
+        self.batches = Batches(data.train, tc.block_size, tc.batch_size, tc.seed)
+        self.dist = Dist()
+
+    def step(self, it: int):
+        return train_step(self.net, self.model, self.opt, self.batches, self.tc, it, self.dist, "float32")
+
+
+def speed(text: Path, steps: int, chunk: int, peak: float, shape: str = "all", compiled: bool = False) -> list[str]:
+    """Both sides in one process, ``chunk`` steps of one then ``chunk`` of the other, until each
+    has run ``steps`` timed steps: load on a shared machine then falls on both alike."""
+    rows = []
+    for name, (L, C, H, T, B) in SHAPES.items():
+        if shape not in ("all", name):
+            continue
+        tc = TrainConfig(
+            data=str(text),
+            arch="gpt2",
+            n_layers=L,
+            d_model=C,
+            n_heads=H,
+            block_size=T,
+            batch_size=B,
+            steps=steps + 1,
+            warmup=10,
+            lr=1e-3,
+            min_lr=1e-4,
+            dtype="float32",
+            compile=compiled,
+        )
+        data = prepare(tc.data, tc.tokenizer)
+        nano, ours = NanoGPTLoop(tc, data.folder, data.vocab_size), LmlabTrainer(tc, data)
+        t0 = time.perf_counter()
+        nano.step(0)
+        t1 = time.perf_counter()
+        ours.step(0)  # compiles, when compiled
+        t2 = time.perf_counter()
+        times = {"nano": 0.0, "ours": 0.0}
+        it = 1
+        while it <= steps:
+            n = min(chunk, steps + 1 - it)
+            a = time.perf_counter()
+            for j in range(n):
+                nano_loss = nano.step(it + j)
+            b = time.perf_counter()
+            for j in range(n):
+                our_loss = ours.step(it + j)
+            our_loss = float(our_loss)
+            c = time.perf_counter()
+            times["nano"] += b - a
+            times["ours"] += c - b
+            it += n
+        tok = steps * tc.tokens_per_step
+        tn, to = tok / times["nano"], tok / times["ours"]
+        fpt = flops_per_token(model_config(tc, data.vocab_size), T)
+        n_params = sum(p.numel() for p in ours.model.parameters())
+        print(
+            f"  {name}: first step {t1 - t0:.1f} s (nanoGPT loop), {t2 - t1:.1f} s (lmlab"
+            f"{', compiling' if compiled else ''})",
+            file=sys.stderr,
+        )
+        rows.append(
+            f"{name:<24} {n_params / 1e6:5.2f}M  {B:>3}x{T:<4} {tn:>10,.0f} {to:>10,.0f} {to / tn:>6.2f}×  "
+            f"{100 * tn * fpt / peak / 1e9:5.1f}% {100 * to * fpt / peak / 1e9:5.1f}%  "
+            f"{nano_loss:.4f} {our_loss:.4f}"
+        )
+    return rows
+
+
+def baby(text: Path, steps: int, dtype: str) -> None:
+    import shutil
+
+    out = Path(tempfile.mkdtemp(prefix="lmlab-baby-")) / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    values = {**preset_values("nanogpt-baby"), "steps": steps, "sample_every": 500, "sample_tokens": 200}
+    tc = TrainConfig(data=str(text), out=str(out), dtype=dtype, **values)
+    s = train(tc, progress=False)  # recorded: lmlab runs show last, lmlab train --compare
+    print(
+        f"\nnanogpt-baby on {text.name}: {s['steps']} steps, val loss {s['val_loss']:.4f} (train "
+        f"{s['train_loss']:.4f}, unigram baseline {s['unigram_loss']:.3f}), {s['wall_s']:.0f} s wall, "
+        f"{s['tokens_per_s']:,.0f} tok/s, MFU {100 * (s['mfu'] or 0):.1f}%, {s['precision']}, run {s['run_id']}"
+    )
+    for e in [p for p in s["points"] if "val_loss" in p]:
+        print(f"  step {e['step']:>5}  val loss {e['val_loss']:.4f}")
+    for smp in s["samples"]:
+        print(f"--- sample at step {smp['step']} ---\n{smp['text'][:300]}")
+
+
+def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["speed", "baby", "all"], default="all")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per side (speed)")
+    ap.add_argument("--chunk", type=int, default=5, help="steps of one side before the other's (speed)")
+    ap.add_argument("--baby-steps", type=int, default=2000)
+    ap.add_argument("--baby-dtype", default="auto", help="auto (bf16 where the CPU has it) | float32")
+    ap.add_argument("--shape", choices=["all", *SHAPES], default="all")
+    ap.add_argument("--compile", action="store_true", help="lmlab's side with torch.compile")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--text", type=Path, default=Path(tempfile.gettempdir()) / "lmlab-stdlib-docstrings.txt")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = docstring_text(args.text)
+    m = machine_limits("cpu", on_measure=lambda msg: print(msg, file=sys.stderr))
+    peak = m["matmul_gflops"]["float32"]
+    print(
+        f"lmlab train vs a nanoGPT-style loop · {cpu_model()} · {torch.get_num_threads()} threads · torch "
+        f"{torch.__version__} · fp32 matmul peak {peak:,.0f} GFLOP/s · text {text.name} "
+        f"({text.stat().st_size / 1e6:.1f} MB, char-level)"
+    )
+    if args.part in ("speed", "all"):
+        print(
+            f"{args.steps} timed steps per side after one untimed, {args.chunk} of one side then {args.chunk} of the "
+            f"other, float32, lmlab {'with' if args.compile else 'without'} torch.compile\n"
+        )
+        print(
+            f"{'model':<24} {'params':>6}  {'batch':<8} {'nanoGPT':>10} {'lmlab':>10} {'ratio':>7}  "
+            f"{'MFU nG':>6} {'lmlab':>6}  loss nG / lmlab at the last step"
+        )
+        for row in speed(text, args.steps, args.chunk, peak, args.shape, args.compile):
+            print(row)
+    if args.part in ("baby", "all"):
+        baby(text, args.baby_steps, args.baby_dtype)
+
+
+if __name__ == "__main__":
+    main()
