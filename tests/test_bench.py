@@ -251,7 +251,7 @@ def test_a_point_longer_than_the_context(tiny_dir, home):
 
 def test_quant_int8_is_not_available_yet(tiny_dir, home):
     with pytest.raises(
-        LmlabError, match=r"^quantization 'int8' is not available yet; --quant none is the only value for now\.$"
+        LmlabError, match=r"^quantization 'int8' is not available; --quant takes none, native, q8, q4\.$"
     ):
         run_sweep(SweepSpec(str(tiny_dir), quant="int8"))
 
@@ -283,7 +283,7 @@ def test_bad_input_on_the_command_line(tiny_dir, home, capsys, monkeypatch):
         monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "bench"])
     for args, sentence in [
         (["--prompt-len", "64;512"], "--prompt-len takes a comma-separated list"),
-        (["--quant", "int8"], "quantization 'int8' is not available yet"),
+        (["--quant", "int8"], "quantization 'int8' is not available"),
         (["--dtype", "float33"], "unknown dtype 'float33'"),
         (["--peer", "vllm"], "unknown peer 'vllm'"),
     ]:

@@ -1,6 +1,7 @@
 """The inspect commands on tiny models (token ids with --ids): output, --json, --png, knobs, errors."""
 
 import json
+import math
 
 import pytest
 import typer
@@ -155,3 +156,37 @@ def test_the_model_may_come_first_as_in_lmlab_shapes_MODEL_prompt(run, tmp_path)
     assert code == 0 and json.loads(out)
     code, _, err = run("inspect", tokenizer_dir, "abc", "extra")
     assert code == 2 and "put the prompt in quotes" in err
+
+
+def test_inspect_json_names_its_run(run, models):
+    from lmlab.runs import RunStore
+
+    code, out, _ = run("inspect", "-m", models["llama"], "--ids", IDS, "--json")
+    assert code == 0
+    with RunStore() as store:
+        assert json.loads(out)["run_id"] == store.get("last")["id"]
+    code, out, _ = run("inspect", "-m", models["llama"], "--ids", IDS, "--json", "--no-record")
+    assert code == 0 and json.loads(out)["run_id"] is None
+
+
+def test_the_stats_line_names_the_model_not_its_repr(run, models):
+    code, _, err = run("inspect", "-m", models["llama"], "--ids", IDS)
+    assert code == 0 and "LM(" not in err and "loaded in" in err
+
+
+def test_print_shows_the_tables(models, capsys):
+    import lmlab
+    from lmlab.inspect import AblateHeads, effect
+
+    lm = lmlab.load(models["llama"])
+    _, cache = lm.run_with_cache([1, 5, 9, 33], names=["blocks.*.attn.pattern"])
+    print(cache.attention(1, 3))
+    out = capsys.readouterr().out
+    assert out.startswith("attention pattern, layer 1, head 3") and " 100" in out and "object at" not in out
+    assert repr(cache.attention(1, 3)) == "AttentionPattern(layer 1, head 3, 4 tokens)"
+    eff = effect(lm, [1, 5, 9, 33], AblateHeads("1.*"))
+    assert "Δlog p" in str(eff) and "KL (nats)" in str(eff)
+    # Δlog p is the change of log p(base top token); Δlogit (the raw logit) is kept beside it
+    for r in eff.rows():
+        assert r["dlogp"] == pytest.approx(math.log(r["base_prob"] + r["dprob"]) - math.log(r["base_prob"]), abs=1e-4)
+        assert "dlogit" in r

@@ -259,3 +259,23 @@ def test_interventions_in_cached_generation_equal_recomputing(tiny, family):
         changed += cached != base
     assert changed >= len(ivs) - 2  # and they do change what is generated
     assert lm.model.hooks == {}
+
+
+def test_a_single_token_is_a_steering_prompt(tmp_path):
+    """One token each way: each runs after a neutral token that takes the attention sink, and the
+    vector is the difference of the two tokens' activations there."""
+    import lmlab
+    from lmlab.inspect import run_with_cache
+    from tiny import make_tiny, save_char_tokenizer
+
+    make_tiny("llama", tmp_path)
+    save_char_tokenizer(tmp_path)
+    lm = lmlab.load(tmp_path)
+    steer = Steer.from_prompts(lm, "a", "b", layer=1)
+    assert steer.scale == 0.5
+    prefix = lm.tokenizer.encode(" ", add_special=False)  # the char vocabulary has no newline
+    acts = []
+    for word in "ab":
+        _, cache = run_with_cache(lm, prefix + lm.encode(word), ["blocks.1.resid_pre"])
+        acts.append(cache["blocks.1.resid_pre"][0, -1])
+    torch.testing.assert_close(steer.vector, acts[0] - acts[1])

@@ -50,24 +50,66 @@ def run(monkeypatch, capsys, smol):
     return go
 
 
-def test_induction_heads(run, smol):
-    """Random tokens repeated: the second repeat is far easier, and the heads named remove the drop."""
+def fits(out: str, width: int = 100) -> str:
+    """The output of a table command at COLUMNS=width: no line wider, no cell cut short ("…")."""
+    assert out.strip()
+    assert max(len(line) for line in out.splitlines()) <= width
+    assert "…" not in out, [line for line in out.splitlines() if "…" in line]
+    return out
+
+
+def test_induction_heads(run, smol, monkeypatch):
+    """Random tokens repeated: the heads are named by their attention pattern (18.6 and 18.7
+    attend inductively, 16.0 to the previous token), the circuit links them, and the ablation
+    effects stand beside the roles; the whole report fits 100 columns."""
+    monkeypatch.setenv("COLUMNS", "100")
     code, out, _ = run("induction", "--seq-len", 40, "--n-seqs", 2, "--top-layers", 2, "--seed", 0)
     assert code == 0, out
-    m = re.search(r"mean loss ([\d.]+) nats on the first repeat, ([\d.]+) on the second", out)
+    fits(out)
+    text = " ".join(out.split())  # the sentences wrap at 100 columns
+    m = re.search(r"mean loss ([\d.]+) nats on the first repeat, ([\d.]+) on the second", text)
     first, second = float(m.group(1)), float(m.group(2))
     assert second < 0.5 * first, (first, second)
-    heads = re.findall(
-        r"(\d+)\.(\d+) \((-?\d+)%\)", out.split("induction heads (ablation removes most of the drop):")[1]
-    )
-    assert len(heads) == 5
-    layer, head, removed = map(int, heads[0])
-    assert removed >= 30, heads
-    # the batched scan agrees with the AblateHeads intervention run on its own
+    induction = re.search(r"induction heads \(induction score ≥ [\d.]+: [^)]*\): (.*?) previous-token heads", text)
+    named = re.findall(r"(\d+\.\d+) \(([\d.]+)", induction.group(1))
+    assert named[0][0] == "18.6" and "18.7" in [h for h, _ in named], named  # 18.6 attends most inductively
+    assert all(float(score) >= 0.3 for _, score in named)
+    previous = re.search(r"previous-token heads \([^)]*\): (.*?) circuit:", text).group(1)
+    assert previous.startswith("16.0 ("), previous
+    assert "16.0" not in induction.group(1)  # its ablation removes the most, yet it does not copy
+    circuit = re.search(r"circuit: previous-token head 16\.0 feeds induction heads? ([\d., ]+);", text)
+    assert circuit and "18.6" in circuit.group(1), text
+    # every layer of the per-layer ablation row is there, though 30 layers do not fit in one block
+    layer_row = out.split("fraction of the drop removed, by layer")[1]
+    assert sum(len(re.findall(r"^ *removed", line)) for line in layer_row.splitlines()) >= 2
+    assert all(re.search(rf"(?<![\d.]){layer}(?![\d.])", layer_row) for layer in range(30))
+    # the table's ablation effect of 16.0 agrees with the AblateHeads intervention run on its own
+    removed = float(re.search(r"│ 16\.0 +│ previous-token +│[^│]+│[^│]+│ +(-?[\d.]+)%", out).group(1))
     ids = repeated_tokens(smol, 40, 2, 0)
-    with intervene(smol, AblateHeads(f"{layer}.{head}")):
+    with intervene(smol, AblateHeads("16.0")):
         l1, l2 = repeat_losses(smol(ids), ids, 40)
     assert 1 - (l1 - l2) / (first - second) == pytest.approx(removed / 100, abs=0.01)
+
+
+def test_every_inspect_table_fits_100_columns(run, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    long_prompt = "When Mary and John went to the store, John gave a drink to Mary because she was thirsty"
+    code, out, _ = run("inspect", long_prompt)
+    assert code == 0 and "thirsty" in fits(out) and "top 10 next tokens" in out
+    code, out, _ = run("attention", long_prompt, "--layer", 3)
+    fits(out)
+    assert re.search(r"in [23] blocks of columns", " ".join(out.split()))
+    assert out.count("thirsty") >= 2  # the last key column and the last query row are both there
+    code, out, _ = run("lens", "The Eiffel Tower is in the city of")
+    assert code == 0 and all(f"L{layer} " in fits(out) for layer in range(30))
+    code, out, _ = run("ablate", "--heads", "16.0", "--skip-layers", 7, "The capital of France is", "-t", 8)
+    assert code == 0 and "Δlog p" in fits(out) and "modified top" in out
+    code, out, _ = run("patch", "--clean", "The Eiffel Tower is in", "--corrupt", "The Colosseum is in")
+    assert code == 0 and "␣Tower/um" in fits(out) and "L29 " in out
+    code, out, _ = run("shapes", "Hello world")
+    fits(out)
+    for point in ("resid_pre", "resid_mid", "resid_post", "attn.scores", "attn.pattern", "attn.head_out"):
+        assert f"blocks.{{0..29}}.{point} " in out, point
 
 
 def test_inspect_lens_attention_shapes_on_text(run):
@@ -112,24 +154,14 @@ def test_ablate_patch_steer_on_text(run):
     restored = d["restored"]  # (layers, positions): early on the subject carries the answer, late the last token
     assert max(restored[0][1:4]) > 0.8 and restored[0][8] < 0.2
     assert restored[1][8] > 0.5 and max(restored[1][1:4]) < 0.1
-    code, out, err = run(
-        "steer",
-        "I think that you are",
-        "--toward",
-        "I love you so much",
-        "--away",
-        "I hate you so much",
-        "--layer",
-        6,
-        "--scale",
-        4,
-        "-t",
-        4,
-        "--json",
-    )
+    # one token each way, at the default scale: the text turns warmer and stays fluent
+    code, out, err = run("steer", "My neighbour is", "--toward", "love", "--away", "hate", "--layer", 10, "--json")
     d = json.loads(out)
     assert code == 0 and d["generation"]["modified"]["text"] != d["generation"]["base"]["text"]
-    assert "steer blocks.6.resid_pre by 4 x vector" in err
+    assert "steer blocks.10.resid_pre by 0.5 x vector ('love' - 'hate')" in err
+    shift = d["steering"]
+    assert shift["toward"] == " love" and shift["preference_steered"] > shift["preference_base"] + 1.5
+    assert shift["perplexity_steered_text"] < 2.5 * shift["perplexity_base_text"]
     code, _, err = run(
         "patch", "--clean", "The Eiffel Tower is in the city of", "--corrupt", "Rome", "--answer", " Paris"
     )

@@ -94,10 +94,95 @@ def test_list_marks_a_killed_run_as_incomplete(cli, home):
     assert json.loads(cli("list", "--json").stdout)[0]["incomplete"] is True
 
 
-def test_empty_store_says_so_on_stderr(cli, home):
-    r = cli("list")
-    assert r.exit_code == 0 and r.stdout == ""
-    assert "0 of 0 runs" in r.stderr
+def test_empty_store_says_so_on_stderr(capsys, home):
+    from lmlab.cli.main import main
+
+    assert main(["runs", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no runs yet in" in err
+    # it names the commands this lmlab has that record runs, and no others
+    said = " ".join(err.split()).split("every ")[1].split(" run lands here")[0].split(" / ")
+    assert {"generate", "chat", "inspect", "steer", "induction", "bench"} <= set(said)
+    assert not {"models", "info", "runs"} & set(said)
+
+
+def test_list_fits_100_columns_without_cutting_a_model_name(capsys, home, monkeypatch):
+    from lmlab.cli.main import main
+
+    long_model = "/home/someone/models/a-rather-long-folder-name/SmolLM2-135M-Instruct-finetuned-on-poems"
+    with record_run("generate", model=long_model, inputs={}) as run:
+        run.add_metrics(decode_tok_s=41.3, prefill_tok_s=700.0, ttft_ms=120.0)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out
+    header = next(line for line in out.splitlines() if " model " in line)
+    start, end = header.index(" model ") + 1, header.index(" status ")
+    column = "".join(line[start:end].strip() for line in out.splitlines()[out.splitlines().index(header) + 1 :])
+    assert long_model in column  # every character of the name, wrapped in its cell
+    assert run.id in out and "41.3" in out and "120.0" in out
+
+
+def test_a_damaged_store_is_named_and_check_moves_it_aside(capsys, home):
+    from lmlab.cli.main import main
+
+    with record_run("generate", model="m", inputs={}) as run:
+        pass
+    db = home / "runs.db"
+    assert main(["runs", "check"]) == 0 and "ok:" in capsys.readouterr().out
+    for side in ("runs.db-wal", "runs.db-shm"):
+        (home / side).unlink(missing_ok=True)
+    db.write_bytes(b"this is not a database, just text\n" * 200)
+    assert main(["runs", "list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the run store at") and "is damaged" in err and "runs check --move-aside" in err
+    assert "free disk space" not in err and len(err.splitlines()) == 1
+    assert main(["runs", "check"]) == 1
+    out, err = capsys.readouterr()
+    assert "damaged:" in out and "--move-aside" in err
+    assert main(["runs", "check", "--move-aside"]) == 0
+    out = capsys.readouterr().out
+    assert "moved it to" in out and list(home.glob("runs.db.damaged-*"))
+    assert main(["runs", "list"]) == 0  # a new, empty store
+    assert run.id not in capsys.readouterr().out
+
+
+def test_move_aside_keeps_the_runs_it_can_read(home):
+    from lmlab.runs.store import move_aside
+
+    with record_run("generate", model="m", inputs={"prompts": ["hi"]}) as run:
+        run.outputs = {"texts": ["there"]}
+    result = move_aside()
+    assert result["recovered"] == 1
+    with RunStore() as store:
+        assert store.get(run.id)["outputs"] == {"texts": ["there"]}
+
+
+def test_a_run_that_fell_back_to_a_file_can_be_imported(capsys, home, tmp_path, monkeypatch):
+    import lmlab.runs as runs_pkg
+    from lmlab.cli.main import main
+
+    monkeypatch.setattr(runs_pkg, "_fallback_dir", lambda: tmp_path)
+    home.mkdir()
+    (home / "runs.db").mkdir()  # a folder where the database file should be: the store cannot open
+    with record_run("generate", model="m", config={"temperature": 0.5}, inputs={"prompts": ["hi"]}) as run:
+        run.outputs = {"texts": ["there"]}
+    err = capsys.readouterr().err
+    saved = tmp_path / f"lmlab-run-{run.id}.json"
+    assert saved.is_file() and f"lmlab runs import {saved}" in err
+    (home / "runs.db").rmdir()
+    assert main(["runs", "import", str(saved)]) == 0
+    assert f"imported run {run.id}" in capsys.readouterr().err
+    with RunStore() as store:
+        got = store.get(run.id)
+    assert got["outputs"] == {"texts": ["there"]} and got["config"] == {"temperature": 0.5}
+    assert got["status"] == "complete" and got["created"] == json.loads(saved.read_text())["created"]
+    assert main(["runs", "import", str(saved)]) == 2  # once only
+    assert "already in the store" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["runs", "import", str(bad)]) == 2
+    assert "is not a JSON run file" in capsys.readouterr().err
 
 
 def test_show_prints_the_whole_record(cli, two_runs):
@@ -182,3 +267,14 @@ def test_rm_deletes_and_checks_every_id_first(cli, two_runs):
     r = cli("rm", two_runs[0])
     assert r.exit_code == 0 and f"deleted run {two_runs[0]}" in r.stderr
     assert [x["id"] for x in RunStore().list()] == [two_runs[1]]
+
+
+def test_show_and_diff_fit_100_columns(capsys, two_runs, monkeypatch):
+    from lmlab.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    for argv in (["runs", "show", two_runs[0]], ["runs", "diff", *two_runs]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out
+        assert "temperature" in out

@@ -436,7 +436,8 @@ def test_cli_store_errors_are_one_sentence(tmp_path, monkeypatch):
     bad.mkdir()
     (bad / "runs.db").write_bytes(b"this is not a database at all" * 100)
     monkeypatch.setenv("LMLAB_HOME", str(bad))
-    with pytest.raises(LmlabError, match=r"could not use the run store at .*runs.db \(file is not a database\); "):
+    # a damaged file is named as damaged, with the way out (not "free disk space")
+    with pytest.raises(LmlabError, match=r"the run store at .*runs.db is damaged \(file is not a database\); "):
         RunStore()
 
 

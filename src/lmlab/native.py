@@ -39,6 +39,8 @@ MAX_ROWS = (
     4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
 )
 SOURCE = Path(__file__).with_name("csrc") / "native.c"
+# compiled into the same library: the quantized matmuls (lmlab.quant's layouts) and their header
+QUANT_SOURCES = (SOURCE.with_name("quant.c"), SOURCE.with_name("quant.h"))
 # LMLAB_NATIVE_MARCH builds for another CPU level than this one's (e.g. x86-64-v3, AVX2 only):
 # the tests use it to run the portable vector code on an AVX-512 machine.
 FLAGS = ["-O3", f"-march={os.environ.get('LMLAB_NATIVE_MARCH') or 'native'}", "-std=gnu11", "-shared", "-fPIC"]
@@ -65,11 +67,30 @@ _BLOCK_FIELDS = (
 )
 
 
-class _Block(ctypes.Structure):  # lmlab_block in native.c
-    _fields_ = [(n, ctypes.c_void_p) for n in _BLOCK_FIELDS] + [
-        ("rope_table", ctypes.c_int64),
-        ("window", ctypes.c_int64),
+QPARTS = 4  # LMLAB_QPARTS in csrc/quant.h: parts one quantized matrix may be stacked from
+
+
+class QPart(ctypes.Structure):  # lmlab_qpart in csrc/quant.h
+    _fields_ = [
+        ("type", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+        ("q", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("min", ctypes.c_void_p),
     ]
+
+
+class QMat(ctypes.Structure):  # lmlab_qmat in csrc/quant.h
+    _fields_ = [("n_parts", ctypes.c_int64), ("parts", QPart * QPARTS)]
+
+
+class _Block(ctypes.Structure):  # lmlab_block in native.c
+    _fields_ = (
+        [(n, ctypes.c_void_p) for n in _BLOCK_FIELDS]
+        + [("rope_table", ctypes.c_int64), ("window", ctypes.c_int64)]
+        + [(n, ctypes.c_void_p) for n in ("qkv_q", "o_q", "up_q", "down_q")]
+    )
 
 
 class _Model(ctypes.Structure):  # lmlab_model in native.c
@@ -96,6 +117,7 @@ class _Model(ctypes.Structure):  # lmlab_model in native.c
         ]
         + [(n, ctypes.c_double) for n in ("norm_eps", "norm_offset", "attn_scale", "attn_softcap", "final_softcap")]
         + [(n, ctypes.c_void_p) for n in ("final_norm_w", "final_norm_b", "lm_head_w", "blocks")]
+        + [("lm_head_q", ctypes.c_void_p), ("quant", ctypes.c_int64)]
     )
 
 
@@ -128,7 +150,10 @@ def _build(cc: str, out: Path) -> str | None:
     try:
         for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang) it runs on one thread
             proc = subprocess.run(
-                [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                [cc, *FLAGS, *extra, str(SOURCE), str(QUANT_SOURCES[0]), "-o", tmp, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
@@ -151,9 +176,8 @@ def _load():
     if cc is None:
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[
-        :16
-    ]
+    sources = SOURCE.read_bytes() + b"".join(p.read_bytes() for p in QUANT_SOURCES)
+    key = hashlib.sha256(sources + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[:16]
     path = lmlab_home() / "native" / f"native-{key}.so"
     try:
         if not path.exists():
@@ -194,8 +218,18 @@ def _load():
     lib.lmlab_state_free.restype = None
     lib.lmlab_act_code.argtypes = [ctypes.c_char_p]
     lib.lmlab_act_code.restype = i
+    qm = ctypes.POINTER(QMat)
+    lib.lmlab_qlinear.argtypes = [vp, i, i, qm, i, vp, vp, i]
+    lib.lmlab_qlinear.restype = i
+    lib.lmlab_q_dequant_rows.argtypes = [qm, i, ctypes.c_int64, ctypes.c_int64, vp]
+    lib.lmlab_q_dequant_rows.restype = None
+    lib.lmlab_q_parts_max.restype = i
     _lib = lib
-    bad = _self_check()
+    if lib.lmlab_q_parts_max() != QPARTS:
+        _lib = False
+        _status = "off: QPARTS and LMLAB_QPARTS in csrc/quant.h disagree (make them agree)"
+        return _lib
+    bad = _self_check() or _quant_self_check()
     if bad:
         _lib = False
         _status = f"off: its self-check disagreed with F.linear ({bad})"
@@ -273,6 +307,60 @@ def _self_check() -> str | None:
     return None
 
 
+def _q4_values(q: torch.Tensor) -> torch.Tensor:
+    """LMLAB_Q4's bytes (n, K / 2) -> values (n, K / 32, 32) as floats: pairs of groups share 32
+    bytes (low nibbles, high nibbles); a last group alone has values j and j + 16 in byte j.
+    (lmlab.quant.unpack_nibbles, restated: native.py imports nothing of lmlab.quant.)"""
+    n, G = q.shape[0], q.shape[1] // 16
+    body = q[:, : (G - G % 2) * 16].reshape(n, G // 2, 1, 32)
+    v = torch.cat([body & 15, body >> 4], dim=2).reshape(n, G - G % 2, 32)
+    if G % 2:
+        v = torch.cat([v, torch.cat([q[:, -16:] & 15, q[:, -16:] >> 4], dim=1)[:, None]], dim=1)
+    return v.float()
+
+
+def _quant_self_check() -> str | None:
+    """lmlab_qlinear against its definition on odd sizes: W in each layout (and stacked from two),
+    x rounded to int8 per 32 values, then a float matmul. Only float rounding may differ."""
+    g = torch.Generator().manual_seed(1)
+    for rows, K, layouts in ((1, 96, ("q8",)), (3, 64, ("q4",)), (2, 128, ("q8g16", "q4")), (9, 32, ("q4", "q8"))):
+        parts, refs = [], []
+        for layout in layouts:
+            n = 13
+            if layout == "q4":
+                q = torch.randint(0, 256, (n, K // 2), generator=g, dtype=torch.uint8)
+                d, mn = torch.rand(n, K // 32, generator=g), torch.randn(n, K // 32, generator=g)
+                v = _q4_values(q)
+                refs.append((v * d[..., None] + mn[..., None]).reshape(n, K))
+                parts.append((2, 32, q, d, mn))
+            else:
+                G = 16 if layout == "q8g16" else 32
+                q = torch.randint(-128, 128, (n, K), generator=g, dtype=torch.int8)
+                d = torch.rand(n, K // G, generator=g)
+                refs.append((q.float().view(n, -1, G) * d[..., None]).reshape(n, K))
+                parts.append((1, G, q, d, None))
+        qm = QMat(n_parts=len(parts))
+        for i, (kind, G, q, d, mn) in enumerate(parts):
+            qm.parts[i] = QPart(
+                kind, q.shape[0], G, q.data_ptr(), d.data_ptr(), mn.data_ptr() if mn is not None else None
+            )
+        w = torch.cat(refs)
+        x = torch.randn(rows, K, generator=g)
+        b = torch.randn(w.shape[0], generator=g)
+        y = torch.empty(rows, w.shape[0])
+        rc = _lib.lmlab_qlinear(
+            x.data_ptr(), rows, K, ctypes.byref(qm), w.shape[0], b.data_ptr(), y.data_ptr(), torch.get_num_threads()
+        )
+        gx = x.view(rows, -1, 32)
+        sx = gx.abs().amax(-1, keepdim=True) / 127
+        xq = (torch.round(gx * torch.where(sx == 0, torch.zeros_like(sx), 1 / sx)) * sx).view(rows, K)
+        want = F.linear(xq, w, b)
+        err = (y - want).abs().max().item()
+        if rc != 0 or err > 1e-4 * (1 + want.abs().max().item()):
+            return f"quantized matmul {'+'.join(layouts)} {rows}x{K}: rc {rc}, max error {err:.3g}"
+    return None
+
+
 # ----------------------------------------------------------------------------- the decoding step
 
 # ModelConfig.act -> its code in the C file: enum lmlab_act in csrc/native.c (LMLAB_ACT_SILU, ...),
@@ -328,18 +416,29 @@ class DecodePlan:
 
         self.thetas = []  # distinct RoPE bases, in the order of the tables passed to C
         blocks = (_Block * cfg.n_layers)()
+        self.qmats = []  # the quantized matrices' C structs, kept alive while the plan points at them
+
+        def wptr(lin):  # (float weight pointer, quantized matrix pointer): one of them is None
+            qw = getattr(lin, "qweight", None)
+            if qw is None:
+                return ptr(lin.weight), None
+            self.qmats.append(qw)
+            return None, ctypes.addressof(qw.struct)
+
         for i, blk in enumerate(model.blocks):
             a, mlp = blk.attn, blk.mlp
             v = dict(zip(("attn_norm_w", "attn_norm_b"), norm_wb(blk.attn_norm)))
-            v.update(qkv_w=ptr(a.qkv.weight), qkv_b=ptr(a.qkv.bias), o_w=ptr(a.o.weight), o_b=ptr(a.o.bias))
+            (qkv_w, qkv_q), (o_w, o_q) = wptr(a.qkv), wptr(a.o)
+            v.update(qkv_w=qkv_w, qkv_q=qkv_q, qkv_b=ptr(a.qkv.bias), o_w=o_w, o_q=o_q, o_b=ptr(a.o.bias))
             if cfg.qk_norm:
                 v.update(q_norm_w=ptr(a.q_norm.weight), k_norm_w=ptr(a.k_norm.weight))
             if cfg.sandwich_norm:
                 v.update(zip(("post_attn_norm_w", "post_attn_norm_b"), norm_wb(blk.post_attn_norm)))
                 v.update(zip(("post_mlp_norm_w", "post_mlp_norm_b"), norm_wb(blk.post_mlp_norm)))
             v.update(zip(("mlp_norm_w", "mlp_norm_b"), norm_wb(blk.mlp_norm)))
+            (up_w, up_q), (down_w, down_q) = wptr(mlp.up), wptr(mlp.down)
             v.update(
-                up_w=ptr(mlp.up.weight), up_b=ptr(mlp.up.bias), down_w=ptr(mlp.down.weight), down_b=ptr(mlp.down.bias)
+                up_w=up_w, up_q=up_q, up_b=ptr(mlp.up.bias), down_w=down_w, down_q=down_q, down_b=ptr(mlp.down.bias)
             )
             for name, value in v.items():
                 setattr(blocks[i], name, value)
@@ -353,6 +452,7 @@ class DecodePlan:
             blocks[i].window = cfg.sliding_window if cfg.layer_types[i] == "sliding" and cfg.sliding_window else 0
         self.blocks = blocks  # kept alive: the struct below points into it
         fn_w, fn_b = norm_wb(model.final_norm)
+        head_w, head_q = wptr(model.lm_head)
         self.struct = _Model(
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
@@ -376,8 +476,10 @@ class DecodePlan:
             final_softcap=cfg.final_logit_softcap or 0.0,
             final_norm_w=fn_w,
             final_norm_b=fn_b,
-            lm_head_w=ptr(model.lm_head.weight),
+            lm_head_w=head_w,
             blocks=ctypes.cast(blocks, ctypes.c_void_p),
+            lm_head_q=head_q,
+            quant=int(bool(self.qmats)),
         )
         self.struct_ref = ctypes.byref(self.struct)
         self.lock = threading.Lock()
@@ -403,6 +505,8 @@ def _unsupported(model) -> str | None:
     dtype = params[0].dtype
     if dtype not in DTYPES:
         return f"dtype {dtype}"
+    if any(getattr(m, "qweight", None) is not None for m in model.modules()) and dtype != torch.float32:
+        return "quantized weights with activations other than float32"
     for p in params:
         if p.device.type != "cpu" or p.dtype != dtype or not p.is_contiguous():
             return "parameters that are not contiguous CPU tensors of one dtype"

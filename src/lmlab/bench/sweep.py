@@ -44,7 +44,16 @@ from lmlab.errors import LmlabError
 from lmlab.host import host_details
 
 KNOWN_PEERS = ("hf", "llama.cpp")
-QUANTS = ("none",)  # weight quantizations a sweep can run
+QUANTS = ("none", "native", "q8", "q4")  # weight quantizations a sweep can run (lmlab.quant)
+
+
+def parse_quant_list(text) -> list[str]:
+    """'none,native,q8' -> ['none', 'native', 'q8'], or an LmlabError naming the unknown one."""
+    names = [n.strip().lower() for n in str(text or "none").split(",") if n.strip()] or ["none"]
+    for n in names:
+        if n not in QUANTS:
+            raise LmlabError(f"quantization {n!r} is not available; --quant takes {', '.join(QUANTS)}.")
+    return list(dict.fromkeys(names))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -391,6 +400,7 @@ class LmlabRunner:
         self.stored_bytes = stored_bytes(lm.model)
         self.kv_dtype = kv_dtype(lm.dtype, lm.device)
         self.matmul_dtype = self.dtype
+        self.quant = getattr(lm, "quant", "none")
 
     def trial(self, ids: list[list[int]], new_tokens: int) -> Trial:
         from lmlab.engine.generate import Generation
@@ -431,10 +441,7 @@ class SweepSpec:
 
     def __post_init__(self):
         # an unknown scheme fails when the spec is built, before anything loads
-        if self.quant not in (None, "", *QUANTS):
-            raise LmlabError(
-                f"quantization {self.quant!r} is not available yet; --quant none is the only value for now."
-            )
+        self.quants = parse_quant_list(self.quant)
 
     def grid(self, dtype: str):
         for prompt_len in self.prompt_lens:
@@ -504,7 +511,7 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
         torch.set_num_threads(spec.threads)
     threads = torch.get_num_threads()
     device = parse_device(spec.device)
-    load = load or (lambda dtype: lmlab.load(spec.model, dtype=dtype, device=device))
+    load = load or (lambda dtype, quant=None: lmlab.load(spec.model, dtype=dtype, device=device, quant=quant))
     for p in peers:  # a peer that is not installed fails before anything is measured
         peer_check(p)
 
@@ -532,7 +539,9 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
     n_peer_points = 0
     for p in peers:
         n_peer_points += len(grid) if p == "hf" else len([1 for _, b, _, _ in spec.grid(dtypes[0]) if b == 1])
-    progress(total=(len(grid) + n_peer_points) * per_point)
+    n_quant = len([q for q in spec.quants if q != "none"])
+    n_lmlab = (len(grid) if "none" in spec.quants else 0) + n_quant * len(list(spec.grid("float32")))
+    progress(total=(n_lmlab + n_peer_points) * per_point)
 
     points: list[dict] = []
     model_name = spec.model
@@ -547,7 +556,7 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
                 "engine": runner.engine,
                 "peer": None if runner.engine == "lmlab" else runner.engine,
                 "dtype": runner.dtype,
-                "quant": spec.quant if runner.engine == "lmlab" else None,
+                "quant": getattr(runner, "quant", "none") if runner.engine == "lmlab" else None,
                 "device": str(device),
                 "threads": threads,
                 "batch": batch,
@@ -560,8 +569,18 @@ def run_sweep(spec: SweepSpec, *, progress=None, on_point=None, log=None, load=N
             if on_point:
                 on_point(pt)
 
+    for quant in [q for q in spec.quants if q != "none"]:  # quantized weights: float32 activations
+        lm = None  # one engine's model in memory at a time (the float one loads again below)
+        _free()
+        q_lm = load(None, quant)
+        runner = LmlabRunner(q_lm)
+        run_engine(runner, list(spec.grid("float32")), f"lmlab {quant}", q_lm.dtype, runner.matmul_dtype)
+        q_lm = runner = None
+        _free()
+    if "none" not in spec.quants:
+        dtypes = []  # quantized rows only (the first dtype's model gave the config and the prompts)
     for i, dtype in enumerate(dtypes):
-        if i > 0:
+        if i > 0 or lm is None:
             lm = load(dtype)
         runner = LmlabRunner(lm)
         run_engine(runner, list(spec.grid(dtype)), f"lmlab {dtype}", lm.dtype, runner.matmul_dtype)

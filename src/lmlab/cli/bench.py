@@ -28,61 +28,72 @@ def _num(x, fmt: str | None = None) -> str:
 
 
 def points_table(points: list[dict], peers: list[str]):
-    """The sweep as a rich Table: one row per engine × point, lmlab's ratio against each peer.
+    """The sweep as a table: one row per engine × point, lmlab's ratio against each peer. Where it
+    does not fit the console (100 columns), it comes as two tables, speed (with the ratios), then
+    latency, memory and roofline, each with the point's columns, so no figure is cut.
 
     "prefill % FLOP" is prefill FLOP/s as a % of the machine's GEMM peak in that dtype (the
     FLOP/s themselves are in --json as prefill_tflops)."""
-    from rich import box
-    from rich.table import Table
+    return _PointsTable(points, peers)
 
-    from lmlab.bench.sweep import peer_key
 
-    several_new = len({p["new_tokens"] for p in points}) > 1
-    t = Table(title="lmlab bench", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    cols = (
-        ["engine", "dtype", "batch", "prompt"]
-        + (["new"] if several_new else [])
-        + [
-            "TTFT\nms",
-            "prefill\ntok/s",
-            "decode\ntok/s",
-            "decode\nmedian",
-            "p50/p95\nms",
-            "peak\nmem",
-            "KV\ncache",
-            "GB/s",
-            "%\nBW",
-            "prefill\n% FLOP",
-        ]
-    )
-    cols += [f"×\n{p}" for p in peers]
-    for c in cols:
-        left = c in ("engine", "dtype")
-        t.add_column(c, justify="left" if left else "right", no_wrap=True)
-    for p in points:
-        row = [
-            p["engine"],
-            p["dtype"] + ("" if p.get("quant") in (None, "none") else f" {p['quant']}"),
-            str(p["batch"]),
-            str(p["prompt_len"]),
-        ] + ([str(p["new_tokens"])] if several_new else [])
-        row += [
-            _num(p["ttft_ms"]),
-            _num(p["prefill_tok_s"]),
-            _num(p["decode_tok_s"]),
-            _num(p["decode_tok_s_median"]),
-            f"{_num(p['p50_ms'])}/{_num(p['p95_ms'])}",
-            _mb(p["peak_mem_bytes"]),
-            _mb(p["kv_cache_bytes"]),
-            _num(p["bandwidth_gb_s"]),
-            _num(p["bandwidth_pct"], "{:.0f}%"),
-            _num(p["flops_pct"], "{:.1f}%"),
-        ]
-        for peer in peers:
-            r = p.get(f"ratio_vs_{peer_key(peer)}")
-            row.append("" if p["engine"] != "lmlab" else _num(r, "{:.2f}×"))
-        t.add_row(*row, style=None if p["engine"] == "lmlab" else "dim")
-    return t
+class _PointsTable:
+    SPEED = ("TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "decode\nmedian")
+    MEMORY = ("p50/p95\nms", "peak\nmem", "KV\ncache", "GB/s", "%\nBW", "prefill\n% FLOP")
+
+    def __init__(self, points: list[dict], peers: list[str]):
+        self.points, self.peers = points, peers
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        whole = self.table(self.SPEED + self.MEMORY, True, "lmlab bench")
+        # measured unclamped: Measurement.get clamps to the width it is given
+        if Measurement.get(console, options.update_width(10_000), whole).maximum <= options.max_width:
+            yield whole
+            return
+        yield self.table(self.SPEED, True, "lmlab bench: speed")
+        yield self.table(self.MEMORY, False, "lmlab bench: latency, memory and roofline")
+
+    def table(self, measures: tuple[str, ...], with_peers: bool, title: str):
+        from rich import box
+        from rich.table import Table
+
+        from lmlab.bench.sweep import peer_key
+
+        several_new = len({p["new_tokens"] for p in self.points}) > 1
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        cols = ["engine", "dtype", "batch", "prompt"] + (["new"] if several_new else []) + list(measures)
+        cols += [f"×\n{p}" for p in self.peers] if with_peers else []
+        for c in cols:
+            left = c in ("engine", "dtype")
+            t.add_column(c, justify="left" if left else "right", no_wrap=True)
+        for p in self.points:
+            row = [
+                p["engine"],
+                p["dtype"] + ("" if p.get("quant") in (None, "none") else f" {p['quant']}"),
+                str(p["batch"]),
+                str(p["prompt_len"]),
+            ] + ([str(p["new_tokens"])] if several_new else [])
+            cells = {
+                "TTFT\nms": _num(p["ttft_ms"]),
+                "prefill\ntok/s": _num(p["prefill_tok_s"]),
+                "decode\ntok/s": _num(p["decode_tok_s"]),
+                "decode\nmedian": _num(p["decode_tok_s_median"]),
+                "p50/p95\nms": f"{_num(p['p50_ms'])}/{_num(p['p95_ms'])}",
+                "peak\nmem": _mb(p["peak_mem_bytes"]),
+                "KV\ncache": _mb(p["kv_cache_bytes"]),
+                "GB/s": _num(p["bandwidth_gb_s"]),
+                "%\nBW": _num(p["bandwidth_pct"], "{:.0f}%"),
+                "prefill\n% FLOP": _num(p["flops_pct"], "{:.1f}%"),
+            }
+            row += [cells[m] for m in measures]
+            if with_peers:
+                for peer in self.peers:
+                    r = p.get(f"ratio_vs_{peer_key(peer)}")
+                    row.append("" if p["engine"] != "lmlab" else _num(r, "{:.2f}×"))
+            t.add_row(*row, style=None if p["engine"] == "lmlab" else "dim")
+        return t
 
 
 def machine_table(entry: dict):
@@ -90,8 +101,8 @@ def machine_table(entry: dict):
 
     h = entry["host"]
     t = Table(title="this machine", title_justify="left", show_header=False)
-    t.add_column("what")
-    t.add_column("value")
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
     t.add_row(
         "cpu",
         f"{h['cpu']} ({h['physical_cores']} cores, {h['logical_cpus']} logical; "
@@ -133,7 +144,11 @@ def bench(
     prompt_len: str = typer.Option("64", "--prompt-len", help="Prompt lengths in tokens, comma-separated."),
     new_tokens: str = typer.Option("128", "--new-tokens", help="Tokens to generate per sequence, comma-separated."),
     dtype: str = typer.Option("float32", "--dtype", help="Dtypes, comma-separated: float32,bfloat16,float16."),
-    quant: str = typer.Option("none", "--quant", help="Weight quantization (none is the only value for now)."),
+    quant: str = typer.Option(
+        "none",
+        "--quant",
+        help="Weight quantizations, comma-separated: none (the --dtype rows), native (a GGUF file's blocks), q8, q4.",
+    ),
     peer: list[str] = typer.Option(
         None, "--peer", help="Also time a peer on the same weights: hf, llama.cpp (repeatable)."
     ),
@@ -149,8 +164,11 @@ def bench(
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
     wandb: bool = typer.Option(False, "--wandb", help="Mirror the run to wandb."),
 ):
-    """Benchmark a model: TTFT, prefill and decode tokens/s, latency, memory, bandwidth and FLOP/s
-    against the machine's limits, next to HF transformers and llama.cpp."""
+    """Benchmark a model: TTFT, prefill and decode tokens/s, latency, memory, bandwidth, against the peers.
+
+    Each figure is set against the machine's limits (memory bandwidth, matmul peak) and beside HF
+    transformers and llama.cpp on the same weights.
+    """
     from lmlab.bench.sweep import SweepSpec, parse_dtype_list, parse_int_list, parse_peers
     from lmlab.runs import record_run
 
@@ -259,9 +277,9 @@ def _sweep_with_progress(spec, run) -> dict:
             if advance:
                 bar.advance(task, advance)
 
-        def load(dtype):
-            bar.update(task, description=f"loading {spec.model} ({dtype})")
-            return load_model(spec.model, dtype, spec.device, quiet=True)
+        def load(dtype, quant=None):
+            bar.update(task, description=f"loading {spec.model} ({quant or dtype})")
+            return load_model(spec.model, dtype, spec.device, quiet=True, quant=quant)
 
         def log(msg):
             bar.console.print(f"[dim]{msg}[/]")

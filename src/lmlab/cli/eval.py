@@ -11,6 +11,10 @@ from lmlab.errors import LmlabError
 
 eval_app = typer.Typer(help="Evaluate: perplexity, tasks, majority vote, comparisons.", no_args_is_help=True)
 DEFAULT_MODEL = "smollm2-135m"
+# options every command that can evaluate a served model takes
+ENDPOINT = typer.Option(None, "--endpoint", help="An OpenAI-compatible server's URL instead of a local model.")
+API_KEY = typer.Option(None, "--api-key", help="Bearer key for --endpoint.")
+CONCURRENCY = typer.Option(4, "--concurrency", help="Requests in flight with --endpoint.")
 
 
 def _read_text(path: Path) -> str:
@@ -29,11 +33,9 @@ def perplexity_cmd(
     window: int = typer.Option(None, "--window", help="Tokens per window (default: the context, at most 1024)."),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts; = window: disjoint, as lm-eval."),
     surprising: int = typer.Option(10, "--surprising", help="Show this many highest-loss tokens."),
-    endpoint: str = typer.Option(
-        None, "--endpoint", help="An OpenAI-compatible server's URL instead of a local model."
-    ),
-    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
-    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight with --endpoint."),
+    endpoint: str = ENDPOINT,
+    api_key: str = API_KEY,
+    concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
@@ -93,11 +95,9 @@ def run_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     seed: int = typer.Option(0, "--seed"),
     plot: Path = typer.Option(None, "--plot", help="With --vote: write accuracy against N as a PNG."),
-    endpoint: str = typer.Option(
-        None, "--endpoint", help="An OpenAI-compatible server's URL instead of a local model."
-    ),
-    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
-    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight with --endpoint."),
+    endpoint: str = ENDPOINT,
+    api_key: str = API_KEY,
+    concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
@@ -294,8 +294,8 @@ def judge_cmd(
     runs: list[str] = typer.Option(..., "--runs", help="Two generate runs on the same prompts (one with --rubric)."),
     judge: str = typer.Option(DEFAULT_MODEL, "--judge", help="The judging model (with --endpoint: the served name)."),
     rubric: Path = typer.Option(None, "--rubric", help="Grade each answer 1-10 by this rubric instead of pairs."),
-    endpoint: str = typer.Option(None, "--endpoint", help="An OpenAI-compatible server's URL for the judge."),
-    api_key: str = typer.Option(None, "--api-key", help="Bearer key for --endpoint."),
+    endpoint: str = ENDPOINT,
+    api_key: str = API_KEY,
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.cli.common import err, load_model, out, print_json, print_stats, write_text
 from lmlab.errors import LmlabError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -55,7 +55,8 @@ def prob_style(p: float) -> str:
     return "bold red"
 
 
-def format_stats(timings: dict, load_s: float | None = None) -> str:
+def stats_parts(timings: dict, load_s: float | None = None) -> list[str]:
+    """The figures of the stats line. With no decode step (one token generated) the decode rate is '–'."""
     parts = []
     if load_s is not None:
         parts.append(f"load {load_s:.2f} s")
@@ -65,23 +66,41 @@ def format_stats(timings: dict, load_s: float | None = None) -> str:
         f"generated {timings.get('generated_tokens', 0)} tok",
         f"TTFT {timings.get('ttft_ms', 0):.0f} ms",
         f"prefill {timings.get('prefill_tok_s', 0):.0f} tok/s",
-        f"decode {timings.get('decode_tok_s', 0):.1f} tok/s",
+        f"decode {timings['decode_tok_s']:.1f} tok/s" if timings.get("decode_tok_s") else "decode – tok/s",
         f"peak mem {timings.get('peak_memory_bytes', 0) / 2**20:.0f} MiB",
     ]
-    return " · ".join(parts)
+    return parts
+
+
+def format_stats(timings: dict, load_s: float | None = None) -> str:
+    return " · ".join(stats_parts(timings, load_s))
 
 
 def _read_prompts(path: Path) -> list[str]:
+    if path.is_dir():
+        raise LmlabError(f"--prompts {path} is a folder; pass a text file with one prompt per line.")
     if not path.is_file():
         raise LmlabError(f"prompts file {path} does not exist; pass a text file with one prompt per line.")
-    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LmlabError(f"prompts file {path} is not UTF-8 text; pass a text file with one prompt per line.") from None
+    except OSError as e:
+        raise LmlabError(
+            f"could not read prompts file {path} ({e.strerror or e}); pass a readable text file."
+        ) from None
+    if "\x00" in text:
+        raise LmlabError(f"prompts file {path} is binary, not text; pass a text file with one prompt per line.")
+    prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise LmlabError(f"prompts file {path} has no prompts; put one prompt per line.")
     return prompts
 
 
 def generate(
-    prompt: str = typer.Argument(None, help="The prompt (omit with --prompts FILE)."),
+    prompt: list[str] = typer.Argument(
+        None, metavar="PROMPT", help="The prompt, in quotes (omit with --prompts FILE).", show_default=False
+    ),
     model: str = typer.Option(DEFAULT_MODEL, "-m", "--model", help="Model name, path or hub id."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-t", help="Tokens to generate per sequence."),
     temperature: float = typer.Option(0.7, help="0 = greedy."),
@@ -110,7 +129,12 @@ def generate(
     ),
     few_shot: Path = typer.Option(None, "--few-shot", help="Text file of examples to put before the prompt."),
     truncate: str = typer.Option(None, "--truncate", help="'left': keep the end of a prompt longer than the context."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    dtype: str = typer.Option(
+        None, help="float32 | bfloat16 | float16 (default float32; a GGUF file runs its own quantized blocks)"
+    ),
+    quant: str = typer.Option(
+        None, "--quant", help="native (a GGUF file's blocks) | q8 | q4 (quantize a float model at load) | none"
+    ),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything each step (slow; for checking)."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
@@ -120,10 +144,13 @@ def generate(
     from lmlab.engine.prompting import read_few_shot, render
     from lmlab.runs import record_run
 
+    prompt = _one_prompt(prompt)
     if prompt is None and prompts_file is None:
         raise LmlabError(
             'no prompt was given; pass a prompt, e.g. lmlab generate "Once upon a time", or --prompts FILE.'
         )
+    if prompt is not None and prompts_file is not None:
+        raise LmlabError(f"both a prompt ({prompt!r}) and --prompts {prompts_file} were given; pass one or the other.")
     if truncate not in (None, "left"):
         raise LmlabError(f"--truncate takes 'left', got {truncate!r}.")
     prompts = _read_prompts(prompts_file) if prompts_file else [prompt]
@@ -147,7 +174,12 @@ def generate(
         raise LmlabError(
             f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 64."
         )
-    lm = load_model(model, dtype, device)
+    lm = load_model(model, dtype, device, quant=quant)
+    if chat and not fake_chat and (lm.tokenizer is None or not lm.tokenizer.chat_template):
+        raise LmlabError(
+            f"{model} has no chat template (a base model); use --fake-chat to prompt it as an assistant, "
+            "or drop --chat to continue the text."
+        )
     shots = read_few_shot(few_shot) if few_shot else None
     stops = list(stop or [])
     add_special = True
@@ -175,7 +207,8 @@ def generate(
         **sk,
     )
     config = dict(
-        dtype=dtype,
+        dtype=str(lm.dtype).removeprefix("torch."),
+        quant=getattr(lm, "quant", "none"),
         device=device,
         chat=chat,
         fake_chat=fake_chat,
@@ -198,6 +231,17 @@ def generate(
             _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run)
 
 
+def _one_prompt(words: list[str] | None) -> str | None:
+    """The prompt argument: one string. Several words mean the quotes were left out."""
+    words = [words] if isinstance(words, str) else list(words or [])
+    if len(words) > 1:
+        raise LmlabError(
+            f"expected one prompt but got {len(words)} words; put the prompt in quotes, "
+            f'e.g. lmlab generate "{" ".join(words)}".'
+        )
+    return words[0] if words else None
+
+
 def _model_path(lm):
     return str(lm.resolved.path) if lm.resolved is not None else None
 
@@ -211,24 +255,24 @@ def _stream_one(lm, text, gen_kw, show_probs, alternatives, run):
             pieces.append(ev.text)
             ids.append(ev.id)
             if show_probs:
-                out.print(Text(ev.text, style=prob_style(2.718281828**ev.logprob)), end="")
+                out.print(Text(ev.text, style=prob_style(2.718281828**ev.logprob)), end="", soft_wrap=True)
+                sys.stdout.flush()
             else:
-                out.print(ev.text, end="", markup=False, highlight=False)
-            sys.stdout.flush()
+                write_text(ev.text)
             if alternatives:
                 alts.append([(p, round(q, 4)) for _, p, q in ev.alternatives[:alternatives]])
     except KeyboardInterrupt:
-        out.print()
+        write_text("\n")
         timings = gen.stats.as_dict()
-        err.print(f"[yellow]interrupted[/] after {len(ids)} tokens · " + format_stats(timings, lm.load_seconds))
+        print_stats([f"interrupted after {len(ids)} tokens", *stats_parts(timings, lm.load_seconds)], style="yellow")
         run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": ["interrupted"]}
         run.timings = timings
         raise
-    out.print()
+    write_text("\n")
     timings = gen.stats.as_dict()
     if alternatives:
         _print_alternatives(lm, ids, alts)
-    err.print(format_stats(timings, lm.load_seconds))
+    print_stats(stats_parts(timings, lm.load_seconds))
     run.outputs = {"texts": ["".join(pieces)], "token_ids": [ids], "finish_reasons": [gen.result().finish_reason]}
     run.timings = timings
     run.add_metrics(
@@ -242,9 +286,9 @@ def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
     except KeyboardInterrupt as e:
         partial = getattr(e, "partial", [])
         for r in partial:
-            out.print(r.text, markup=False)
+            write_text(r.text + "\n")
         if partial:
-            err.print("[yellow]interrupted[/] · " + format_stats(partial[0].timings, lm.load_seconds))
+            print_stats(["interrupted", *stats_parts(partial[0].timings, lm.load_seconds)], style="yellow")
             run.outputs = {"texts": [r.text for r in partial], "finish_reasons": ["interrupted"] * len(partial)}
         raise
     timings = results[0].timings
@@ -280,14 +324,14 @@ def _batch(lm, prompts, texts, gen_kw, show_probs, alternatives, json_out, run):
             line = Text()
             for tid, lp in zip(r.token_ids, r.logprobs):
                 line.append(lm.tokenizer.decode([tid]), style=prob_style(2.718281828**lp))
-            out.print(line)
+            out.print(line, soft_wrap=True)
         else:
-            out.print(r.text, markup=False, highlight=False)
+            write_text(r.text + "\n")  # exactly the generated text, then a newline
         if alternatives:
             _print_alternatives(
                 lm, r.token_ids, [[(p, round(q, 4)) for _, p, q in a[:alternatives]] for a in r.alternatives]
             )
-    err.print(format_stats(timings, lm.load_seconds))
+    print_stats(stats_parts(timings, lm.load_seconds))
 
 
 def _print_alternatives(lm, ids, alts):
@@ -396,16 +440,15 @@ def chat(
                     f"[dim](dropped the oldest {n} exchange{'s' if n > 1 else ''} to fit the "
                     f"{lm.config.max_seq_len}-token context)[/]"
                 )
-            out.print("bot> ", end="")
+            write_text("bot> ")
             try:
                 for ev in turn:
-                    out.print(ev.text, end="", markup=False, highlight=False)
-                    sys.stdout.flush()
+                    write_text(ev.text)
             except KeyboardInterrupt:
-                out.print()
+                write_text("\n")
                 err.print("[yellow](answer interrupted)[/]")
-            out.print()
-            err.print("[dim]" + format_stats(turn.stats.as_dict()) + "[/]")
+            write_text("\n")
+            print_stats(stats_parts(turn.stats.as_dict()), style="dim")
             run.checkpoint()
 
 

@@ -90,7 +90,12 @@ def _load(model: str, dtype: str, device: str, rope_theta, max_seq_len, n_layers
             "drop the option."
         )
     knobs = [f"{k}={v:g}" for k, v in overrides.items()] + ([f"n_layers={n_layers}"] if n_layers else [])
-    err.print(f"[dim]{lm!r} loaded in {lm.load_seconds:.2f} s" + (f" ({', '.join(knobs)})" if knobs else "") + "[/dim]")
+    err.print(
+        f"{lm.name} loaded in {lm.load_seconds:.2f} s" + (f" ({', '.join(knobs)})" if knobs else ""),
+        style="dim",
+        markup=False,
+        highlight=False,
+    )
     _start_record(lm)
     return lm
 
@@ -131,10 +136,13 @@ def _start_record(lm) -> None:
 
 
 def _emit(payload: dict, json_out: bool) -> bool:
-    """Keep the command's result as the run's outputs; print it as JSON when asked (returns json_out)."""
+    """Keep the command's result as the run's outputs; print it as JSON when asked, with the run's
+    id (None with --no-record) so a script can find the run again (returns json_out)."""
     cur = _CURRENT.get()
-    if cur is not None and cur.get("run") is not None:
-        cur["run"].outputs = payload
+    run = cur.get("run") if cur is not None else None
+    if run is not None:
+        payload = {**payload, "run_id": run.id}
+        run.outputs = payload
     if json_out:
         print_json(payload)
     return json_out
@@ -398,8 +406,9 @@ def lens_cmd(
 # ----------------------------------------------------------------------------- ablate / steer
 
 
-def _diff_and_effect(lm, p, ivs, max_new_tokens, seed, temperature, json_out, model):
+def _diff_and_effect(lm, p, ivs, max_new_tokens, seed, temperature, json_out, model, steering=None):
     from lmlab.inspect import effect, generation_diff
+    from lmlab.inspect.metrics import steering_shift
 
     eff = effect(lm, p, ivs)
     diff = (
@@ -407,11 +416,28 @@ def _diff_and_effect(lm, p, ivs, max_new_tokens, seed, temperature, json_out, mo
         if max_new_tokens
         else None
     )
-    if _emit({"model": model, "effect": eff.to_dict(), "generation": diff.to_dict() if diff else None}, json_out):
+    shift = steering_shift(lm, p, *steering, ivs, diff) if steering else None
+    payload = {"model": model, "effect": eff.to_dict(), "generation": diff.to_dict() if diff else None}
+    if shift is not None:
+        payload["steering"] = shift
+    if _emit(payload, json_out):
         return
     out.print(eff)
     if diff is not None:
         out.print(diff)
+    if shift is not None:
+        b, m = shift["preference_base"], shift["preference_steered"]
+        out.print(
+            f"preference: log p({shift['toward']!r}) - log p({shift['away']!r}) right after the prompt "
+            f"{b:+.2f} → {m:+.2f} nats ({m - b:+.2f})",
+            markup=False,
+        )
+        if diff is not None:
+            out.print(
+                f"fluency: the unmodified model's perplexity of the generated text {shift['perplexity_base_text']:.1f} "
+                f"(unmodified) → {shift['perplexity_steered_text']:.1f} (steered)",
+                markup=False,
+            )
 
 
 def ablate_cmd(
@@ -431,7 +457,12 @@ def ablate_cmd(
     max_seq_len: int = _ctx_opt(),
     n_layers: int = _layers_opt(),
 ):
-    """Ablate heads and/or skip layers: KL, Δlogit, Δprob, top-1 agreement per position, and a generation diff."""
+    """Ablate heads and/or skip layers: Δlog p of the top token and KL per position, and a generation diff.
+
+    Δlog p is what to read: -0.69 halves the token's probability. --json also has Δlogit, the raw
+    logit's change, which can have the opposite sign: softmax only sees logits relative to each
+    other, so a logit that rises less than the others still loses probability.
+    """
     from lmlab.inspect import AblateHeads, SkipLayers
 
     if not heads and not skip_layers:
@@ -443,10 +474,18 @@ def ablate_cmd(
 
 def steer_cmd(
     prompt: str = typer.Argument(None, help="The prompt to generate from."),
-    toward: str = typer.Option(..., "--toward", help="Text whose mean activation to steer toward."),
+    toward: str = typer.Option(
+        ..., "--toward", help="Text whose mean activation to steer toward (a word, even one token, or a phrase)."
+    ),
     away: str = typer.Option(..., "--away", help="Text whose mean activation to steer away from."),
     layer: int = typer.Option(..., "--layer", "-l", help="Layer whose input (resid_pre) gets the vector."),
-    scale: float = typer.Option(4.0, "--scale", "-s", help="Multiple of (toward - away) to add."),
+    scale: float = typer.Option(
+        0.5,
+        "--scale",
+        "-s",
+        help="Multiple of (toward - away) to add at every position (negative: the other way). On SmolLM2, 0.5 "
+        "shifts the text's sentiment and keeps it fluent; 1 and more shifts further and breaks it.",
+    ),
     point: str = typer.Option("resid_pre", help="resid_pre | resid_mid | resid_post | attn_out | mlp_out"),
     model: str = _model_opt(),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-t"),
@@ -459,14 +498,19 @@ def steer_cmd(
     max_seq_len: int = _ctx_opt(),
     n_layers: int = _layers_opt(),
 ):
-    """Add a steering vector (mean activation of --toward minus --away, times --scale) and compare."""
+    """Add a steering vector (mean activation of --toward minus --away, times --scale) and compare.
+
+    Reports the effect per position (Δlog p of the top token, KL), the generation with and without
+    the vector, how much more the model prefers --toward over --away as its next words, and the
+    unmodified model's perplexity of each generation (near the unsteered one's: still fluent).
+    """
     from lmlab.inspect import Steer
 
     lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
     p = _prompt(prompt, None)
     steer = Steer.from_prompts(lm, toward, away, layer, scale, point)
     err.print(f"[dim]{steer.describe()}[/dim]")
-    _diff_and_effect(lm, p, [steer], max_new_tokens, seed, temperature, json_out, model)
+    _diff_and_effect(lm, p, [steer], max_new_tokens, seed, temperature, json_out, model, (toward, away))
 
 
 # ----------------------------------------------------------------------------- patch
@@ -574,7 +618,11 @@ def induction_cmd(
     max_seq_len: int = _ctx_opt(),
     n_layers: int = _layers_opt(),
 ):
-    """Random tokens repeated twice: the loss drop on the second repeat, and the heads whose ablation removes it."""
+    """Random tokens repeated twice: the induction and previous-token heads, and the circuit they form.
+
+    Heads are named by their attention pattern; beside each, how much of the loss drop on the second
+    repeat its ablation removes.
+    """
     from lmlab.inspect import induction_experiment
 
     lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
@@ -584,9 +632,6 @@ def induction_cmd(
     if _emit(result.to_dict(), json_out):
         return
     out.print(result)
-    names = ", ".join(f"{a.label} ({a.removed:.0%})" for a in result.top_heads(5))
-    out.print(f"induction heads (ablation removes most of the drop): {names}")
-    err.print(f"[dim]{result.seconds:.1f} s[/dim]")
 
 
 COMMANDS = {

@@ -23,15 +23,54 @@ app = typer.Typer(
 )
 
 # Modules with a register(app) function, in the order their commands appear in --help.
-COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "serve", "eval", "train", "runs"]
+COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "runs"]
 
 _DEBUG = False
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import platform
+
+        from lmlab import __version__
+
+        sys.stdout.write(f"lmlab {__version__} (python {platform.python_version()})\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", help="Print lmlab's version and exit.", callback=_print_version, is_eager=True
+    ),
+):
     global _DEBUG
     _DEBUG = debug or _DEBUG
+
+
+# How --help names the type of each value (typer's own labels are Python's: <str>, <list[str]>, <bool>).
+_TYPE_LABELS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "bool": "BOOLEAN"}
+
+
+def _plain_help_types() -> None:
+    """Make --help label each value plainly: nothing for flags, TEXT / INTEGER / FLOAT / PATH for
+    values."""
+    from typer import core
+
+    typer_label = core._TyperParameter.display_type
+
+    def label(self, ctx=None):
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        if getattr(self, "param_type_name", "") == "option" and self.metavar is not None:
+            return self.metavar
+        bare = (typer_label(self, ctx) or "").strip("<>")
+        inner = bare[5:-1] if bare.startswith("list[") else bare  # repeatable: its help says so
+        return _TYPE_LABELS.get(inner, inner.upper()) or None
+
+    core.TyperOption.display_type_rich = label
+    core.TyperArgument.display_type_rich = label
 
 
 def _register() -> None:
@@ -44,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _DEBUG = "--debug" in argv or env_flag("LMLAB_DEBUG", False)
     _register()
+    from lmlab.cli.common import size_consoles
+
+    size_consoles()
     try:
+        _plain_help_types()
         rv = app(argv, standalone_mode=False)
         # typer turns Ctrl-C (click's Abort) into a returned 130 rather than an exception
         return rv if isinstance(rv, int) else 0

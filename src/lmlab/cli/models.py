@@ -31,8 +31,8 @@ def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable
     if json_out:
         return print_json(rows)
     t = Table(title="models (any local folder, .gguf file, nanoGPT ckpt.pt or hub id org/name also works)")
-    for col in ("name", "family", "size", "offline now", "hub id"):
-        t.add_column(col)
+    for col in ("name", "family", "size", "offline now", "hub id"):  # long cells wrap, never cut
+        t.add_column(col, overflow="fold", no_wrap=col == "name")
     for r in rows:
         off = (
             "[green]yes[/] (bundled)"
@@ -187,7 +187,7 @@ def info(
         )
 
     t = Table(title="parameters by component")
-    t.add_column("component")
+    t.add_column("component", no_wrap=True)
     t.add_column("parameters", justify="right")
     t.add_column("share", justify="right")
     for g, c in sorted(card["parameters_by_component"].items(), key=lambda kv: -kv[1]):
@@ -195,7 +195,7 @@ def info(
     out.print(t)
 
     t = Table(title="weight bytes")
-    t.add_column("dtype")
+    t.add_column("dtype", no_wrap=True)
     t.add_column("bytes", justify="right")
     for k, v in card["weight_bytes"].items():
         t.add_row(k, _mb(v))
@@ -206,16 +206,16 @@ def info(
         out.print(f"  - {line}")
 
     t = Table(title="one block (blocks.0): every weight")
-    t.add_column("weight")
-    t.add_column("shape")
-    t.add_column("what", style="dim")
+    t.add_column("weight", no_wrap=True)
+    t.add_column("shape", overflow="fold")
+    t.add_column("what", style="dim", overflow="fold")
     for name, shape in card["block_0_weights"].items():
         t.add_row(name, " x ".join(map(str, shape)), _weight_note(name, cfg))
     out.print(t)
 
     t = Table(title="config")
-    t.add_column("field")
-    t.add_column("value")
+    t.add_column("field", no_wrap=True)
+    t.add_column("value", overflow="fold")
     for k, v in card["config"].items():
         if k == "layer_types" and v and len(set(v)) == 1:
             v = f"all {v[0]} ({len(v)})"

@@ -43,7 +43,8 @@ KEY_METRICS = (
     ("accuracy", "acc", ""),
     ("kl", "KL", ""),
 )
-MAX_CELL_CHARS = 160
+MAX_CELL_CHARS = 160  # in the diff table
+MAX_SHOW_CHARS = 2000  # in `runs show` (a long command line is shown whole, wrapped)
 MAX_DIFF_ROWS = 25  # per section in the diff table
 
 
@@ -97,15 +98,18 @@ def key_metrics(run: dict, most: int = 3) -> str:
     return " · ".join(parts[:most]) or "—"
 
 
-def _cell(value, key: str = "") -> str:
+def _cell(value, key: str = "", limit: int = MAX_CELL_CHARS) -> str:
     from lmlab.runs.report import fmt_value
 
     text = fmt_value(value, key)
-    return text if len(text) <= MAX_CELL_CHARS else text[:MAX_CELL_CHARS] + "…"
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f" [{len(text) - limit} more characters: --json has them all]"  # said, not silently cut
 
 
 @runs_app.command("list")
 def list_runs(
+    ctx: typer.Context,
     limit: int = typer.Option(20, "--limit", "-n", help="Show at most this many runs (0 = all)."),
     command: str = typer.Option(None, "--command", "-c", help="Only runs of this command (generate, bench, ...)."),
     model: str = typer.Option(None, "--model", "-m", help="Only runs of this model."),
@@ -121,15 +125,19 @@ def list_runs(
         path = store.path
     if json_out:
         return print_json(runs)
-    t = Table(title=None, header_style="bold")
+    # Long values (a model path, several metrics) wrap inside their cell, never cut: every column
+    # folds what does not fit, and the id and time (fixed width) never wrap.
+    from rich import box
+
+    t = Table(title=None, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for col, kw in (
-        ("id", {"no_wrap": True}),
+        ("id", {"no_wrap": True, "min_width": 12}),
         ("when", {"no_wrap": True}),
-        ("command", {}),
-        ("model", {}),
-        ("status", {}),
-        ("key metrics", {}),
-        ("duration", {"justify": "right"}),
+        ("command", {"overflow": "fold"}),
+        ("model", {"overflow": "fold"}),
+        ("status", {"overflow": "fold"}),
+        ("key metrics", {"overflow": "fold"}),
+        ("duration", {"justify": "right", "min_width": 7}),
     ):
         t.add_column(col, **kw)
     for r in runs:
@@ -140,10 +148,27 @@ def list_runs(
     if runs:
         out.print(t)
     filtered = " matching" if (command or model or search) else ""
-    err.print(
-        f"{len(runs)}{filtered} of {total} runs in {path}"
-        + ("" if runs else " (every generate / chat / inspect / bench / eval / train run lands here)")
-    )
+    if runs or filtered:
+        err.print(f"{len(runs)}{filtered} of {total} runs in {path}")
+    else:
+        err.print(f"no runs yet in {path}; every {_recording_commands(ctx)} run lands here.")
+
+
+def _records(command) -> bool:
+    """Whether a command (or one of a group's) records runs: it takes --no-record."""
+    if any(getattr(p, "name", None) == "no_record" for p in getattr(command, "params", [])):
+        return True
+    return any(_records(c) for c in getattr(command, "commands", {}).values())
+
+
+def _recording_commands(ctx) -> str:
+    """The commands of this lmlab that record runs, e.g. 'generate / chat / inspect / ... / bench'."""
+    try:
+        root = ctx.find_root()
+        names = [n for n in root.command.list_commands(root) if _records(root.command.get_command(root, n))]
+    except (RuntimeError, AttributeError):
+        names = []
+    return " / ".join(names) or "generate / chat / inspect / bench"
 
 
 def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -151,7 +176,7 @@ def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
     t.add_column(style="dim", no_wrap=True)
     t.add_column(overflow="fold")
     for k, v in rows:
-        t.add_row(k, v if isinstance(v, Text) else Text(_cell(v, k)))
+        t.add_row(k, v if isinstance(v, Text) else Text(_cell(v, k, MAX_SHOW_CHARS)))
     return t
 
 
@@ -247,11 +272,11 @@ def diff(
         err.print(f"runs {d['a']} and {d['b']} record the same config, inputs, outputs and metrics.")
         return
     t = Table(header_style="bold")
-    t.add_column("section", style="dim")
-    t.add_column("key")
+    t.add_column("section", style="dim", no_wrap=True)
+    t.add_column("key", overflow="fold")
     t.add_column(f"A {d['a']}", overflow="fold")
     t.add_column(f"B {d['b']}", overflow="fold")
-    t.add_column("B/A", justify="right")
+    t.add_column("B/A", justify="right", no_wrap=True)
     shown: dict[str, int] = {}
     for c in d["changes"]:
         shown[c["section"]] = shown.get(c["section"], 0) + 1
@@ -308,6 +333,73 @@ def export(
     except OSError as e:
         raise LmlabError(f"could not write {output} ({e.strerror or e}); pass -o with a writable path.") from e
     err.print(f"wrote {fmt} report of {len(runs)} run{'s' if len(runs) > 1 else ''} to {output}")
+
+
+@runs_app.command("check")
+def check(
+    move_aside: bool = typer.Option(
+        False,
+        "--move-aside",
+        help="If the store is damaged: rename it, start a new one, and copy in every run that can still be read.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Check the run store for damage; with --move-aside, replace a damaged one (keeping what can be read)."""
+    from lmlab.runs.store import check_store
+    from lmlab.runs.store import move_aside as do_move
+
+    report = check_store()
+    moved = do_move(report["path"]) if move_aside and report["exists"] and not report["ok"] else None
+    if json_out:
+        return print_json({**report, "moved_aside": moved})
+    path = report["path"]
+    if not report["exists"]:
+        out.print(f"no run store yet at {path}; the first recorded run creates it.", markup=False, highlight=False)
+    elif report["ok"]:
+        out.print(
+            f"ok: {path} holds {report['runs']} runs (schema v{report['schema']}).", markup=False, highlight=False
+        )
+    else:
+        problems = "; ".join(report["problems"][:3]) + (" ..." if len(report["problems"]) > 3 else "")
+        out.print(f"damaged: {path} ({problems}).", markup=False, highlight=False)
+        if moved is None:
+            err.print(
+                f"`lmlab runs check --move-aside` renames it to {Path(path).name}.damaged-<time>, starts a new store "
+                "and copies in every run that can still be read (or move it yourself: mv "
+                f"{path} {path}.damaged).",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        out.print(
+            f"moved it to {moved['moved_to']}; a new store holds the {moved['recovered']} runs that could be read.",
+            markup=False,
+            highlight=False,
+        )
+
+
+@runs_app.command("import")
+def import_runs(
+    files: list[Path] = typer.Argument(
+        ..., metavar="FILE...", help="Run files lmlab wrote when the store could not be used (lmlab-run-<id>.json)."
+    ),
+):
+    """Add runs from JSON files (a run goes to one when the store cannot be written) to the store."""
+    from lmlab.runs.store import import_run
+
+    runs = []
+    for f in files:
+        if not f.is_file():
+            raise LmlabError(f"{f} is not a file; pass the JSON file lmlab named when it could not record the run.")
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LmlabError(f"{f} is not a JSON run file ({e}); pass a file that lmlab wrote.") from None
+        runs += data if isinstance(data, list) else [data]  # `lmlab runs export --json` writes a list
+    with _open_store() as store:
+        for run in runs:
+            run_id = import_run(store, run)
+            err.print(f"imported run {run_id} ({run.get('command')}) into {store.path}", markup=False)
 
 
 @runs_app.command("rm")

@@ -41,6 +41,8 @@
 #include <omp.h>
 #endif
 
+#include "quant.h" /* quantized matrices: csrc/quant.c, built into the same library */
+
 /* ------------------------------------------------------------------------ the model */
 
 /* ModelConfig.act. native.py's ACT_CODES gives these codes to the same names; its load checks
@@ -62,6 +64,8 @@ typedef struct { /* one block's parameters, in the model's dtype; NULL where the
     const void *up_w, *up_b, *down_w, *down_b, *post_mlp_norm_w, *post_mlp_norm_b;
     int64_t rope_table; /* which cos/sin table this block uses; -1: no RoPE */
     int64_t window;     /* sliding window in tokens, 0: attends to every cached token */
+    /* the same matrices kept quantized (lmlab.quant), read instead of qkv_w... where not NULL */
+    const lmlab_qmat *qkv_q, *o_q, *up_q, *down_q;
 } lmlab_block;
 
 typedef struct { /* the ModelConfig fields a step needs (see lmlab/config.py) */
@@ -70,6 +74,8 @@ typedef struct { /* the ModelConfig fields a step needs (see lmlab/config.py) */
     double norm_eps, norm_offset, attn_scale, attn_softcap, final_softcap;
     const void *final_norm_w, *final_norm_b, *lm_head_w;
     const lmlab_block *blocks;
+    const lmlab_qmat *lm_head_q; /* the head kept quantized, or NULL */
+    int64_t quant;               /* 1 when any matrix is quantized: the threads get buffers for quantized inputs */
 } lmlab_model;
 
 /* ------------------------------------------------------------------------ the run state */
@@ -82,6 +88,7 @@ typedef struct { /* one thread's own buffers: what each thread repeats rather th
     float *q;              /* (G, D) one k/v head's query heads, normed and rotated */
     float *k;              /* (D,) that k/v head's new key, normed and rotated */
     float *scores;         /* (G, max_len) scores, then exp(score - max), over this thread's range of slots */
+    lmlab_qx qx;           /* a matmul's input quantized to int8 per 32 (B rows of up to max(C, H * D, F)) */
 } lmlab_thread_state;
 
 typedef struct {
@@ -107,6 +114,7 @@ static void state_release(lmlab_state *s) { /* frees the buffers; the sizes go b
     for (int t = 0; s->per_thread && t < s->threads; t++) {
         lmlab_thread_state *ts = &s->per_thread[t];
         free(ts->x); free(ts->resid_mid); free(ts->xn); free(ts->dot_in); free(ts->q); free(ts->k); free(ts->scores);
+        free(ts->qx.x16); free(ts->qx.sx); free(ts->qx.xsum);
     }
     free(s->per_thread);
     free(s->qkv); free(s->att); free(s->attn_out); free(s->up); free(s->hidden); free(s->mlp_out); free(s->logits);
@@ -162,6 +170,11 @@ static int state_reserve(lmlab_state *s, int B, int threads, int64_t max_len) {
         ts->q = floats(G * D, &failed);
         ts->k = floats(D, &failed);
         ts->scores = floats(G * (size_t)max_len, &failed);
+        if (m->quant) {
+            ts->qx.x16 = buffer(B * widest, sizeof(int16_t), &failed);
+            ts->qx.sx = floats(B * widest / 32 + 1, &failed);
+            ts->qx.xsum = floats(B * widest / 32 + 1, &failed);
+        }
     }
     if (failed) {
         state_release(s);
@@ -543,9 +556,16 @@ static const uint16_t *dot_input(const lmlab_model *m, lmlab_thread_state *ts, c
 
 /* y[:, n0:n1] = rnd(x @ W[n0:n1].T + bias[n0:n1]) for B rows of x (K wide; x_bf16 from
  * dot_input): this thread's share of a matmul's outputs. B may exceed MAXM. */
-static void matmul_share(const lmlab_model *m, const float *x, const uint16_t *x_bf16, int B, int K, const void *w,
-                         const void *bias, int n0, int n1, float *y, int ld) {
+static void matmul_share(const lmlab_model *m, lmlab_thread_state *ts, const float *x, const uint16_t *x_bf16, int B,
+                         int K, const void *w, const lmlab_qmat *wq, const void *bias, int n0, int n1, float *y, int ld) {
     const int bf16 = (int)m->bf16;
+    if (wq) { /* quantized W: x to int8 per 32 on this thread's own copy, then integer dot products */
+        lmlab_q_quantize_x(x, B, K, &ts->qx);
+        if (n0 < n1) lmlab_q_matmul_range(wq, &ts->qx, n0, n1, y, ld);
+        for (int row = 0; row < B; row++)
+            for (int n = n0; n < n1; n++) y[(size_t)row * ld + n] += bias ? param(bias, 0, n) : 0.0f;
+        return;
+    }
     for (int row = 0; row < B; row += MAXM) { /* passes of up to MAXM rows over this share of W */
         const int rows = B - row < MAXM ? B - row : MAXM;
         mv_range(x + (size_t)row * K, x_bf16 ? x_bf16 + (size_t)row * K : NULL, rows, K, w, bf16, n0, n1, y + (size_t)row * ld, ld);
@@ -684,7 +704,7 @@ static void attention_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_s
     /* qkv = self.qkv(attn_norm(x))    (B, (H + 2K) * D) */
     norm_rows(m, ts->x, B, blk->attn_norm_w, blk->attn_norm_b, ts->xn);
     split(NQKV, t, T, &n0, &n1);
-    matmul_share(m, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, blk->qkv_w, blk->qkv_b, n0, n1, s->qkv, NQKV);
+    matmul_share(m, ts, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, blk->qkv_w, blk->qkv_q, blk->qkv_b, n0, n1, s->qkv, NQKV);
 #pragma omp barrier
     /* att = softmax(q @ k.T * scale) @ v    (B, H * D): one work item per (row, k/v head, range
      * of slots), P = T ranges, spread over the threads; then the ranges merge into each head */
@@ -694,7 +714,7 @@ static void attention_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_s
 #pragma omp barrier
     /* attn_out = self.o(att)    (B, C) */
     split(C, t, T, &n0, &n1);
-    matmul_share(m, s->att, dot_input(m, ts, s->att, (size_t)B * H * D), B, H * D, blk->o_w, blk->o_b, n0, n1, s->attn_out, C);
+    matmul_share(m, ts, s->att, dot_input(m, ts, s->att, (size_t)B * H * D), B, H * D, blk->o_w, blk->o_q, blk->o_b, n0, n1, s->attn_out, C);
 #pragma omp barrier
     /* every thread: resid_mid = x + post_attn_norm(attn_out), on its own copy */
     for (int b = 0; b < B; b++) {
@@ -718,8 +738,8 @@ static void mlp_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *
     /* h = self.up(xn): this thread's gate rows [n0, n1) and, gated, their up rows [F + n0, F + n1),
      * so it can apply the activation to its own features without waiting for the others */
     split(F, t, T, &n0, &n1);
-    matmul_share(m, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_b, n0, n1, s->up, NUP);
-    if (m->gated) matmul_share(m, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_b, F + n0, F + n1, s->up, NUP);
+    matmul_share(m, ts, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_q, blk->up_b, n0, n1, s->up, NUP);
+    if (m->gated) matmul_share(m, ts, ts->xn, xn_bf16, B, C, blk->up_w, blk->up_q, blk->up_b, F + n0, F + n1, s->up, NUP);
     /* hidden = act(gate) * up, or act(h)    (B, F) */
     for (int b = 0; b < B; b++)
         for (int j = n0; j < n1; j++) {
@@ -730,7 +750,7 @@ static void mlp_layer(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *
 #pragma omp barrier
     /* mlp_out = self.down(hidden)    (B, C) */
     split(C, t, T, &n0, &n1);
-    matmul_share(m, s->hidden, dot_input(m, ts, s->hidden, (size_t)B * F), B, F, blk->down_w, blk->down_b, n0, n1, s->mlp_out, C);
+    matmul_share(m, ts, s->hidden, dot_input(m, ts, s->hidden, (size_t)B * F), B, F, blk->down_w, blk->down_q, blk->down_b, n0, n1, s->mlp_out, C);
 #pragma omp barrier
     /* every thread: x = resid_mid + post_mlp_norm(mlp_out), on its own copy */
     for (int b = 0; b < B; b++) {
@@ -749,7 +769,7 @@ static void lm_head(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts
     int n0, n1;
     norm_rows(m, ts->x, B, m->final_norm_w, m->final_norm_b, ts->xn);
     split(V, thread_id(), thread_count(), &n0, &n1);
-    matmul_share(m, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, m->lm_head_w, NULL, n0, n1, s->logits, V);
+    matmul_share(m, ts, ts->xn, dot_input(m, ts, ts->xn, (size_t)B * C), B, C, m->lm_head_w, m->lm_head_q, NULL, n0, n1, s->logits, V);
     for (int b = 0; b < B; b++)
         for (int n = n0; n < n1; n++) {
             float v = s->logits[(size_t)b * V + n];

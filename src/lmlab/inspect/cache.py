@@ -242,6 +242,9 @@ class AttentionPattern:
     def title(self) -> str:
         return f"layer {self.layer}, " + ("all heads (mean)" if self.head is None else f"head {self.head}")
 
+    def __repr__(self) -> str:
+        return f"AttentionPattern({self.title}, {len(self.labels)} tokens)"
+
     def matrix(self) -> torch.Tensor:
         """(T, S): the head's pattern, or the mean over heads."""
         return self.pattern if self.pattern.dim() == 2 else self.pattern.mean(0)
@@ -258,6 +261,12 @@ class AttentionPattern:
             self.labels,
             title=f"attention pattern, {self.title} (rows: query, columns: key)",
         )
+
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
 
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import heatmap_html

@@ -7,13 +7,29 @@ Everything here only formats; the numbers come from the other inspect modules.
 from __future__ import annotations
 
 import html
+import io
 import math
+import shutil
 
 import torch
-from rich.console import Group
+from rich.console import Console, Group
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+
+# ----------------------------------------------------------------------------- plain text
+
+LABEL_MAX = 24  # a token label longer than this (rare: runs of spaces in code) is cut with "…"
+
+
+def as_text(obj, width: int | None = None) -> str:
+    """What ``print(obj)`` shows: the terminal rendering as plain text (no colour codes), fitted to
+    the terminal's width (or ``width``)."""
+    buf = io.StringIO()
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    Console(file=buf, width=width, color_system=None, highlight=False, force_terminal=False).print(obj)
+    return buf.getvalue().rstrip("\n")
+
 
 # ----------------------------------------------------------------------------- colours
 
@@ -71,6 +87,44 @@ def _ink(bg: tuple[int, int, int]) -> str:
 # ----------------------------------------------------------------------------- heatmaps
 
 
+class Heatmap:
+    """A terminal heatmap that fits the console: every cell as wide as the widest value or column
+    label (nothing is cut), and when the columns do not fit they continue in further blocks
+    below, each with the row labels. Every cell starts with a space, so the numbers stay apart
+    when colours are lost (a pipe)."""
+
+    def __init__(self, title: str, row_labels: list[str], col_labels: list[str], cells: list[list[Text]], width: int):
+        self.title, self.row_labels, self.col_labels, self.cells, self.width = (
+            title,
+            row_labels,
+            col_labels,
+            cells,
+            width,
+        )
+
+    def __rich_console__(self, console, options):
+        label_w = max([len(r) for r in self.row_labels] + [1])
+        n = len(self.col_labels)
+        per = max(1, (options.max_width - label_w) // self.width)
+        blocks = list(range(0, n, per)) or [0]
+        if self.title:
+            parts = (
+                f" (in {len(blocks)} blocks of columns, to fit {options.max_width} columns)" if len(blocks) > 1 else ""
+            )
+            yield Text(self.title + parts, style="bold")
+        for start in blocks:
+            cols = range(start, min(n, start + per))
+            table = Table(box=None, padding=(0, 0), show_edge=False, pad_edge=False)
+            table.add_column("", justify="right", no_wrap=True, min_width=label_w)
+            for j in cols:
+                table.add_column(
+                    Text(" " + self.col_labels[j], style="bold"), justify="left", no_wrap=True, min_width=self.width
+                )
+            for i, row_label in enumerate(self.row_labels):
+                table.add_row(Text(row_label, style="bold"), *[self.cells[i][j] for j in cols])
+            yield table
+
+
 def heatmap_table(
     matrix,
     row_labels,
@@ -79,10 +133,9 @@ def heatmap_table(
     center: float | None = None,
     cell_text: list[list[str]] | None = None,
     cell_width: int | None = None,
-) -> Group:
+) -> Heatmap:
     """A terminal heatmap: one coloured cell per value (percent for probabilities), or the given
-    cell texts (e.g. tokens) coloured by the values. Every cell starts with a space, so the
-    numbers stay apart when colours are lost (a pipe)."""
+    cell texts (e.g. tokens) coloured by the values. ``cell_width``: the least width of a cell."""
     m = torch.as_tensor(matrix).float().cpu()
     lo, hi = _range(m, center)
     numeric = cell_text is None
@@ -90,26 +143,22 @@ def heatmap_table(
         cell_text = [[_cell(m[i, j].item(), lo, hi) for j in range(m.shape[1])] for i in range(m.shape[0])]
         scale = " (cells: percent)" if lo >= 0 and hi <= 1 else ""
     else:
-        cell_text = [[show_token(t) for t in row] for row in cell_text]
+        cell_text = [[show_token(t, LABEL_MAX) for t in row] for row in cell_text]
         scale = ""
-    # wide enough for the values, and for a few characters of each column's token
-    width = cell_width or max(1 + max([len(t) for row in cell_text for t in row] + [2]), 5)
-    table = Table(box=None, padding=(0, 0), show_edge=False, pad_edge=False)
-    table.add_column("", justify="right", no_wrap=True)
-    for c in col_labels:
-        table.add_column(
-            Text(" " + show_token(str(c), width - 1), style="bold"), justify="left", no_wrap=True, min_width=width
-        )
-    for i, row_label in enumerate(row_labels):
-        cells = [Text(show_token(str(row_label), 14), style="bold")]
+    cols = [show_token(str(c), LABEL_MAX) for c in col_labels]
+    rows = [show_token(str(r), LABEL_MAX) for r in row_labels]
+    # wide enough for the values and the column labels, with a space before each
+    width = max([1 + len(t) for row in cell_text for t in row] + [1 + len(c) for c in cols] + [cell_width or 5])
+    cells = []
+    for i in range(m.shape[0]):
+        row = []
         for j in range(m.shape[1]):
             bg = rgb(m[i, j].item(), lo, hi, center is not None)
-            core = show_token(cell_text[i][j], width - 1)
+            core = cell_text[i][j]
             text = " " + (core.rjust(width - 1) if numeric else core.ljust(width - 1))
-            cells.append(Text(text, style=Style(bgcolor=f"rgb{bg}", color=_ink(bg))))
-        table.add_row(*cells)
-    # the title on its own line: a table's title would wrap to the table's (narrow) width
-    return Group(Text(title + scale, style="bold"), table) if title else Group(table)
+            row.append(Text(text, style=Style(bgcolor=f"rgb{bg}", color=_ink(bg))))
+        cells.append(row)
+    return Heatmap(title + scale if title else "", rows, cols, cells, width)
 
 
 def heatmap_html(
@@ -208,11 +257,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def rich_table(headers: list[str], rows: list[list], title: str = "") -> Group:
-    """A plain table; its title on its own line above it (a table title wraps to the table's width)."""
+def rich_table(
+    headers: list[str], rows: list[list], title: str = "", justify: list[str] | None = None, keep: int = 1
+) -> Group:
+    """A plain table; its title on its own line above it (a table title wraps to the table's width).
+    Too wide for the console, its cells wrap (long ones fold) rather than being cut, except the
+    first ``keep`` columns (names), which stay whole on one line."""
     table = Table()
-    for h in headers:
-        table.add_column(h, no_wrap=True)
+    for i, h in enumerate(headers):
+        table.add_column(
+            h,
+            overflow="fold",
+            no_wrap=i < keep,
+            justify=(justify or [])[i] if i < len(justify or []) else "left",
+        )
     for r in rows:
         table.add_row(*[Text(_fmt(v)) for v in r])
     return Group(Text(title, style="bold"), table) if title else Group(table)
@@ -237,40 +295,39 @@ def _effect_rows(e) -> list[list]:
     return [
         [
             i,
-            show_token(r["token"], 14),
-            show_token(r["base_top"], 14),
-            show_token(r["modified_top"], 14),
+            show_token(r["token"], LABEL_MAX),
+            show_token(r["base_top"], LABEL_MAX),
+            f"{r['base_prob']:.3f} → {r['base_prob'] + r['dprob']:.3f}",
+            f"{r['dlogp']:+.3f}",
             f"{r['kl']:.4f}",
-            f"{r['base_prob']:.3f}",
-            f"{r['dlogit']:+.3f}",
-            f"{r['dprob']:+.3f}",
-            "yes" if r["agree"] else "NO",
+            show_token(r["modified_top"], LABEL_MAX),
         ]
         for i, r in enumerate(e.rows())
     ]
 
 
-EFFECT_HEADERS = [
-    "pos",
-    "token",
-    "base top",
-    "modified top",
-    "KL (nats)",
-    "p(base top)",
-    "Δlogit",
-    "Δprob",
-    "top-1 same",
-]
+EFFECT_HEADERS = ["pos", "token", "base top", "p(base top) → modified", "Δlog p", "KL (nats)", "modified top"]
+EFFECT_JUSTIFY = ["right", "left", "left", "left", "right", "right", "left"]
+EFFECT_LEGEND = (
+    "Δlog p: change of the base top token's log-probability (nats; -0.69 halves it); KL(base || modified) "
+    "of the whole next-token distribution. Δlogit, the raw logit's change, is in --json: it can have the "
+    "opposite sign, as softmax only sees logits relative to each other."
+)
 
 
 def effect_table(e) -> Group:
     s = e.summary()
     title = "effect of " + ("; ".join(e.interventions) or "nothing")
+    p_last = s["last_base_prob"]
     line = Text(
-        f"mean KL {s['mean_kl']:.4f} nats, max {s['max_kl']:.4f}; top-1 agreement {s['top1_agreement']:.0%}; "
-        f"last position Δlogit {s['last_dlogit']:+.3f}, Δprob {s['last_dprob']:+.3f}"
+        f"last position: p(base top {show_token(e.top[-1])}) {p_last:.3f} → {p_last + s['last_dprob']:.3f}, "
+        f"Δlog p {s['last_dlogp']:+.3f}, KL {s['last_kl']:.4f} nats; over all positions: mean KL "
+        f"{s['mean_kl']:.4f} nats (max {s['max_kl']:.4f}), mean Δlog p {s['mean_dlogp']:+.3f}, "
+        f"top-1 token unchanged at {s['top1_agreement']:.0%} of positions"
     )
-    return Group(rich_table(EFFECT_HEADERS, _effect_rows(e), title), line)
+    return Group(
+        rich_table(EFFECT_HEADERS, _effect_rows(e), title, EFFECT_JUSTIFY), line, Text(EFFECT_LEGEND, style="dim")
+    )
 
 
 def effect_html(e) -> str:
@@ -278,7 +335,8 @@ def effect_html(e) -> str:
     cap = (
         "effect of "
         + ("; ".join(e.interventions) or "nothing")
-        + f" — mean KL {s['mean_kl']:.4f} nats, top-1 agreement {s['top1_agreement']:.0%}"
+        + f" — mean KL {s['mean_kl']:.4f} nats, mean Δlog p {s['mean_dlogp']:+.3f}, "
+        f"top-1 agreement {s['top1_agreement']:.0%}"
     )
     return html_table(EFFECT_HEADERS, _effect_rows(e), cap)
 
@@ -387,8 +445,8 @@ def shapes_renderable(t) -> Group:
         f"{t.model_name}: {c['family']}, n_layers={c['n_layers']} d_model={c['d_model']} n_heads={c['n_heads']} "
         f"n_kv_heads={c['n_kv_heads']} head_dim={c['head_dim']} d_ff={c['d_ff']} vocab={c['vocab_size']}"
     )
-    params = rich_table(["weight", "shape", "dims"], [[n, str(s), d] for n, s, d in t.params], "weights")
-    steps = [rich_table(SHAPE_HEADERS, _shape_rows(t, step), title) for step, title in SHAPE_TITLES.items()]
+    params = rich_table(["weight", "shape", "dims"], [[n, str(s), d] for n, s, d in t.params], "weights", keep=2)
+    steps = [rich_table(SHAPE_HEADERS, _shape_rows(t, step), title, keep=2) for step, title in SHAPE_TITLES.items()]
     return Group(head, params, *steps, *[Text(line) for line in _kv_lines(t)])
 
 
@@ -401,27 +459,93 @@ def shapes_html(t) -> str:
 # ----------------------------------------------------------------------------- induction
 
 
-def _induction_rows(r, n: int = 10) -> list[list]:
+def _role_rows(r, others: int = 5) -> list:
+    """The named heads (induction, then previous-token), then the heads not named whose ablation
+    removes most of the drop."""
+    named = [*r.induction_heads, *r.previous_token_heads]
+    rows = [r.ablation(h) for h in named]
+    rows = [a for a in rows if a is not None]
+    rows += [a for a in r.heads if (a.layer, a.head) not in named][:others]
+    return rows
+
+
+def _induction_rows(r) -> list[list]:
     return [
         [
             a.label,
-            f"{a.removed:.1%}",
-            f"{a.loss_first:.3f}",
-            f"{a.loss_second:.3f}",
+            a.role or "-",
             f"{a.score:.3f}",
             f"{a.prev_score:.3f}",
+            f"{a.removed:.1%}",
+            f"{a.loss_second:.3f}",
         ]
-        for a in r.heads[:n]
+        for a in _role_rows(r)
     ]
 
 
-INDUCTION_HEADERS = ["head", "drop removed", "loss 1st", "loss 2nd", "induction attn", "prev-token attn"]
+INDUCTION_HEADERS = ["head", "role", "induction score", "prev-token score", "drop removed (ablated)", "loss 2nd"]
+INDUCTION_JUSTIFY = ["left", "left", "right", "right", "right", "right"]
+
+
+def _heads_list(r, heads, key) -> str:
+    if not heads:
+        return "none"
+    parts = []
+    for h in heads:
+        score = (r.scores if key == "induction" else r.prev_scores)[h].item()
+        parts.append(f"{h[0]}.{h[1]} ({score:.2f})")
+    return ", ".join(parts)
+
+
+def induction_summary(r) -> list[str]:
+    """The named heads and the circuit, in sentences."""
+    induction_min, previous_min = r.thresholds
+    lines = [
+        f"induction heads (induction score ≥ {induction_min:g}: attend to the token after the earlier occurrence): "
+        + _heads_list(r, r.induction_heads, "induction"),
+        f"previous-token heads (previous-token score ≥ {previous_min:g}: attend to the token before): "
+        + _heads_list(r, r.previous_token_heads, "previous"),
+    ]
+    # each induction head's main feeder: the earlier previous-token head whose ablation leaves the
+    # least of its induction score (a link counts when it takes away at least a quarter of it)
+    feeder: dict = {}
+    for c in r.circuit:
+        if c.kept <= 0.75 and (c.induction_head not in feeder or c.kept < feeder[c.induction_head].kept):
+            feeder[c.induction_head] = c
+    by_prev: dict = {}
+    for c in feeder.values():
+        by_prev.setdefault(c.prev_head, []).append(c)
+    for prev, links in sorted(by_prev.items(), key=lambda kv: -len(kv[1])):
+        links.sort(key=lambda c: -c.score)
+        many = len(links) > 1
+        lines.append(
+            f"circuit: previous-token head {prev[0]}.{prev[1]} feeds induction head{'s' if many else ''} "
+            + ", ".join(f"{c.induction_head[0]}.{c.induction_head[1]}" for c in links)
+            + f"; with {prev[0]}.{prev[1]} ablated, {'their' if many else 'its'} induction score"
+            + ("s fall " if many else " falls ")
+            + ", ".join(f"{c.score:.2f} → {c.score_ablated:.2f}" for c in links)
+        )
+    if not by_prev:
+        lines.append(
+            "circuit: no previous-token head that the induction heads depend on was found"
+            if r.induction_heads
+            else "circuit: no head attends inductively in this model"
+        )
+    return lines
 
 
 def induction_renderable(r) -> Group:
     head = Text(
         f"{r.n_seqs} sequences of {r.seq_len} random tokens, repeated: mean loss {r.loss_first:.3f} nats on the first "
         f"repeat, {r.loss_second:.3f} on the second (drop {r.drop:.3f}); {r.seconds:.1f} s"
+    )
+    summary = [Text(line) for line in induction_summary(r)]
+    heads = rich_table(
+        INDUCTION_HEADERS,
+        _induction_rows(r),
+        "heads by role, then the other heads whose ablation removes most of the drop (scores: mean attention "
+        "from the second repeat)",
+        INDUCTION_JUSTIFY,
     )
     layers = heatmap_table(
         torch.tensor([[a.removed for a in r.layers]]),
@@ -430,17 +554,12 @@ def induction_renderable(r) -> Group:
         title="each layer ablated (all heads zeroed): fraction of the drop removed, by layer",
         center=0.0,
     )
-    heads = rich_table(
-        INDUCTION_HEADERS,
-        _induction_rows(r),
-        "single heads of the top layers, by drop removed (induction attn: to the token after the earlier "
-        "occurrence; prev-token attn: to the token before)",
-    )
-    return Group(head, layers, heads)
+    return Group(head, *summary, heads, layers)
 
 
 def induction_html(r) -> str:
     cap = f"loss first repeat {r.loss_first:.3f}, second {r.loss_second:.3f} nats (drop {r.drop:.3f})"
+    summary = "".join(f"<p>{html.escape(line)}</p>" for line in induction_summary(r))
     heads = html_table(INDUCTION_HEADERS, _induction_rows(r), cap)
     scores = heatmap_html(
         r.scores,
@@ -448,4 +567,4 @@ def induction_html(r) -> str:
         [f"H{h}" for h in range(r.scores.shape[1])],
         title="attention induction score per head",
     )
-    return heads + scores
+    return summary + heads + scores

@@ -71,6 +71,12 @@ class LensResult:
 
         return lens_table(self)
 
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
+
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import lens_html
 

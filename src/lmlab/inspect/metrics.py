@@ -1,7 +1,10 @@
 """Effect metrics: how much an intervention changed the model, against the unmodified run.
 
-Per position: KL(base || modified) in nats, the change of the base top token's logit and
-probability, and whether the top-1 token still agrees. For generation: the same prompt and
+Per position: KL(base || modified) in nats and the change of the base top token's log-probability
+(what a learner can read: -0.69 halves its probability), with its probability before and after,
+and whether the top-1 token still agrees. The change of its raw logit is kept as a detail: it can
+have the opposite sign of the log-probability's, because softmax only sees logits relative to
+each other (when every logit rises by 2 and this one by 1, its probability falls). For generation: the same prompt and
 seed with and without the intervention, side by side, with the first token where they part.
 """
 
@@ -30,19 +33,21 @@ def kl_per_position(base_logits: torch.Tensor, mod_logits: torch.Tensor) -> torc
 
 
 def top_token_change(base_logits: torch.Tensor, mod_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """For the base run's top token at each position: its id, its logit and probability in the
-    base run, and their change (modified - base). Each (...)."""
+    """For the base run's top token at each position: its id, its logit, log-probability and
+    probability in the base run, and their change (modified - base). Each (...)."""
     top = base_logits.argmax(-1, keepdim=True)
     base_logit = base_logits.float().gather(-1, top).squeeze(-1)
     mod_logit = mod_logits.float().gather(-1, top).squeeze(-1)
-    base_prob = base_logits.float().softmax(-1).gather(-1, top).squeeze(-1)
-    mod_prob = mod_logits.float().softmax(-1).gather(-1, top).squeeze(-1)
+    base_logp = base_logits.float().log_softmax(-1).gather(-1, top).squeeze(-1)
+    mod_logp = mod_logits.float().log_softmax(-1).gather(-1, top).squeeze(-1)
     return {
         "top_id": top.squeeze(-1),
         "base_logit": base_logit,
         "dlogit": mod_logit - base_logit,
-        "base_prob": base_prob,
-        "dprob": mod_prob - base_prob,
+        "base_logp": base_logp,
+        "dlogp": mod_logp - base_logp,
+        "base_prob": base_logp.exp(),
+        "dprob": mod_logp.exp() - base_logp.exp(),
     }
 
 
@@ -62,11 +67,12 @@ class Effect:
     top: list[str]  # the base run's top next token at each position
     mod_top: list[str]  # the modified run's
     kl: list[float]  # nats
-    base_prob: list[float]
-    dlogit: list[float]
-    dprob: list[float]
+    base_prob: list[float]  # probability of the base top token, unmodified
+    dlogit: list[float]  # change of its raw logit (a detail: see the module docstring)
+    dprob: list[float]  # change of its probability
     agree: list[bool]
     interventions: list[str] = field(default_factory=list)
+    dlogp: list[float] = field(default_factory=list)  # change of its log-probability (nats)
 
     @property
     def mean_kl(self) -> float:
@@ -82,13 +88,16 @@ class Effect:
             "max_kl": max(self.kl),
             "last_kl": self.kl[-1],
             "top1_agreement": self.agreement,
+            "mean_dlogp": sum(self.dlogp) / len(self.dlogp),
+            "last_dlogp": self.dlogp[-1],
+            "last_base_prob": self.base_prob[-1],
             "last_dlogit": self.dlogit[-1],
             "last_dprob": self.dprob[-1],
         }
 
     def rows(self) -> list[dict]:
-        keys = ("tokens", "top", "mod_top", "kl", "base_prob", "dlogit", "dprob", "agree")
-        names = ("token", "base_top", "modified_top", "kl", "base_prob", "dlogit", "dprob", "agree")
+        keys = ("tokens", "top", "mod_top", "kl", "base_prob", "dlogp", "dlogit", "dprob", "agree")
+        names = ("token", "base_top", "modified_top", "kl", "base_prob", "dlogp", "dlogit", "dprob", "agree")
         return [{n: getattr(self, k)[i] for n, k in zip(names, keys)} for i in range(len(self.tokens))]
 
     def to_dict(self) -> dict:
@@ -98,6 +107,12 @@ class Effect:
         from lmlab.inspect.display import effect_table
 
         return effect_table(self)
+
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
 
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import effect_html
@@ -125,6 +140,7 @@ def effect(lm, prompt, *interventions) -> Effect:
         dprob=change["dprob"].tolist(),
         agree=(base.argmax(-1) == mod.argmax(-1)).tolist(),
         interventions=[iv.describe() for iv in ivs],
+        dlogp=change["dlogp"].tolist(),
     )
 
 
@@ -174,6 +190,12 @@ class GenerationDiff:
 
         return generation_diff_table(self)
 
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
+
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import generation_diff_html
 
@@ -201,3 +223,55 @@ def generation_diff(
         seed=seed,
         interventions=[iv.describe() for iv in ivs],
     )
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def _as_words(prompt: str, text: str) -> str:
+    """``text`` as the words that would follow ``prompt`` ('love' after 'I think you are' -> ' love')."""
+    text = text.strip()
+    return text if not prompt or prompt[-1].isspace() else " " + text
+
+
+@torch.inference_mode()
+def continuation_logprob(lm, prompt: str, continuation: str) -> float:
+    """log p(continuation | prompt) in nats: the sum over the continuation's tokens."""
+    ids = lm.encode(prompt)
+    cont = lm.tokenizer.encode(continuation, add_special=False)
+    x = torch.tensor([ids + cont], device=lm.device)
+    logp = model_of(lm)(x)[0, len(ids) - 1 : -1].float().log_softmax(-1)  # (len(cont), V)
+    return logp.gather(-1, torch.tensor(cont, device=logp.device)[:, None]).sum().item()
+
+
+@torch.inference_mode()
+def perplexity_of(lm, prompt, token_ids: list[int]) -> float:
+    """The model's perplexity of generated tokens after the prompt (exp of their mean loss, nats):
+    low for text the model finds fluent."""
+    if not token_ids:
+        return float("nan")
+    ids = as_token_ids(lm, prompt)[0].tolist()
+    x = torch.tensor([ids + list(token_ids)], device=lm.device)
+    logp = model_of(lm)(x)[0, len(ids) - 1 : -1].float().log_softmax(-1)
+    nll = -logp.gather(-1, x[0, len(ids) :, None]).mean()
+    return nll.exp().item()
+
+
+def steering_shift(lm, prompt: str, toward: str, away: str, interventions, diff: GenerationDiff | None) -> dict:
+    """What steering changed, in two numbers a learner can read:
+
+    - preference: log p(toward) - log p(away) as the words right after the prompt (nats), without
+      and with the steering: how much more the model leans toward the one than the other;
+    - fluency: the unmodified model's perplexity of each generated continuation (``diff``): near
+      the unsteered one's, the steered text still reads as language; far above it, it is broken.
+    """
+    ivs = flatten([interventions])
+    t, a = _as_words(prompt, toward), _as_words(prompt, away)
+    base = continuation_logprob(lm, prompt, t) - continuation_logprob(lm, prompt, a)
+    with intervene(lm, ivs):
+        steered = continuation_logprob(lm, prompt, t) - continuation_logprob(lm, prompt, a)
+    out = {"toward": t, "away": a, "preference_base": base, "preference_steered": steered}
+    if diff is not None:
+        out["perplexity_base_text"] = perplexity_of(lm, prompt, diff.base_ids)
+        out["perplexity_steered_text"] = perplexity_of(lm, prompt, diff.mod_ids)
+    return out

@@ -105,9 +105,12 @@ class PatchingResult:
     restored: torch.Tensor  # (L, P) fraction of the clean-corrupt gap restored
 
     def column_labels(self) -> list[str]:
+        """Each position's token, 'clean/corrupted' where the two differ (whitespace made visible)."""
+        from lmlab.inspect.display import show_token
+
         out = []
         for p in self.positions:
-            a, b = self.clean_tokens[p], self.corrupt_tokens[p]
+            a, b = show_token(self.clean_tokens[p]), show_token(self.corrupt_tokens[p])
             out.append(a if a == b else f"{a}/{b}")
         return out
 
@@ -142,6 +145,12 @@ class PatchingResult:
             title=f"patching {self.point}: fraction of logit({self.answer!r}) - logit({self.wrong!r}) restored",
             center=0.0,
         )
+
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
 
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import heatmap_html

@@ -65,6 +65,12 @@ class ShapeTrace:
 
         return shapes_renderable(self)
 
+    def __str__(self) -> str:
+        """print() shows what a terminal shows, as plain text."""
+        from lmlab.inspect.display import as_text
+
+        return as_text(self)
+
     def _repr_html_(self) -> str:
         from lmlab.inspect.display import shapes_html
 

@@ -45,14 +45,22 @@ def parse_device(device) -> torch.device:
 
 def load(
     name_or_path,
-    dtype="float32",
+    dtype=None,
     device="cpu",
     *,
+    quant: str | None = None,
     overrides: dict | None = None,
     n_layers: int | None = None,
     prepack: bool | None = None,
 ):
     """Load a model and its tokenizer; returns an ``lmlab.LM``.
+
+    dtype: the weights' and activations' dtype (float32 when not given). For a GGUF file, a dtype
+        given explicitly dequantizes its weights into that dtype.
+    quant: keep the weights quantized (``lmlab.quant``): "native" runs a GGUF file's own blocks
+        (the default for a GGUF file on the CPU when no dtype is given and the native code is
+        built); "q8" / "q4" quantize a float model at load, per block of 32 values; "none" never
+        quantizes. Activations stay float32, so hooks see float tensors.
 
     overrides: ModelConfig fields to change at load time (e.g. rope_theta, max_seq_len).
     n_layers: keep only the first n blocks (the rest are never read into memory).
@@ -64,8 +72,10 @@ def load(
     from lmlab.lm import LM
 
     t0 = time.perf_counter()
+    explicit_dtype = dtype is not None
     dtype, device = parse_dtype(dtype), parse_device(device)
     res = resolve(name_or_path)
+    quant = _choose_quant(quant, res, explicit_dtype, dtype, device)
     if res.kind == "gguf":
         from lmlab.loading.gguf import GGUFSource
 
@@ -88,21 +98,71 @@ def load(
 
             tokenizer = Tokenizer.from_hf_dir(res.path)
     cfg = _apply_overrides(cfg, overrides, n_layers)
-    tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
-    model = build_model(cfg, tensors, dtype, device)
+    if quant:
+        from lmlab.quant.build import build, float_tensors_quantized, gguf_tensors
+
+        if quant == "native":
+            model = build(cfg, gguf_tensors(cfg, source))
+        else:
+            tensors = lmlab_tensors(cfg, source, torch.float32, transpose_conv1d=res.kind != "nanogpt")
+            model = build(cfg, float_tensors_quantized(cfg, tensors, quant))
+    else:
+        tensors = lmlab_tensors(cfg, source, dtype, transpose_conv1d=res.kind != "nanogpt")
+        model = build_model(cfg, tensors, dtype, device)
     from lmlab import kernels
 
     kernels.speed_up(model)
-    packed_bytes = _prepack(model, dtype, device, prepack)
+    packed_bytes = 0 if quant else _prepack(model, dtype, device, prepack)
     if device.type == "cpu":
         from lmlab import native
 
         native.available()  # build the native code now (once per machine, ~2 s): load time, not the first token's
     lm = LM(model, tokenizer, name=str(name_or_path), resolved=res, dtype=dtype, load_seconds=time.perf_counter() - t0)
     lm.packed_bytes = packed_bytes
+    lm.quant = quant or "none"
     if res.kind == "gguf":
         lm.source_tensor_types = source.tensor_types()  # quant type of each tensor on disk
     return lm
+
+
+def _choose_quant(quant, res: Resolved, explicit_dtype: bool, dtype: torch.dtype, device: torch.device) -> str | None:
+    """The quantization a load runs (None: float weights), or an LmlabError for a combination
+    that cannot run."""
+    from lmlab.quant import QUANTS
+
+    name = str(res.path)
+    if quant in (None, "", "auto"):
+        if res.kind != "gguf" or explicit_dtype or device.type != "cpu":
+            return None
+        from lmlab import native
+        from lmlab.host import env_flag
+
+        if not env_flag("LMLAB_QUANT", True) or not native.available():
+            return None  # no native kernels here: dequantize, as before
+        return "native"
+    quant = str(quant).lower()
+    if quant == "none":
+        return None
+    if quant not in QUANTS:
+        raise LmlabError(f"unknown quantization {quant!r}; use {', '.join(QUANTS)} or none.")
+    if device.type != "cpu":
+        raise LmlabError(f"quantized weights run on the CPU only; use --device cpu, or drop --quant {quant}.")
+    if explicit_dtype and dtype != torch.float32:
+        raise LmlabError(
+            f"--quant {quant} computes in float32 between its quantized matmuls; drop --dtype "
+            f"{str(dtype).removeprefix('torch.')} (or drop --quant to run that dtype)."
+        )
+    if quant == "native" and res.kind != "gguf":
+        raise LmlabError(
+            f"--quant native runs a GGUF file's own blocks, and {name} is not a GGUF file; "
+            "use --quant q8 or q4 to quantize it at load."
+        )
+    if quant in ("q8", "q4") and res.kind == "gguf":
+        raise LmlabError(
+            f"{name} is already quantized (a GGUF file); run it as it is with --quant native, "
+            f"or dequantize it with --dtype float32 before --quant {quant} would apply."
+        )
+    return quant
 
 
 def _prepack(model, dtype: torch.dtype, device: torch.device, prepack: bool | None) -> int:

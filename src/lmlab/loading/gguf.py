@@ -554,6 +554,29 @@ class GGUFSource:
             w = w.reshape(tuple(reversed(t.shape))).t().contiguous()
         return w if dtype == torch.float32 else w.to(dtype)
 
+    def raw(self, name: str, r0: int = 0, r1: int | None = None) -> tuple[torch.Tensor, str]:
+        """One tensor's blocks as stored, (rows, bytes per row) uint8, and its ggml type name: what
+        lmlab.quant repacks without dequantizing. Rows come in HF's order (llama.cpp's q/k
+        permutation undone, a permutation of whole rows); a "transpose" tensor (gpt2's) comes as
+        stored, (out, in), which is nn.Linear's layout. Norm offsets do not apply (norms are F32)."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise LmlabError(f"{self.path} has no tensor {name!r}; the file does not match this model's architecture.")
+        _, block_elems, block_bytes = _TYPE_BY_NAME[t.type_name]
+        shape = t.shape if t.transform[:1] != ("transpose",) else tuple(reversed(t.shape))
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        row_bytes = t.nbytes // rows
+        if t.transform[:1] == ("permute",):
+            r0, r1 = 0, None  # a permutation of rows: read them all (q and k projections are small)
+        r1 = rows if r1 is None else min(r1, rows)
+        out = torch.empty(r1 - r0, row_bytes, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as fh:
+            _read_into(fh, t.offset + r0 * row_bytes, out.view(-1), self.path, t.gguf_name)
+        if t.transform[:1] == ("permute",):
+            heads = t.transform[1]
+            out = out.reshape(heads, -1, 2, out.shape[1]).transpose(1, 2).reshape(rows, -1).contiguous()
+        return out, t.type_name
+
     def _read(self, t: _Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The tensor as stored (llama.cpp's layout), dequantized into ``dtype`` chunk by chunk."""
         shape = t.shape if t.transform[:1] != ("transpose",) else tuple(reversed(t.shape))

@@ -184,7 +184,7 @@ class Run:
             self._fallback_path = None
             return  # said with the JSON itself when the run ends (see _finish)
         sys.stderr.write(f"lmlab: could not record run {self.id} in {self._db_path} ({reason}); "
-                         f"it is being written to {path} instead.\n")
+                         f"it is being written to {path} instead (`lmlab runs import {path}` adds it later).\n")
 
     def _fallback_json(self) -> str:
         """The run as JSON, with why it is not in the store."""

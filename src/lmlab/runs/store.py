@@ -120,8 +120,20 @@ class StoreUnavailable(LmlabError):
 
     def __init__(self, path: Path, reason: str):
         self.path, self.reason = path, reason
-        super().__init__(f"could not use the run store at {path} ({reason}); free disk space, make the folder "
-                         "writable, or set LMLAB_HOME to another folder.")
+        if is_damage(reason):
+            super().__init__(f"the run store at {path} is damaged ({reason}); `lmlab runs check --move-aside` moves "
+                             "it aside (keeping every run it can still read) and starts a new one.")
+        else:
+            super().__init__(f"could not use the run store at {path} ({reason}); free disk space, make the folder "
+                             "writable, or set LMLAB_HOME to another folder.")
+
+
+DAMAGE_WORDS = ("not a database", "malformed", "corrupt", "disk image")
+
+
+def is_damage(reason: str) -> bool:
+    """Whether SQLite's complaint means the file itself is damaged (rather than full or unwritable)."""
+    return any(w in reason.lower() for w in DAMAGE_WORDS)
 
 
 def default_db_path() -> Path:
@@ -669,3 +681,114 @@ def diff_runs(a: dict, b: dict) -> dict:
             vb = None if vb is _MISSING else vb
             changes.append({"section": section, "key": key, "change": change, "a": va, "b": vb, "ratio": ratio(va, vb)})
     return {"a": a["id"], "b": b["id"], "changes": changes, "same": same}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a store, moving a damaged one aside, importing runs that fell back to a JSON file
+
+
+def check_store(path: str | os.PathLike | None = None) -> dict:
+    """Read-only health check of a store file: {'path', 'exists', 'ok', 'problems' (SQLite's
+    complaints), 'runs' (count, None if unreadable), 'schema' (user_version)}. Never writes."""
+    p = Path(path) if path is not None else default_db_path()
+    report = {"path": str(p), "exists": p.exists(), "ok": True, "problems": [], "runs": 0, "schema": None}
+    if not p.exists():
+        return report
+    try:
+        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as e:
+        return {**report, "ok": False, "problems": [_reason(e)], "runs": None}
+    try:
+        report["schema"] = conn.execute("PRAGMA user_version").fetchone()[0]
+        problems = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
+        report["problems"] = problems
+        report["runs"] = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error as e:
+        report["problems"].append(_reason(e))
+        report["runs"] = None if report["runs"] == 0 else report["runs"]
+    finally:
+        conn.close()
+    report["ok"] = not report["problems"]
+    return report
+
+
+def _readable_rows(path: Path) -> list[dict]:
+    """Every run row that can still be read from a (damaged) store file, as column -> raw value."""
+    rows: list[dict] = []
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return rows
+    try:
+        have = [r[1] for r in conn.execute("PRAGMA table_info(runs)").fetchall() if r[1] in COLUMNS]
+        if "id" not in have:
+            return rows
+        cursor = conn.execute(f"SELECT {', '.join(have)} FROM runs")
+        while True:
+            try:
+                row = cursor.fetchone()
+            except sqlite3.Error:
+                break  # a damaged page: keep what came before it
+            if row is None:
+                break
+            rows.append(dict(zip(have, row)))
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+    return rows
+
+
+def move_aside(path: str | os.PathLike | None = None) -> dict:
+    """Rename a (damaged) store file and its WAL/SHM files to runs.db.damaged-<time>, start a new
+    store in its place and copy into it every run still readable from the old one.
+    Returns {'moved_to': path, 'recovered': count}."""
+    p = Path(path) if path is not None else default_db_path()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = p.with_name(f"{p.name}.damaged-{stamp}")
+    try:
+        p.rename(target)
+        for suffix in ("-wal", "-shm"):
+            side = p.with_name(p.name + suffix)
+            if side.exists():
+                side.rename(target.with_name(target.name + suffix))
+    except OSError as e:
+        raise LmlabError(f"could not move {p} aside ({e.strerror or e}); move it by hand, e.g. "
+                         f"mv {p} {target}") from e
+    rows = _readable_rows(target)
+    recovered = 0
+    with RunStore(p) as store:
+        for row in rows:
+            names = list(row)
+            try:
+                recovered += store._write(f"INSERT OR IGNORE INTO runs ({', '.join(names)}) "
+                                          f"VALUES ({', '.join('?' * len(names))})", tuple(row.values()))
+            except sqlite3.Error:
+                continue
+    return {"moved_to": str(target), "recovered": recovered}
+
+
+def _unix(value: Any) -> float | None:
+    """ISO-8601 text (as RunStore.get returns) or unix seconds -> unix seconds."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    return _dt.datetime.fromisoformat(str(value)).timestamp()
+
+
+def import_run(store: RunStore, run: dict) -> str:
+    """Add a run given as the dict ``RunStore.get`` returns (e.g. the JSON file a run falls back to
+    when the store cannot be written). Returns its id; refuses an id that is already stored."""
+    if not isinstance(run, dict) or not run.get("id") or not run.get("command") or not run.get("created"):
+        raise LmlabError("this is not an lmlab run (it needs an id, a command and a created time); pass a file "
+                         "that lmlab wrote, e.g. /tmp/lmlab-run-<id>.json.")
+    if store._read("SELECT 1 FROM runs WHERE id = ?", (run["id"],)):
+        raise LmlabError(f"run {run['id']} is already in the store at {store.path}; nothing to import.")
+    row = {c: run.get(c) for c in COLUMNS}
+    try:
+        row["created"], row["finished"] = _unix(run["created"]), _unix(run.get("finished"))
+    except ValueError as e:
+        raise LmlabError(f"run {run['id']} has a time lmlab cannot read ({e}); pass the file as lmlab wrote it.") from e
+    if row["status"] == "running":  # its process is gone: it never finished
+        row["status"] = "interrupted" if row["finished"] else "running"
+    store.insert_run(row)
+    return row["id"]

@@ -1,0 +1,420 @@
+"""Quantized weights: GGUF blocks kept as they are (repacked, never dequantized), and lmlab's q8/q4.
+
+Two layouts of lmlab's own hold every quantized matrix (``csrc/quant.c`` documents them):
+
+- ``Q8``: int8 values and one float scale per group of 32 (16 for Q6_K): w = scale * q.
+  Holds GGUF's Q8_0, Q5_0 (q - 16) and Q6_K (q - 32, scale d * sc), and lmlab's ``q8``.
+- ``Q4``: 4-bit values, a float scale d and a float min m per group of 32: w = d * q + m.
+  Holds GGUF's Q4_0 (m = -8 d), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
+  Interleaved by pairs of groups (``pack_nibbles``): one group in the low nibbles of 32 bytes,
+  the next in their high nibbles, so the kernel unpacks one whole group per register.
+
+Repacking moves bytes and widens the scales to float32; every value stays exactly the file's
+(tests compare with ``loading.gguf.dequantize`` bit for bit). A matrix stacked from several
+tensors (q, k, v; gate, up) keeps one part per tensor, each in its own layout.
+
+``QuantLinear`` and ``QuantEmbedding`` take the place of a model's ``nn.Linear`` and
+``nn.Embedding`` (``quant.build``): a decoding step (one token per row, up to ``NATIVE_ROWS``
+rows) goes through the native integer kernel (the input quantized to int8 per 32 values); a
+prompt (prefill) or more rows through a float GEMM on the weights dequantized one tile of rows
+at a time, so prefill computes what the dequantized float model computes. The
+native decoding step reads the same parts (``lmlab.native``).
+
+Float models quantize at load (``lmlab.load(MODEL, quant="q8"|"q4")``): groups of 32 values,
+q8 as GGUF's Q8_0 (scale max|w| / 127), q4 as GGUF's Q4_1 (scale (max - min) / 15 and the
+min), both scales rounded to float16 as the GGUF blocks store them, so ``lmlab quantize``
+writes exactly what was run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab import native
+from lmlab.errors import LmlabError
+
+Q8, Q4 = 1, 2  # LMLAB_Q8, LMLAB_Q4 in csrc/quant.h
+GROUP = 32  # values per scale in lmlab's q8 and q4
+NATIVE_ROWS = 8  # rows of input the integer kernel takes; more rows dequantize a tile into a GEMM
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")  # GGUF block types kept as they are
+QUANTS = ("native", "q8", "q4")  # what lmlab.load(quant=...) takes
+TILE_VALUES = 1 << 19  # values of W dequantized at a time for a GEMM (2 MB of float32)
+
+
+class QuantPart:
+    """Rows of a matrix in one layout: q (rows, K) int8 or (rows, K / 2) uint8; scale and min
+    (rows, K / group) float32 (min: Q4 only)."""
+
+    __slots__ = ("kind", "group", "q", "scale", "min", "source_type")
+
+    def __init__(self, kind, group, q, scale, min=None, source_type=""):
+        self.kind, self.group, self.q, self.scale, self.min = kind, group, q, scale, min
+        self.source_type = source_type  # the GGUF type it came from, or lmlab's q8/q4
+
+    @property
+    def rows(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min) if t is not None)
+
+
+class QuantWeight:
+    """A quantized (N, K) matrix: parts stacked by rows. ``struct`` is the C view of it."""
+
+    def __init__(self, parts: list[QuantPart], K: int):
+        if not 1 <= len(parts) <= native.QPARTS:
+            raise LmlabError(f"a quantized matrix takes 1 to {native.QPARTS} parts, got {len(parts)}.")
+        self.parts, self.K = parts, K
+        self.shape = (sum(p.rows for p in parts), K)
+        self._struct = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def types(self) -> list[str]:
+        return [p.source_type for p in self.parts]
+
+    @property
+    def struct(self) -> native.QMat:
+        if self._struct is None:
+            s = native.QMat(n_parts=len(self.parts))
+            for i, p in enumerate(self.parts):
+                s.parts[i] = native.QPart(
+                    type=p.kind,
+                    rows=p.rows,
+                    group=p.group,
+                    q=p.q.data_ptr(),
+                    scale=p.scale.data_ptr(),
+                    min=p.min.data_ptr() if p.min is not None else None,
+                )
+            self._struct = s
+        return self._struct
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) as float32 (r1 - r0, K)."""
+        out = torch.empty(r1 - r0, self.K)
+        lib = native._usable()
+        if lib is not None:
+            lib.lmlab_q_dequant_rows(ctypes.byref(self.struct), self.K, r0, r1, out.data_ptr())
+            return out
+        start = 0
+        for p in self.parts:
+            a, b = max(r0, start), min(r1, start + p.rows)
+            if a < b:
+                out[a - r0 : b - r0] = dequantize_part(p, a - start, b - start)
+            start += p.rows
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+def pack_nibbles(v: torch.Tensor) -> torch.Tensor:
+    """(n, groups, 32) values 0..15 -> (n, groups * 16) bytes in the Q4 layout: groups 2c and
+    2c + 1 share 32 bytes (the first in the low nibbles); a last group alone keeps Q4_0's order
+    (values j and j + 16 in byte j)."""
+    n, G, _ = v.shape
+    pairs = v[:, : G - G % 2].reshape(n, G // 2, 2, 32)
+    out = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1)
+    if G % 2:
+        last = v[:, -1]
+        out = torch.cat([out, last[:, :16] | (last[:, 16:] << 4)], dim=1)
+    return out.contiguous()
+
+
+def unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``pack_nibbles`` undone: (n, groups * 16) bytes -> (n, groups, 32) uint8 values."""
+    n, G = q.shape[0], q.shape[1] // 16
+    body = q[:, : (G - G % 2) * 16].reshape(n, G // 2, 1, 32)
+    v = torch.cat([body & 15, body >> 4], dim=2).reshape(n, G - G % 2, 32)
+    if G % 2:
+        last = q[:, -16:]
+        v = torch.cat([v, torch.cat([last & 15, last >> 4], dim=1)[:, None]], dim=1)
+    return v
+
+
+def dequantize_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """The reference: rows [r0, r1) of a part as float32, in torch (the C code must agree)."""
+    r1 = p.rows if r1 is None else r1
+    if p.kind == Q8:
+        q = p.q[r0:r1].float()
+        return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None]).reshape(q.shape)
+    v = unpack_nibbles(p.q[r0:r1]).float()  # (n, groups, 32)
+    return (v * p.scale[r0:r1, :, None] + p.min[r0:r1, :, None]).reshape(v.shape[0], -1)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies instead of x: x rounded to int8 per group of 32 (sx = max|x| / 127),
+    as floats. The reference the tests hold the native kernel to."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(g * inv) * d).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- GGUF blocks -> parts
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
+    """GGUF blocks (rows, bytes per row) uint8 -> a part with exactly the same values."""
+    from lmlab.loading.gguf import GGML_TYPES, _bits, _k_low4, _k_scales, _nibbles
+
+    sizes = {name: (be, bb) for name, be, bb in GGML_TYPES.values()}
+    if type_name not in GGUF_TYPES:
+        raise LmlabError(
+            f"GGUF type {type_name} cannot run quantized in lmlab (it runs {', '.join(GGUF_TYPES)}); "
+            "load the model with --dtype float32 or bfloat16 to dequantize it."
+        )
+    rows = raw.shape[0]
+    be, bb = sizes[type_name]
+    b = raw.reshape(-1, bb)
+    K = raw.shape[1] // bb * be
+    if type_name == "Q8_0":
+        q = b[:, 2:].view(torch.int8).reshape(rows, K)  # a copy: the quants without the scales between them
+        return QuantPart(Q8, 32, q, _f16(b[:, :2]).reshape(rows, -1), source_type=type_name)
+    if type_name == "Q5_0":
+        q = (_nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4)).view(torch.int8) - 16
+        return QuantPart(Q8, 32, q.reshape(rows, K), _f16(b[:, :2]).reshape(rows, -1), source_type=type_name)
+    if type_name == "Q6_K":
+        ql = b[:, 0:128].reshape(-1, 2, 1, 64)
+        low = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+        high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
+        q = (low | (high << 4)).view(torch.int8) - 32
+        scale = _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()  # (blocks, 16)
+        return QuantPart(Q8, 16, q.reshape(rows, K), scale.reshape(rows, -1), source_type=type_name)
+    if type_name in ("Q4_0", "Q4_1"):
+        off = 2 if type_name == "Q4_0" else 4
+        d = _f16(b[:, :2])
+        m = -8 * d if type_name == "Q4_0" else _f16(b[:, 2:4])
+        q = pack_nibbles(_nibbles(b[:, off : off + 16]).reshape(rows, K // 32, 32))
+        return QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name)
+    # Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins; nibbles repacked to Q4_0's order
+    sc, mn = _k_scales(b[:, 4:16])
+    d = _f16(b[:, 0:2]) * sc
+    m = -(_f16(b[:, 2:4]) * mn)
+    q = pack_nibbles(_k_low4(b[:, 16:144]).reshape(rows, K // 32, 32))
+    return QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name)
+
+
+def to_gguf_blocks(p: QuantPart) -> tuple[np.ndarray, str]:
+    """A part of lmlab's own q8 / q4 -> GGUF blocks (Q8_0 / Q4_1) with the same values."""
+    rows = p.rows
+    if p.kind == Q8 and p.group == 32:
+        d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)
+        blocks = torch.cat([d.reshape(-1, 2), p.q.reshape(-1, 32).view(torch.uint8)], dim=1)
+        return blocks.reshape(rows, -1).numpy(), "Q8_0"
+    if p.kind == Q4:
+        d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
+        m = p.min.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
+        v = unpack_nibbles(p.q).reshape(-1, 32)
+        blocks = torch.cat([d, m, v[:, :16] | (v[:, 16:] << 4)], dim=1)
+        return blocks.reshape(rows, -1).numpy(), "Q4_1"
+    raise LmlabError(f"a {p.source_type} part has no GGUF block of lmlab's own; quantize from the float model.")
+
+
+# ----------------------------------------------------------------------------- float -> q8 / q4
+
+
+def quantize(w: torch.Tensor, kind: str) -> QuantPart:
+    """A float (N, K) matrix -> lmlab's q8 (GGUF Q8_0's rule) or q4 (GGUF Q4_1's), groups of 32."""
+    N, K = w.shape
+    if K % GROUP:
+        raise LmlabError(
+            f"--quant {kind} needs rows that are a multiple of its block of {GROUP} values, but a {N}x{K} "
+            f"matrix has rows of {K}; load this model with --dtype instead."
+        )
+    g = w.detach().float().reshape(N, K // GROUP, GROUP)
+    if kind == "q8":
+        d = (g.abs().amax(-1, keepdim=True) / 127).half().float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        q = torch.round(g * inv).clamp(-127, 127).to(torch.int8)
+        return QuantPart(Q8, GROUP, q.reshape(N, K), d.reshape(N, -1), source_type="q8")
+    if kind == "q4":
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        d = ((hi - lo) / 15).half().float()
+        m = lo.half().float()
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        v = torch.round((g - m) * inv).clamp(0, 15).to(torch.uint8)  # (N, groups, 32)
+        return QuantPart(Q4, GROUP, pack_nibbles(v), d.reshape(N, -1), m.reshape(N, -1), source_type="q4")
+    raise LmlabError(f"unknown quantization {kind!r}; use q8 or q4 (or native for a GGUF file).")
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class QuantMatrixView:
+    """What ``module.weight`` gives for a quantized module: shape, dtype and device like the float
+    weight, and rows dequantized on indexing (``weight[ids]``); ``float()`` dequantizes it all."""
+
+    def __init__(self, qweight: QuantWeight):
+        self.qweight = qweight
+        self.shape = torch.Size(qweight.shape)
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.requires_grad = False
+
+    def data_ptr(self) -> int:
+        return self.qweight.parts[0].q.data_ptr()
+
+    def element_size(self) -> int:
+        return 4
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dim(self) -> int:
+        return 2
+
+    def float(self) -> torch.Tensor:
+        return self.qweight.dequantize()
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, int):
+            return self.qweight.rows(idx, idx + 1)[0]
+        ids = torch.as_tensor(idx)
+        return torch.stack([self.qweight.rows(int(i), int(i) + 1)[0] for i in ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+def _register(module: nn.Module, qweight: QuantWeight) -> None:
+    """The parts' tensors as buffers: counted by state_dict and by the bench's stored bytes."""
+    for i, p in enumerate(qweight.parts):
+        module.register_buffer(f"q{i}", p.q, persistent=True)
+        module.register_buffer(f"scale{i}", p.scale, persistent=True)
+        if p.min is not None:
+            module.register_buffer(f"min{i}", p.min, persistent=True)
+
+
+class QuantLinear(nn.Module):
+    """``x @ W.T + b`` with W quantized: the native integer kernel for a few rows (decoding), a
+    float GEMM on W dequantized one tile of rows at a time for more (prefill)."""
+
+    def __init__(self, qweight: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        _register(self, qweight)
+
+    @property
+    def weight(self) -> QuantMatrixView:
+        return QuantMatrixView(self.qweight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, types={'+'.join(self.qweight.types)}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept quantized: a lookup dequantizes the rows it reads."""
+
+    def __init__(self, qweight: QuantWeight):
+        super().__init__()
+        self.qweight = qweight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        _register(self, qweight)
+
+    @property
+    def weight(self) -> QuantMatrixView:
+        return QuantMatrixView(self.qweight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), self.embedding_dim)
+        for j, i in enumerate(flat):
+            if not 0 <= i < self.num_embeddings:
+                raise IndexError(f"token id {i} is out of range for an embedding of {self.num_embeddings} rows")
+            out[j] = self.qweight.rows(i, i + 1)[0]
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+
+def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a quantized W (float32 x, any leading shape)."""
+    N, K = qw.shape
+    rows = x.numel() // K if K else 0
+    x2 = x.reshape(rows, K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    lib = native._usable()
+    grad = torch.is_grad_enabled() and x.requires_grad
+    one_token_per_row = x.dim() < 3 or x.shape[-2] == 1  # decoding; a prompt (T > 1) takes the GEMM
+    if lib is not None and not grad and 1 <= rows <= NATIVE_ROWS and one_token_per_row:
+        x2 = x2.contiguous()
+        y = torch.empty(rows, N)
+        b = bias.detach().float().contiguous() if bias is not None else None
+        rc = lib.lmlab_qlinear(
+            x2.data_ptr(),
+            rows,
+            K,
+            ctypes.byref(qw.struct),
+            N,
+            b.data_ptr() if b is not None else None,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc == 0:
+            return y.view(*x.shape[:-1], N)
+    if grad:  # autograd needs the whole float weight: dequantize it, once for this call
+        return F.linear(x2, qw.dequantize(), bias).view(*x.shape[:-1], N)
+    # a tile of W's rows at a time, dequantized into a float GEMM: never the whole matrix in float
+    y = torch.empty(rows, N)
+    step = max(16, TILE_VALUES // max(K, 1))
+    for r0 in range(0, N if rows else 0, step):
+        r1 = min(N, r0 + step)
+        y[:, r0:r1] = x2 @ qw.rows(r0, r1).T
+    if bias is not None:
+        y += bias.float()
+    return y.view(*x.shape[:-1], N)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def quant_bytes(model: nn.Module) -> int:
+    """Bytes of every quantized matrix in ``model`` (a tied one once)."""
+    seen, total = set(), 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m.qweight) not in seen:
+            seen.add(id(m.qweight))
+            total += m.qweight.nbytes
+    return total
+
+
+__all__ = [
+    "Q8",
+    "Q4",
+    "GROUP",
+    "QUANTS",
+    "GGUF_TYPES",
+    "QuantPart",
+    "QuantWeight",
+    "QuantLinear",
+    "QuantEmbedding",
+    "QuantMatrixView",
+    "pack_gguf",
+    "quantize",
+    "quantize_activations",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "dequantize_part",
+    "to_gguf_blocks",
+    "quant_linear",
+    "is_quantized",
+    "quant_bytes",
+]

@@ -1,0 +1,161 @@
+"""Build a Transformer whose matmuls hold quantized weights: from a GGUF file's own blocks
+(``quant="native"``) or by quantizing a float model's weights at load (``quant="q8"|"q4"``).
+
+Both reuse the loader's key map (``loading.hf.lmlab_tensors``), which says how lmlab's
+matrices are made from a checkpoint's tensors (q, k and v stacked; gate and up stacked). For
+GGUF, a first pass over it with empty "meta" tensors records which file tensors make each
+matrix; the second pass then reads the matrices' blocks and the rest (norms, biases) as floats.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.quant import GGUF_TYPES, QuantEmbedding, QuantLinear, QuantPart, QuantWeight, pack_gguf, quantize
+
+# lmlab's matrices that may be quantized: every Linear of the blocks, the head and the token embedding
+_SLOTS = re.compile(r"^(tok_embed|lm_head|blocks\.\d+\.(attn\.qkv|attn\.o|mlp\.up|mlp\.down))\.weight$")
+
+
+def _slot(name: str) -> bool:
+    return bool(_SLOTS.match(name))
+
+
+class _Recorder:
+    """A tensor source that hands out meta tensors for the names in ``meta`` (all 2-D ones when
+    None) and remembers which it handed out since the last ``take``."""
+
+    def __init__(self, source, shapes: dict, meta: set | None):
+        self.source, self.shapes, self.meta, self.asked = source, shapes, meta, []
+
+    def keys(self):
+        return self.source.keys()
+
+    def get(self, name, dtype):
+        if (self.meta is None and len(self.shapes[name]) == 2) or (self.meta is not None and name in self.meta):
+            self.asked.append(name)
+            return torch.empty(self.shapes[name], device="meta")
+        return self.source.get(name, dtype)
+
+    def take(self) -> list[str]:
+        out, self.asked = self.asked, []
+        return out
+
+
+def gguf_tensors(cfg: ModelConfig, source):
+    """(lmlab name, float tensor or QuantWeight) for every parameter, from a GGUFSource: a matrix
+    whose tensors all have a type lmlab runs natively (``GGUF_TYPES``) stays in its blocks."""
+    from lmlab.loading.hf import lmlab_tensors
+
+    types, shapes = source.tensor_types(), source.tensor_shapes()
+    dry = _Recorder(source, shapes, None)
+    made_of = {}
+    for name, t in lmlab_tensors(cfg, dry, torch.float32):
+        made_of[name] = dry.take()
+    quantized = {
+        name: parts
+        for name, parts in made_of.items()
+        if _slot(name) and parts and all(types[p] in GGUF_TYPES for p in parts) and len(parts) <= 4
+    }
+    real = _Recorder(source, shapes, {p for parts in quantized.values() for p in parts})
+    for name, t in lmlab_tensors(cfg, real, torch.float32):
+        real.take()
+        if name in quantized:
+            parts = []
+            for hf in quantized[name]:
+                parts.append(_pack_in_chunks(source, hf, shapes[hf]))
+            yield name, QuantWeight(parts, t.shape[-1])
+        else:
+            yield name, t
+
+
+CHUNK_ROWS = 4096  # rows of a big tensor (an embedding table) read and repacked at a time
+
+
+def _pack_in_chunks(source, name: str, shape) -> QuantPart:
+    """One tensor's blocks repacked, CHUNK_ROWS rows at a time into the final tensors, so a load
+    holds the file's bytes of one chunk beside the result, never a second whole copy."""
+    rows = shape[0]
+    if rows <= CHUNK_ROWS:
+        return pack_gguf(*source.raw(name))
+    first = pack_gguf(*source.raw(name, 0, CHUNK_ROWS))
+    full = [
+        torch.empty((rows, *t.shape[1:]), dtype=t.dtype) if t is not None else None
+        for t in (first.q, first.scale, first.min)
+    ]
+    for r0 in range(0, rows, CHUNK_ROWS):
+        part = first if r0 == 0 else pack_gguf(*source.raw(name, r0, r0 + CHUNK_ROWS))
+        for dst, src in zip(full, (part.q, part.scale, part.min)):
+            if dst is not None:
+                dst[r0 : r0 + src.shape[0]] = src
+    return QuantPart(first.kind, first.group, full[0], full[1], full[2], source_type=first.source_type)
+
+
+def float_tensors_quantized(cfg: ModelConfig, tensors, kind: str):
+    """The float (lmlab name, tensor) pairs with every matrix slot quantized to ``kind``."""
+    for name, t in tensors:
+        if _slot(name) and t.dim() == 2:
+            yield name, QuantWeight([quantize(t, kind)], t.shape[1])
+        else:
+            yield name, t
+
+
+def build(cfg: ModelConfig, tensors) -> nn.Module:
+    """A Transformer (float32 activations, CPU) from (name, float tensor or QuantWeight) pairs:
+    nn.Linear / nn.Embedding slots with a QuantWeight become QuantLinear / QuantEmbedding."""
+    from lmlab.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, quant = {}, {}
+    for name, t in tensors:
+        if name not in expected:
+            raise LmlabError(
+                f"internal key map produced an unknown parameter {name!r}; please report this as an lmlab bug."
+            )
+        if tuple(t.shape) != tuple(expected[name]):
+            raise LmlabError(
+                f"weight {name} has shape {tuple(t.shape)} but the config implies {tuple(expected[name])}; "
+                "the weights do not match the config."
+            )
+        if isinstance(t, QuantWeight):
+            quant[name] = t
+        else:
+            state[name] = t.to(device="cpu", dtype=torch.float32)
+    if cfg.tie_embeddings:
+        if "tok_embed.weight" in quant:
+            quant.setdefault("lm_head.weight", quant["tok_embed.weight"])
+        elif "tok_embed.weight" in state:
+            state.setdefault("lm_head.weight", state["tok_embed.weight"])
+    missing = [k for k in expected if k not in state and k not in quant]
+    if missing:
+        raise LmlabError(
+            f"the checkpoint lacks {missing[0]} (and {len(missing) - 1} more); it does not match its config."
+        )
+    model.load_state_dict(state, assign=True, strict=False)
+    if cfg.tie_embeddings and "tok_embed.weight" not in quant:
+        model.lm_head.weight = model.tok_embed.weight
+    for name, qw in quant.items():
+        path = name.removesuffix(".weight")
+        parent_name, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, leaf)
+        if isinstance(old, nn.Embedding):
+            new = QuantEmbedding(qw)
+        else:
+            new = QuantLinear(qw, old.bias if old.bias is not None and not old.bias.is_meta else None)
+        setattr(parent, leaf, new)
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise LmlabError(f"the checkpoint lacks {left[0]}; it does not match its config.")
+    model._rope_cache = {}
+    return model.eval()
+
+
+__all__ = ["gguf_tensors", "float_tensors_quantized", "build"]
