@@ -633,3 +633,25 @@ def test_the_load_generator_times_every_token_at_each_concurrency(server):
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and r["aggregate_tok_s"] > 0 and r["itl_p50_ms"] > 0
     bad = load_test(server.url, MODEL, [1], requests=1, max_tokens=5)  # no key: every request fails, and says why
     assert bad[0]["errors"] == 1 and "401" in bad[0]["first_error"]
+
+
+def test_lmlab_bench_serve_load_tests_a_running_server(server, capsys):
+    from lmlab.cli.main import main
+
+    args = [
+        "bench",
+        "--serve",
+        server.url,
+        "--concurrency",
+        "1,2",
+        "--new-tokens",
+        "3",
+        "--api-key",
+        KEY,
+        "--json",
+        "--no-record",
+    ]
+    assert main(args) == 0
+    levels = json.loads(capsys.readouterr().out)["levels"]
+    assert [r["concurrency"] for r in levels] == [1, 2] and all(r["errors"] == 0 for r in levels)
+    assert [r["tokens"] for r in levels] == [6, 12]  # 2 requests per client, 3 tokens each

@@ -159,6 +159,11 @@ def bench(
     machine: bool = typer.Option(
         False, "--machine", help="Measure this machine's bandwidth and matmul peak, cache them, print them."
     ),
+    serve: str = typer.Option(
+        None, "--serve", help="Load-test an OpenAI-compatible server at this URL instead (lmlab serve, vLLM...)."
+    ),
+    concurrency: str = typer.Option("1,4,8,16", "--concurrency", help="With --serve: clients per level."),
+    api_key: str = typer.Option(None, "--api-key", help="With --serve: the server's bearer key."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
     plots: Path = typer.Option(None, "--plots", "--png", help="Write the plots (PNG and SVG) into this folder."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
@@ -174,6 +179,11 @@ def bench(
 
     if machine:
         return _machine(device, threads, json_out, no_record)
+    if serve:
+        levels = parse_int_list("--concurrency", concurrency)
+        return _serve_load(
+            serve, None if model == DEFAULT_MODEL else model, levels, new_tokens, api_key, json_out, no_record
+        )
     spec = SweepSpec(
         model=model,
         batches=parse_int_list("--batch", batch),
@@ -322,6 +332,51 @@ def _machine(device: str, threads: int | None, json_out: bool, no_record: bool) 
             return
         out.print(machine_table(entry))
         err.print(f"[dim]cached in {lmlab_home() / MACHINE_FILE}; sweeps on this host use it[/]")
+
+
+def _serve_load(url, model, levels, new_tokens, api_key, json_out, no_record):
+    """lmlab bench --serve URL: clients at each concurrency level stream completions (lmlab.bench.load)."""
+    from rich.table import Table
+
+    from lmlab.bench.load import load_test
+    from lmlab.bench.sweep import parse_int_list
+    from lmlab.runs import record_run
+
+    max_tokens = parse_int_list("--new-tokens", new_tokens)[0]
+    config = {"url": url, "concurrency": levels, "max_tokens": max_tokens}
+    with record_run("bench", model=model, config=config, record=not no_record, inputs={"serve": url}) as run:
+        rows = load_test(url, model, levels, max_tokens=max_tokens, api_key=api_key)
+        run.outputs = {"serve_load": rows}
+    if json_out:
+        print_json({"url": url, "levels": rows, "run_id": getattr(run, "id", None)})
+        return
+    t = Table(title=f"load test of {url} · {max_tokens} new tokens per request, greedy", title_justify="left")
+    for col in (
+        "clients",
+        "agg tok/s",
+        "per-client tok/s",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "ITL p50 ms",
+        "ITL p95 ms",
+        "errors",
+    ):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["concurrency"]),
+            f"{r['aggregate_tok_s']:.1f}",
+            f"{r['per_client_tok_s']:.1f}",
+            f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p95_ms']:.0f}",
+            f"{r['itl_p50_ms']:.1f}",
+            f"{r['itl_p95_ms']:.1f}",
+            str(r["errors"]),
+        )
+    out.print(t)
+    for r in rows:
+        if r["first_error"]:
+            err.print(f"{r['errors']} errors at {r['concurrency']} clients; the first: {r['first_error']}")
 
 
 def register(app: typer.Typer) -> None:
