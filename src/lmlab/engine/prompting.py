@@ -46,10 +46,7 @@ def render(tokenizer, messages: list[dict], mode: str, few_shot: str | None = No
     """
     if mode == "template":
         if tokenizer is None or not tokenizer.chat_template:
-            raise LmlabError(
-                "this model has no chat template; "
-                "use --fake-chat (or --format fake) to prompt a base model as an assistant."
-            )
+            raise LmlabError("this model has no chat template; use --fake-chat to prompt a base model as an assistant.")
         # the template writes BOS and the other special tokens itself
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True), [], False
     if mode == "fake":
