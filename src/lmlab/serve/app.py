@@ -836,6 +836,20 @@ async def _stream_events(server: Server, job: Job, rec: Record, chunks, include_
             server.finish_later(rec, job)
 
 
+def _stream_chunk(rec: Record, created: int, served: ServedModel, kind: str, choices: list, usage=None) -> dict:
+    """One server-sent event of a stream: ``kind`` is "text_completion" or "chat.completion.chunk"."""
+    out = {"id": rec.request_id, "object": kind, "created": created, "model": served.name, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _usage_chunk(rec: Record, created: int, served: ServedModel, kind: str, job: Job, prompt_tokens: int) -> dict:
+    """The last event when the client asked for usage: no choices, the tokens counted."""
+    completion = sum(c.end.completion_tokens for c in job.choices if c.end)
+    return _stream_chunk(rec, created, served, kind, [], P.usage(prompt_tokens, completion))
+
+
 def _stream_completion(
     server: Server, served: ServedModel, job: Job, rec: Record, body, echo: list[str], prompt_tokens: int
 ):
@@ -847,13 +861,8 @@ def _stream_completion(
         if infos is not None:
             logprobs = P.completion_logprobs(infos, tok, offsets[index])
             offsets[index] += sum(len(t) for t in logprobs["tokens"])
-        return {
-            "id": rec.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": served.name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
-        }
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return _stream_chunk(rec, created, served, "text_completion", [choice])
 
     def chunks(index, event):
         if index is None:  # the echoed prompts, unless they wait for their log-probs
@@ -869,15 +878,7 @@ def _stream_completion(
         return []
 
     def usage_chunk() -> dict:
-        completion = sum(c.end.completion_tokens for c in job.choices if c.end)
-        return {
-            "id": rec.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": served.name,
-            "choices": [],
-            "usage": P.usage(prompt_tokens, completion),
-        }
+        return _usage_chunk(rec, created, served, "text_completion", job, prompt_tokens)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return _stream_events(server, job, rec, chunks, include_usage, usage_chunk)
@@ -887,13 +888,8 @@ def _stream_chat(server: Server, served: ServedModel, job: Job, rec: Record, bod
     created, tok = P.now(), served.tokenizer
 
     def chunk(index: int, delta: dict, logprobs=None, reason=None) -> dict:
-        return {
-            "id": rec.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": served.name,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
-        }
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return _stream_chunk(rec, created, served, "chat.completion.chunk", [choice])
 
     def chunks(index, event):
         if index is None:
@@ -908,15 +904,7 @@ def _stream_chat(server: Server, served: ServedModel, job: Job, rec: Record, bod
         return []
 
     def usage_chunk() -> dict:
-        completion = sum(c.end.completion_tokens for c in job.choices if c.end)
-        return {
-            "id": rec.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": served.name,
-            "choices": [],
-            "usage": P.usage(prompt_tokens, completion),
-        }
+        return _usage_chunk(rec, created, served, "chat.completion.chunk", job, prompt_tokens)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return _stream_events(server, job, rec, chunks, include_usage, usage_chunk)
