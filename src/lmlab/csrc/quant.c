@@ -144,6 +144,18 @@ static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const
     return (float)sum * (p->scale[at] * sx) + p->min[at] * qx->xsum[(size_t)m * (K / 32) + g];
 }
 
+/* Pair c of 32-value groups (values 64c .. 64c+63) of each of the M input rows, and their scales. */
+static inline __attribute__((always_inline)) void load_pair(const lmlab_qx *qx, int c, int M, qi16x32 *xa,
+                                                            qi16x32 *xb, float *sxa, float *sxb) {
+    const int K = qx->K, NG = K / 32;
+    for (int m = 0; m < M; m++) {
+        xa[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64);
+        xb[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64 + 32);
+        sxa[m] = qx->sx[(size_t)m * NG + 2 * c];
+        sxb[m] = qx->sx[(size_t)m * NG + 2 * c + 1];
+    }
+}
+
 /* y[m * ldy + r] = dot(W row row0 + r, x row m) for R rows of part p and M rows of x
  * (R * M <= QMAXT; both constants where it is inlined). */
 static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, int64_t row0, int R, const lmlab_qx *qx,
@@ -155,12 +167,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
         for (int c = 0; c < pairs; c++) {
             qi16x32 xa[QMAXT], xb[QMAXT];
             float sxa[QMAXT], sxb[QMAXT];
-            for (int m = 0; m < M; m++) {
-                xa[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64);
-                xb[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64 + 32);
-                sxa[m] = qx->sx[(size_t)m * NG + 2 * c];
-                sxb[m] = qx->sx[(size_t)m * NG + 2 * c + 1];
-            }
+            load_pair(qx, c, M, xa, xb, sxa, sxb);
             for (int r = 0; r < R; r++) {
                 const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
                 __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
@@ -175,12 +182,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
         for (int c = 0; c < pairs; c++) {
             qi16x32 xa[QMAXT], xb[QMAXT];
             float sxa[QMAXT], sxb[QMAXT];
-            for (int m = 0; m < M; m++) {
-                xa[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64);
-                xb[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64 + 32);
-                sxa[m] = qx->sx[(size_t)m * NG + 2 * c];
-                sxb[m] = qx->sx[(size_t)m * NG + 2 * c + 1];
-            }
+            load_pair(qx, c, M, xa, xb, sxa, sxb);
             for (int r = 0; r < R; r++) {
                 const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
                 __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
@@ -195,12 +197,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
         for (int c = 0; c < pairs; c++) {
             qi16x32 xa[QMAXT], xb[QMAXT];
             float sxa[QMAXT], sxb[QMAXT];
-            for (int m = 0; m < M; m++) {
-                xa[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64);
-                xb[m] = load_x(qx->x16 + (size_t)m * K + (size_t)c * 64 + 32);
-                sxa[m] = qx->sx[(size_t)m * NG + 2 * c];
-                sxb[m] = qx->sx[(size_t)m * NG + 2 * c + 1];
-            }
+            load_pair(qx, c, M, xa, xb, sxa, sxb);
             for (int r = 0; r < R; r++) {
                 const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)c * 32;
                 __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
