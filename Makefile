@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 setup: $(STAMP)
 
@@ -27,7 +27,14 @@ demo: $(STAMP)
 	$(BIN)/lmlab generate -m smollm2-135m --show-probs --temperature 0.8 --seed 1 --max-new-tokens 24 --stream \
 		"The three most useful Python modules are"
 
-test: $(STAMP)
+# Debian's chromium for the browser tests, installed through apt-get when it is missing
+# (Playwright drives it; no browser is downloaded from anywhere else).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
