@@ -62,6 +62,30 @@ def test_loglikelihood_is_the_sum_of_the_models_token_log_probabilities(lm):
     assert many[1].logprob == pytest.approx(s.logprob, abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers, a window of 8 tokens
+def test_shared_prefix_scoring_equals_scoring_each_request_alone(family, lm, tmp_path):
+    from lmlab.eval.loglik import score_tokens
+
+    if family != "llama":
+        make_tiny(family, tmp_path)
+        save_char_tokenizer(tmp_path)
+        lm = lmlab.load(tmp_path)
+    rng = random.Random(1)
+    requests = []  # items of 1-4 choices of 1-6 tokens; some contexts empty, some too long for the context
+    for length in [0, 3, 20, 40, 90, 127, 140, 20]:
+        ctx = [rng.randrange(1, 60) for _ in range(length)]
+        for _ in range(rng.randint(1, 4)):
+            requests.append((ctx, [rng.randrange(1, 60) for _ in range(rng.randint(1, 6))]))
+    ctx = [rng.randrange(1, 60) for _ in range(10)]  # 45 choices of 6 tokens: at 200 tokens a batch, cut in two
+    requests += [(ctx, [rng.randrange(1, 60) for _ in range(6)]) for _ in range(45)]
+    alone = [score_tokens(lm, [r], share_prefix=False)[0] for r in requests]
+    for batch_tokens in (4096, 200):  # one batch, and several (the contexts packed differently)
+        shared = score_tokens(lm, requests, batch_tokens=batch_tokens)
+        for a, b in zip(shared, alone):
+            assert a.n_tokens == b.n_tokens and a.is_greedy == b.is_greedy
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
 def test_multiple_choice_equals_lm_evaluation_harness(folder, lm, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
@@ -164,9 +188,13 @@ def test_bad_task_files_name_the_line(tmp_path, capsys):
         load_jsonl(bad)
     code = main(["eval", "run", "--task", str(tmp_path / "missing.jsonl"), "--no-record"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(LmlabError, match="--items must be >= 1"):
+        get_task("arithmetic", n=0)
+    with pytest.raises(LmlabError, match="--limit must be >= 1"):
+        evaluate(object(), get_task("facts"), limit=-1)
 
 
-def test_eval_cli_records_runs_and_compares_them(folder, capsys, home):
+def test_eval_cli_records_runs_and_compares_them(folder, capsys, home, tmp_path):
     task = home.parent / "t.jsonl"
     task.write_text("".join(json.dumps(it) + "\n" for it in mc_items(8)))
     assert main(["eval", "run", str(folder), "--task", str(task), "--json"]) == 0
@@ -177,7 +205,27 @@ def test_eval_cli_records_runs_and_compares_them(folder, capsys, home):
     assert main(["eval", "compare", a["run_id"], b["run_id"], "--json"]) == 0
     cmp = json.loads(capsys.readouterr().out)
     assert [r["value"] for r in cmp["runs"]] == [a["metrics"]["acc"], b["metrics"]["acc"]]
-    assert set(cmp["paired_test"]) == {"only_a", "only_b", "p_value"}
+    test = cmp["paired_test"]
+    assert test["only_a"] + test["only_b"] + test["both_right"] + test["both_wrong"] == 8
+    assert test["both_right"] + test["only_a"] == round(8 * a["metrics"]["acc"])
+    # the comparison is a run of its own, and the HTML report draws it
+    from lmlab.runs import RunStore
+
+    rec = RunStore().get(cmp["run_id"])
+    assert rec["command"] == "eval compare" and rec["outputs"]["paired_test"] == test
+    assert rec["metrics"]["p_value"] == test["p_value"]
+    page = tmp_path / "cmp.html"
+    assert main(["runs", "export", cmp["run_id"], "--html", "-o", str(page)]) == 0
+    capsys.readouterr()
+    html = page.read_text()
+    assert html.count("<svg") == 1 and "McNemar" in html and f"only {a['run_id'][:8]}" in html
+    # a paired test on different items is refused
+    other = home.parent / "other.jsonl"
+    other.write_text("".join(json.dumps(it) + "\n" for it in mc_items(8, seed=5)))
+    assert main(["eval", "run", str(folder), "--task", str(other), "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert main(["eval", "compare", a["run_id"], c["run_id"], "--no-record"]) == 2
+    assert "scored different items" in capsys.readouterr().err
     text = home.parent / "text.txt"
     text.write_text("some text to score, " * 20)
     assert main(["eval", "perplexity", str(folder), "--data", str(text), "--window", "64", "--json"]) == 0
@@ -238,3 +286,31 @@ def test_eval_judge_cli_on_two_generate_runs(tmp_path, capsys, home):
     res = json.loads(capsys.readouterr().out)["result"]
     assert res["questions"] == 2 and res["verdicts"] == 4  # a random judge: its unparsed verdicts are counted
     assert res["unparsed"] + round(res["verdicts"] * (res["win_rate_a"] + res["win_rate_b"] + res["tie_rate"])) == 4
+
+
+def test_endpoint_requests_go_out_concurrently_and_bad_settings_are_named(capsys):
+    import threading
+    import time
+
+    from lmlab.eval.backends import EndpointBackend
+
+    backend = EndpointBackend("http://127.0.0.1:9/v1", model="m", concurrency=3)  # a model named: no request yet
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def request(i):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return i * i
+
+    assert backend.map(request, range(7)) == [i * i for i in range(7)]  # in order
+    assert state["most"] == 3
+    with pytest.raises(LmlabError, match="--concurrency must be at least 1"):
+        EndpointBackend("http://127.0.0.1:9", model="m", concurrency=0)
+    with pytest.raises(LmlabError, match=r"could not reach http://127.0.0.1:9/v1/completions"):
+        backend.generate("hi", max_new_tokens=2, stop=[])
+    code = main(["eval", "run", "--task", "arithmetic", "--endpoint", "http://127.0.0.1:9", "--no-record"])
+    assert code == 2 and "could not list the models at http://127.0.0.1:9/v1/models" in capsys.readouterr().err

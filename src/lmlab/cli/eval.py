@@ -214,39 +214,34 @@ def _plot_votes(res, path: Path) -> None:
 def compare_cmd(
     runs: list[str] = typer.Argument(..., help="Eval run ids (prefixes, 'last', 'last-2')."),
     json_out: bool = typer.Option(False, "--json"),
+    no_record: bool = typer.Option(False, "--no-record"),
 ):
-    """A table of eval runs with 95% intervals, and a paired test of the first two on the same items."""
+    """A table of eval runs with 95% intervals, and a paired test of the first two on the same items.
+
+    The comparison is recorded as a run; `lmlab runs export ID --html` draws it."""
     from rich.table import Table
 
-    from lmlab.eval.run import paired_test
-    from lmlab.runs import RunStore
+    from lmlab.eval.compare import compare_runs
+    from lmlab.runs import RunStore, record_run
 
     store = RunStore()
-    rows = []
-    for rid in runs:
-        r = store.get(store.resolve_id(rid))
-        if r["command"] != "eval run":
-            raise LmlabError(f"run {rid} is a {r['command']!r} run; compare takes 'eval run' runs.")
-        m = (r.get("outputs") or {}).get("metrics") or {}
-        key = "acc" if "acc" in m else "exact_match"
-        correct = [it["correct"] for it in (r.get("outputs") or {}).get("items", [])]
-        rows.append(
-            {
-                "id": r["id"][:8],
-                "model": r["model"],
-                "task": r["config"].get("task"),
-                "format": r["config"].get("format"),
-                "shots": r["config"].get("shots"),
-                "metric": key,
-                "value": m.get(key),
-                "ci": m.get(f"{key}_ci"),
-                "n": m.get("n"),
-                "correct": correct,
-            }
-        )
-    test = paired_test(rows[0]["correct"], rows[1]["correct"]) if len(rows) >= 2 else None
+    records = [store.get(store.resolve_id(rid)) for rid in runs]  # before this run is recorded: 'last' is theirs
+    result = compare_runs(records)
+    rows, test = result["runs"], result["paired_test"]
+    ids = [r["id"] for r in records]
+    with record_run(
+        "eval compare",
+        model=", ".join(dict.fromkeys(str(r["model"]) for r in rows)),
+        config={"runs": ids},
+        inputs={"runs": ids},
+        record=not no_record,
+    ) as run:
+        run.outputs = result
+        run.add_metrics(**{f"{r['metric']}_{r['id']}": r["value"] for r in rows if r["value"] is not None})
+        if test:
+            run.add_metrics(**{k: test[k] for k in ("only_a", "only_b", "both_right", "both_wrong", "p_value")})
     if json_out:
-        print_json({"runs": [{k: v for k, v in r.items() if k != "correct"} for r in rows], "paired_test": test})
+        print_json({**result, "run_id": run.id})
         return
     t = Table(title="eval runs")
     for col in ("run", "model", "task", "format", "k", "metric", "value", "95% CI", "n"):
@@ -267,9 +262,12 @@ def compare_cmd(
     out.print(t)
     if test:
         out.print(
-            f"paired (McNemar, same items): only {rows[0]['id']} right {test['only_a']}, only {rows[1]['id']} "
-            f"right {test['only_b']}, p = {test['p_value']:.3g}"
+            f"paired (McNemar, same items): only {test['a']} right {test['only_a']}, only {test['b']} "
+            f"right {test['only_b']}, both {test['both_right']}, neither {test['both_wrong']}, "
+            f"p = {test['p_value']:.3g}"
         )
+    if run.id:
+        err.print(f"recorded as run {run.id[:8]}; lmlab runs export {run.id[:8]} --html draws it")
 
 
 def _answers(store, rid: str) -> tuple[str, list[str], list[str]]:
@@ -296,6 +294,7 @@ def judge_cmd(
     rubric: Path = typer.Option(None, "--rubric", help="Grade each answer 1-10 by this rubric instead of pairs."),
     endpoint: str = ENDPOINT,
     api_key: str = API_KEY,
+    concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
@@ -310,7 +309,7 @@ def judge_cmd(
     if rubric is None and len(sides) != 2:
         raise LmlabError(f"pairwise judging takes two runs (--runs A --runs B), got {len(sides)}; or pass --rubric.")
     rubric_text = _read_text(rubric) if rubric else None
-    backend = _endpoint(endpoint, judge, api_key, 1) or LocalBackend(load_model(judge, dtype))
+    backend = _endpoint(endpoint, judge, api_key, concurrency) or LocalBackend(load_model(judge, dtype))
     config = {"runs": [s[0] for s in sides], "judge": judge, "rubric": str(rubric) if rubric else None}
     with record_run("eval judge", model=judge, config=config, record=not no_record) as run:
         if rubric_text is not None:

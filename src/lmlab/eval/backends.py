@@ -1,8 +1,9 @@
 """Where an evaluation gets its numbers: a model in this process, or an OpenAI-compatible server.
 
-Both offer the same three things: ``score`` (log-likelihood of continuations), ``generate``
-(answers to prompts) and ``tokenizer`` (for prompt formats that need a chat template; None for
-a server, whose own template the chat endpoint applies).
+Both offer the same four things: ``score`` (log-likelihood of continuations), ``generate``
+(answers to prompts), ``map`` (run a function over items: one after another in process, with
+``concurrency`` requests in flight for a server) and ``tokenizer`` (for prompt formats that need
+a chat template; None for a server, whose own template the chat endpoint applies).
 
 A server scores a continuation through ``/v1/completions`` with ``echo`` and ``max_tokens: 0``:
 it returns the log-probability of every prompt token and its character offset, and the tokens
@@ -19,18 +20,30 @@ from lmlab.errors import LmlabError
 from lmlab.eval.loglik import Scored, encode_pair, score_tokens
 
 
+def each(backend, fn, items) -> list:
+    """[fn(x) for x in items] through the backend's ``map`` (concurrent requests to a server), or in order."""
+    mapper = getattr(backend, "map", None)
+    return mapper(fn, items) if mapper else [fn(x) for x in items]
+
+
 class LocalBackend:
     """An LM in this process."""
 
-    def __init__(self, lm, add_special: bool | None = None):
+    def __init__(self, lm, add_special: bool | None = None, share_prefix: bool = True):
         lm._need_tokenizer()
+        self.share_prefix = share_prefix  # choices of one item read their context once (see loglik)
         self.lm, self.tokenizer = lm, lm.tokenizer
         self.add_special = bool(getattr(lm.tokenizer, "add_bos", False)) if add_special is None else add_special
         self.name = lm.name
 
     def score(self, pairs: list[tuple[str, str]], chat: bool = False) -> list[Scored]:
         add = self.add_special and not chat  # a chat template writes its own special tokens
-        return score_tokens(self.lm, [encode_pair(self.tokenizer, c, x, add) for c, x in pairs])
+        requests = [encode_pair(self.tokenizer, c, x, add) for c, x in pairs]
+        return score_tokens(self.lm, requests, share_prefix=self.share_prefix)
+
+    def map(self, fn, items) -> list:
+        """[fn(x) for x in items], one after another (the model is busy with each)."""
+        return [fn(x) for x in items]
 
     def generate(
         self,
@@ -63,6 +76,8 @@ class EndpointBackend:
     ):
         import httpx
 
+        if concurrency < 1:
+            raise LmlabError(f"--concurrency must be at least 1 (requests in flight), got {concurrency}.")
         self.base = url.rstrip("/")
         for suffix in ("/completions", "/chat/completions"):
             self.base = self.base.removesuffix(suffix)
@@ -70,7 +85,7 @@ class EndpointBackend:
             self.base += "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=timeout)
-        self.concurrency = max(1, concurrency)
+        self.concurrency = concurrency
         self.name = model or self._first_model()
 
     def _post(self, path: str, body: dict) -> dict:
@@ -101,7 +116,8 @@ class EndpointBackend:
                 f"could not list the models at {self.base}/models; name the model: lmlab eval run MODEL --endpoint URL."
             ) from None
 
-    def _map(self, fn, items):
+    def map(self, fn, items) -> list:
+        """[fn(x) for x in items], with up to ``concurrency`` of them (requests) in flight."""
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(fn, items))
 
@@ -111,7 +127,7 @@ class EndpointBackend:
                 "scoring choices in the chat format needs the model's chat template; use --format base or "
                 "fake-chat with --endpoint, or evaluate the model in process."
             )
-        return self._map(self._score_one, pairs)
+        return self.map(self._score_one, pairs)
 
     def _score_one(self, pair: tuple[str, str]) -> Scored:
         context, continuation = pair

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from lmlab.engine.prompting import render
 from lmlab.errors import LmlabError
+from lmlab.eval.backends import each
 
 PAIR_PROMPT = (
     "You are judging two answers to the same question. Decide which answer is more helpful, correct and clear.\n\n"
@@ -93,9 +94,13 @@ def judge_pairs(
     if not questions:
         raise LmlabError("there is nothing to judge: the runs have no answers.")
     report = PairwiseReport(len(questions))
+    # each pair in both orders: (A shown first, B shown first), the asks in flight together on a server
+    asks = []
     for q, a, b in zip(questions, answers_a, answers_b):
-        ab = _ask(backend, PAIR_PROMPT.format(question=q, a=a, b=b), max_new_tokens)
-        ba = _ask(backend, PAIR_PROMPT.format(question=q, a=b, b=a), max_new_tokens)
+        asks += [PAIR_PROMPT.format(question=q, a=a, b=b), PAIR_PROMPT.format(question=q, a=b, b=a)]
+    replies = each(backend, lambda text: _ask(backend, text, max_new_tokens), asks)
+    for k, q in enumerate(questions):
+        ab, ba = replies[2 * k], replies[2 * k + 1]
         report.verdicts.append(
             {"question": q, "ab": parse_verdict(ab), "ba": parse_verdict(ba), "ab_text": ab, "ba_text": ba}
         )
@@ -105,12 +110,11 @@ def judge_pairs(
 def judge_rubric(
     backend, questions: list[str], answers: list[str], rubric: str | None = None, max_new_tokens: int = 16
 ) -> dict:
-    rows = []
-    for q, a in zip(questions, answers):
-        text = _ask(
-            backend, RUBRIC_PROMPT.format(rubric=rubric or DEFAULT_RUBRIC, question=q, answer=a), max_new_tokens
-        )
-        rows.append({"question": q, "rating": parse_rating(text), "text": text})
+    asks = [
+        RUBRIC_PROMPT.format(rubric=rubric or DEFAULT_RUBRIC, question=q, answer=a) for q, a in zip(questions, answers)
+    ]
+    replies = each(backend, lambda text: _ask(backend, text, max_new_tokens), asks)
+    rows = [{"question": q, "rating": parse_rating(t), "text": t} for q, t in zip(questions, replies)]
     ratings = [r["rating"] for r in rows if r["rating"] is not None]
     return {
         "rows": rows,

@@ -173,7 +173,7 @@ def perplexity_endpoint(backend, text: str, chunk_chars: int = 2000) -> Perplexi
     if current:
         pieces.append(current)
     t0 = time.perf_counter()
-    scored = backend._map(backend.prompt_logprobs, pieces)
+    scored = backend.map(backend.prompt_logprobs, pieces)
     losses = [-lp for _, lps in scored for lp in lps if lp is not None]
     seconds = time.perf_counter() - t0
     words = len(re.split(r"\s+", text.strip()))

@@ -20,11 +20,12 @@ from __future__ import annotations
 import collections
 import math
 import random
+import threading
 from dataclasses import dataclass, field
 
 from lmlab.engine.prompting import render
 from lmlab.errors import LmlabError
-from lmlab.eval.backends import LocalBackend
+from lmlab.eval.backends import LocalBackend, each
 from lmlab.eval.tasks import Item, Task, extract_answer
 
 FORMATS = ("base", "chat", "fake-chat")
@@ -94,6 +95,8 @@ def evaluate(
         raise LmlabError(f"-k (shots) must be >= 0, got {shots}.")
     if vote < 1:
         raise LmlabError(f"--vote must be >= 1, got {vote}.")
+    if limit is not None and limit < 1:
+        raise LmlabError(f"--limit must be >= 1 (items to score), got {limit}.")
     if vote > 1 and task.multiple_choice:
         raise LmlabError("--vote samples answers, so it needs a task without choices (e.g. arithmetic).")
     backend = lm if hasattr(lm, "score") else LocalBackend(lm)
@@ -165,27 +168,39 @@ def _multiple_choice(backend, items, prompts, chat, progress):
 
 
 def _generated(backend, task, items, prompts, chat, vote, temperature, max_new_tokens, seed, progress):
-    rows, correct = [], 0
-    votes_correct = [0] * vote  # after 1..vote samples: majority correct
-    for i, (it, (ctx, _, stops)) in enumerate(zip(items, prompts)):
+    done = [0]
+    lock = threading.Lock()
+
+    def answer(i: int) -> tuple[str, list[str] | None]:
+        ctx, _, stops = prompts[i]
         stop = task.stop + stops
         (text,) = backend.generate(ctx, max_new_tokens=max_new_tokens, stop=stop, chat=chat)
-        pred = extract_answer(text, task.extract)
-        ok = pred == it.answer
-        correct += ok
-        row = {"prompt": ctx, "answer": it.answer, "output": text, "prediction": pred, "correct": ok}
+        samples = None
         if vote > 1:
             samples = backend.generate(
                 ctx, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, n=vote, seed=seed + i, chat=chat
             )
+        if progress:
+            with lock:
+                done[0] += 1
+                progress(done[0], len(items))
+        return text, samples
+
+    outputs = each(backend, answer, range(len(items)))
+    rows, correct = [], 0
+    votes_correct = [0] * vote  # after 1..vote samples: majority correct
+    for it, (ctx, _, _), (text, samples) in zip(items, prompts, outputs):
+        pred = extract_answer(text, task.extract)
+        ok = pred == it.answer
+        correct += ok
+        row = {"prompt": ctx, "answer": it.answer, "output": text, "prediction": pred, "correct": ok}
+        if samples is not None:
             answers = [extract_answer(t, task.extract) for t in samples]
             row["samples"] = answers
             for n in range(1, vote + 1):
                 votes_correct[n - 1] += majority(answers[:n]) == it.answer
             row["majority"] = majority(answers)
         rows.append(row)
-        if progress:
-            progress(i + 1, len(items))
     n = len(items)
     metrics = {"exact_match": correct / n, "exact_match_ci": interval(correct, n), "n": n}
     curve = [(k, votes_correct[k - 1] / n) for k in range(1, vote + 1)] if vote > 1 else []

@@ -173,6 +173,8 @@ def _sentiment(rng: random.Random) -> list[Item]:
 def builtin(name: str, n: int = 50, seed: int = 0) -> Task:
     """A built-in task by name; ``n`` items where the task is generated."""
     rng = random.Random(f"{name}:{seed}")
+    if n < 1 and name in ("arithmetic", "copy", "reverse", "pattern"):
+        raise LmlabError(f"--items must be >= 1 (items a generated task makes), got {n}.")
     if name == "arithmetic":
         return Task(name, _arithmetic(n, rng), "first_number", "two- and three-digit sums and differences")
     if name in ("copy", "reverse"):

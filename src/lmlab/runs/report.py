@@ -305,13 +305,32 @@ def _train_figures(runs: list[dict]) -> list[tuple[str, str]]:
         return []
 
 
+def _eval_compare_figures(run: dict) -> list[tuple[str, str]]:
+    """An 'eval compare' run: each eval run's score with its 95% interval, and the paired test's
+    outcomes (McNemar) for the first two (the plot of ``lmlab eval compare``)."""
+    outputs = run.get("outputs") or {}
+    if run.get("command") != "eval compare" or not outputs.get("runs"):
+        return []
+    try:
+        from lmlab.eval.compare import compare_figure
+
+        fig = compare_figure(outputs)
+        caption = "score with its 95% interval per run"
+        if outputs.get("paired_test"):
+            caption += "; per-item outcomes of the first two runs on the same items, McNemar's exact test"
+        return [(caption, _svg(fig, "lmlab-eval-compare"))]
+    except Exception:  # outputs the plot does not expect must not cost the whole report
+        return []
+
+
 def plot_svgs(runs: list[dict]) -> list[tuple[str, str]]:
     """(caption, <svg>...</svg>) to show for the runs' series; [] when there are none.
 
-    One bench run: the bench module's sweep plots. Otherwise one plot per measure with every
+    One bench run: the bench module's sweep plots; one eval compare run: its intervals and paired
+    test. Otherwise one plot per measure with every
     run's points overlaid, one line per run and per value of the other varying dimensions."""
     if len(runs) == 1:
-        figures = _bench_figures(runs[0])
+        figures = _bench_figures(runs[0]) or _eval_compare_figures(runs[0])
         if figures:
             return figures
     figures = _train_figures(runs)
