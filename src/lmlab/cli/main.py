@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules with a register(app) function, in the order their commands appear in --help.
-COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "runs"]
+COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "merge", "runs"]
 
 _DEBUG = False
 
