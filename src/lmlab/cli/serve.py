@@ -236,7 +236,10 @@ def _run_server(uvicorn, create_app, loaders, log, url, names, sock, *, max_batc
     def ready():
         if not uv.started:  # the models loaded before uvicorn finished starting: say it once it has
             return loop_call_later(0.05, ready)
-        say(f"{', '.join(names)} ready at {url}/v1 (OpenAI-compatible; /health, /metrics; Ctrl-C stops)")
+        say(
+            f"{', '.join(names)} ready at {url}/v1 "
+            f"(OpenAI-compatible; the playground at {url}/; /health, /metrics; Ctrl-C stops)"
+        )
 
     def failed(error: BaseException):
         uv.should_exit = True

@@ -23,8 +23,11 @@ Each row samples with its own ``Sampler`` (its own settings and seeded generator
 own token history and text, so requests with different knobs share a batch.
 
 Events go to the request's ``on_event`` callback, in the worker thread, in order:
-``PromptLogprobs`` (only when asked for), a ``TokenEvent`` per generated token, then exactly
-one ``RequestEnd``.
+``PromptLogprobs`` (only when asked for), a ``TokenEvent`` per generated token (a
+``SampledTokenEvent`` with ``sampled_top``), then exactly one ``RequestEnd``.
+
+``call(fn)`` runs a function in the worker thread between two steps (the playground's looks
+inside the model: hooks and interventions must not touch the batch in flight).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import collections
 import itertools
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,7 +44,7 @@ import torch
 
 from lmlab.engine.cache import KVCache, kv_dtype
 from lmlab.engine.generate import SequenceText, StopMatcher, TokenEvent, TokenHistory
-from lmlab.engine.sampling import Sampler, SamplingParams, entropy, top_alternatives
+from lmlab.engine.sampling import Sampler, SamplingParams, chosen_logprobs, entropy, sample, top_alternatives
 from lmlab.engine.steps import decode_one_token
 from lmlab.errors import LmlabError
 
@@ -60,6 +64,22 @@ class BatchRequest:
     top_logprobs: int = 0  # alternatives per generated token (TokenEvent.alternatives), 0..20
     prompt_logprobs: int | None = None  # log-probs of the prompt tokens, with this many top alternatives
     ignore_eos: bool = False
+    sampled_top: int = 0  # > 0: SampledTokenEvents, with this many alternatives of the distribution sampled from
+
+
+@dataclass
+class SampledTokenEvent(TokenEvent):
+    """A TokenEvent that also tells about the distribution the token was drawn from (``BatchRequest.sampled_top``).
+
+    That distribution is softmax of the logits after every sampling stage the request uses (penalties,
+    temperature, top-k, top-p, min-p, typical-p: ``Sampler.process``); with temperature 0 (argmax) it
+    is softmax of the penalised logits, the ones the argmax was taken over.
+    """
+
+    sampled_logprob: float = 0.0  # log p(token) under that distribution (nats; -inf cannot occur: it was drawn)
+    sampled_entropy: float = 0.0  # its entropy (nats)
+    sampled_alternatives: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob), best first
+    t_wall_ms: float = 0.0  # time.time() * 1000 when the token was sampled
 
 
 @dataclass
@@ -129,6 +149,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.steps = 0  # decode steps run
         self.busy_s = 0.0  # seconds the worker spent computing
 
@@ -165,6 +186,18 @@ class BatchEngine:
             self._wake.notify()
         return handle
 
+    def call(self, fn: Callable) -> Future:
+        """Run ``fn()`` in the worker thread between two decoding steps; its result (or exception) comes
+        back in the Future. While it runs no step runs, so it may use the model (hooks, interventions,
+        forwards of its own) without touching the batch in flight, which resumes after it."""
+        future: Future = Future()
+        with self._wake:
+            if self._stopping:
+                raise LmlabError("the server is shutting down; send the request again once it is back.")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
     def stats(self) -> dict:
         """What a metrics page shows: rows decoding now, requests waiting, steps run."""
         return {
@@ -190,19 +223,27 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._queue and not self._rows and not self._stopping:
+                while not self._queue and not self._rows and not self._calls and not self._stopping:
                     self._wake.wait()
+                calls, self._calls = list(self._calls), collections.deque()
                 if self._stopping and not self._drain:
                     for h in self._queue:
                         h.cancel()
                     for r in self._rows:
                         r.handle.cancel()
-                if self._stopping and not self._queue and not self._rows:
+                if self._stopping and not self._queue and not self._rows and not calls:
                     return
                 admit = []
                 while self._queue and len(self._rows) + len(admit) < self.max_batch:
                     admit.append(self._queue.popleft())
             t = time.perf_counter()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        with torch.inference_mode():
+                            future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001  (told to the caller, the worker goes on)
+                        future.set_exception(e)
             with torch.inference_mode():
                 for handle in admit:
                     try:
@@ -311,13 +352,18 @@ class BatchEngine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample the next token of each row from its logits (B, V), emit events, drop finished rows."""
-        chosen, lps, alts = [], [], []
+        chosen, lps, alts, drawn = [], [], [], []
         for i, r in enumerate(rows):
             row_logits = logits[i : i + 1]
-            tid, lp = r.sampler(row_logits, r.history.counts, r.history.ids)
+            if r.handle.request.sampled_top:
+                tid, lp, info = _sample_and_describe(r.sampler, row_logits, r.history, r.handle.request.sampled_top)
+            else:
+                tid, lp = r.sampler(row_logits, r.history.counts, r.history.ids)
+                info = None
             r.history.add(tid)
             chosen.append(tid)
             lps.append(lp)
+            drawn.append(info)
             k = r.handle.request.top_logprobs
             alts.append(top_alternatives(row_logits, k) if k else None)
         ents = entropy(logits).tolist()
@@ -339,11 +385,13 @@ class BatchEngine:
             r.last_id = tid
             if r.handle.cancelled and reason is None:
                 reason = "cancelled"
-            r.handle.on_event(
-                TokenEvent(
-                    0, r.n_generated - 1, tid, text, lps[i], ents[i], alt, reason if reason != "cancelled" else None
-                )
-            )
+            fields = (0, r.n_generated - 1, tid, text, lps[i], ents[i], alt, reason if reason != "cancelled" else None)
+            if drawn[i] is None:
+                event = TokenEvent(*fields)
+            else:
+                d_lp, d_ent, d_top = drawn[i]
+                event = SampledTokenEvent(*fields, d_lp, d_ent, d_top, time.time() * 1e3)
+            r.handle.on_event(event)
             if reason:
                 done.append((r, reason))
         for r, reason in done:
@@ -382,6 +430,23 @@ class BatchEngine:
             self._remove(row)
         msg = str(e) if isinstance(e, LmlabError) else f"{type(e).__name__}: {e}"
         self._end(handle, "error", row.n_generated if row is not None else 0, row, error=msg)
+
+
+def _sample_and_describe(sampler: Sampler, logits: torch.Tensor, history: TokenHistory, k: int):
+    """What ``sampler(logits, ...)`` does (the same stages, the same draw from its generator), and also
+    the distribution the token was drawn from: (id [1], raw logprob [1], (logprob, entropy, top k
+    [(id, logprob)] of the drawn distribution, the drawn token added when it is not among them))."""
+    processed = sampler.process(logits, history.counts, history.ids)  # (1, vocab)
+    tid = sample(processed, sampler.generator, greedy=sampler.params.greedy)
+    raw_lp = chosen_logprobs(logits[..., : sampler.vocab_size], tid)
+    logp = torch.log_softmax(processed, dim=-1)[0]  # (vocab,)
+    ent = float(-(logp * logp.exp()).nansum())
+    top = torch.topk(logp, min(k, logp.shape[-1]))
+    pairs = list(zip(top.indices.tolist(), top.values.tolist()))
+    t = int(tid[0])
+    if all(a != t for a, _ in pairs):
+        pairs.append((t, float(logp[t])))
+    return tid, raw_lp, (float(logp[t]), ent, pairs)
 
 
 def _prompt_logprobs(prompt_ids: list[int], logits: torch.Tensor, k: int, vocab_size: int) -> PromptLogprobs:

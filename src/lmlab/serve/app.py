@@ -6,7 +6,10 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streamed with
 ``"stream": true``), ``GET /v1/models``, vLLM's ``POST /tokenize``, ``POST /detokenize`` and
 ``GET /tokenizer_info`` (lm-eval's remote tokenizer reads them), ``GET /health`` (503 while the
-models load, 200 after) and ``GET /metrics`` (Prometheus text).
+models load, 200 after) and ``GET /metrics`` (Prometheus text). The playground: its page at ``/``
+and lmlab's own JSON endpoints under ``/lab`` (serve/lab.py); a completion with
+``"return_token_ids": true`` carries ``"lmlab": {"tokens": [...]}`` per choice, and one sent with
+the header ``X-Lmlab-Client: playground`` is recorded as its own ``generate`` run.
 
 How a request flows: the handler checks the body and tokenizes the prompt on the event loop,
 then submits one ``BatchRequest`` per choice (prompt × n) to the model's ``BatchEngine``. The
@@ -41,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmlab.engine.batch import BatchEngine, BatchRequest, PromptLogprobs, QueueFull, RequestEnd
 from lmlab.engine.generate import TokenEvent
 from lmlab.errors import LmlabError
+from lmlab.serve import lab
 from lmlab.serve import protocol as P
 from lmlab.serve.metrics import ServerMetrics
 
@@ -84,6 +88,7 @@ class Record:
     params: dict | None = None  # the fields the client set, but the prompt or messages
     prompt: Any = None  # the prompt or messages as sent
     prompt_tokens: int = 0  # each prompt counted once (not per choice), as usage counts it
+    lab: Any = None  # a lab.GenerateRun: the playground's request, recorded as its own run
 
 
 # ------------------------------------------------------------------------------------ the engine side
@@ -335,6 +340,8 @@ class Server:
     ) -> None:
         """Count the request in the metrics and queue its row for the run store."""
         self.metrics.request_done(rec.model, rec.endpoint, status, time.perf_counter() - rec.t0)
+        if rec.lab is not None:
+            rec.lab.finish(status, job, error)
         if self.log is None:
             return
         ends = [c.end for c in job.choices] if job is not None else []
@@ -469,6 +476,7 @@ def create_app(
     )
     app.state.server = server
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics)
+    app.include_router(lab.router)
 
     # -- errors, always OpenAI's JSON
 
@@ -500,6 +508,10 @@ def create_app(
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(P.ApiError)
+    async def api_error(request: Request, exc: P.ApiError):  # raised by the /lab endpoints
+        return server.error_response(exc)
 
     @app.exception_handler(LmlabError)
     async def lmlab_error(request: Request, exc: LmlabError):
@@ -634,12 +646,15 @@ def create_app(
                     top_logprobs=k or 0,
                     prompt_logprobs=k if body.echo and k is not None else None,
                     ignore_eos=bool(body.ignore_eos),
+                    sampled_top=(k or lab.DEFAULT_TOP) if body.return_token_ids else 0,
                 )
                 for _, ids in prompts
                 for i in range(n)
             ]
             job = Job(server, served, len(requests), rec.t0)
             job.submit(requests)
+            if request.headers.get("x-lmlab-client", "").lower() == "playground" and server.log is not None:
+                rec.lab = lab.GenerateRun(server, served, body, prompts)
         except P.ApiError as e:
             return server.error_response(e, rec)
         echo = [prompts[i // n][0] if body.echo else "" for i in range(len(requests))]
@@ -655,6 +670,7 @@ def create_app(
             return JSONResponse(P.error_body("client disconnected", "invalid_request_error"), status_code=499)
         if job.errors():
             return server.error_response(P.ApiError(500, f"generation failed: {job.errors()[0]}"), rec)
+        run_id = await rec.lab.ready() if rec.lab is not None else None
         choices = []
         for i, c in enumerate(job.choices):
             logprobs = None
@@ -668,6 +684,10 @@ def create_app(
                     "finish_reason": P.finish_reason(c.end.finish_reason),
                 }
             )
+            if body.return_token_ids:
+                choices[-1]["lmlab"] = {"tokens": lab.token_entries(c.tokens, served.tokenizer)}
+                if run_id is not None:
+                    choices[-1]["lmlab"]["run_id"] = run_id
         completion_tokens = sum(c.end.completion_tokens for c in job.choices)
         server.finish(rec, 200, job, [c["text"] for c in choices])
         return {
@@ -821,6 +841,8 @@ async def _stream_events(server: Server, job: Job, rec: Record, chunks, include_
             if isinstance(event, RequestEnd) and event.finish_reason == "error":
                 yield P.sse(P.error_body(f"generation failed: {event.error}", "server_error", None, 500))
                 continue
+            if isinstance(event, RequestEnd) and rec.lab is not None:
+                await rec.lab.ready()  # the last chunk carries the run's id
             for chunk in chunks(index, event):
                 yield P.sse(chunk)
         if include_usage:
@@ -855,13 +877,18 @@ def _stream_completion(
 ):
     created, tok, k = P.now(), served.tokenizer, body.logprobs
     offsets = [0] * len(job.choices)
+    want_ids = bool(body.return_token_ids)
 
-    def chunk(index: int, text: str, infos=None, reason=None) -> dict:
+    def chunk(index: int, text: str, infos=None, reason=None, events=()) -> dict:
         logprobs = None
         if infos is not None:
             logprobs = P.completion_logprobs(infos, tok, offsets[index])
             offsets[index] += sum(len(t) for t in logprobs["tokens"])
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        if want_ids:
+            choice["lmlab"] = {"tokens": lab.token_entries(events, tok)}
+            if reason is not None and rec.lab is not None and rec.lab.id is not None:
+                choice["lmlab"]["run_id"] = rec.lab.id
         return _stream_chunk(rec, created, served, "text_completion", [choice])
 
     def chunks(index, event):
@@ -871,8 +898,8 @@ def _stream_completion(
             return [chunk(index, echo[index], _completion_infos(job.choices[index], [], True))]
         if isinstance(event, TokenEvent):
             if k is None:
-                return [chunk(index, event.text)] if event.text else []
-            return [chunk(index, event.text, _completion_infos(Choice(), [event], False))]
+                return [chunk(index, event.text, events=[event])] if event.text or want_ids else []
+            return [chunk(index, event.text, _completion_infos(Choice(), [event], False), events=[event])]
         if isinstance(event, RequestEnd):
             return [chunk(index, "", None, P.finish_reason(event.finish_reason))]
         return []
@@ -927,7 +954,8 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+        open_path = path in OPEN_PATHS or path == "/" or path.startswith("/static/")  # the page holds no secret
+        if self.api_key and not open_path and not self._authorized(scope):
             self.metrics.request_done(None, path, 401)
             return await _send_json(
                 send,

@@ -94,6 +94,8 @@ class CompletionRequest(Knobs):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
+    # lmlab's: each choice (each streamed chunk's too) carries "lmlab": {"tokens": [...]} (serve/lab.py token_entries)
+    return_token_ids: bool | None = False
 
 
 class ContentPart(BaseModel):
