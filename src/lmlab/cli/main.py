@@ -23,7 +23,9 @@ app = typer.Typer(
 )
 
 # Modules with a register(app) function, in the order their commands appear in --help.
-COMMAND_MODULES = ["models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "merge", "runs"]
+COMMAND_MODULES = [
+    "models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "finetune", "merge", "runs"
+]
 
 _DEBUG = False
 

@@ -52,6 +52,7 @@ def load(
     overrides: dict | None = None,
     n_layers: int | None = None,
     prepack: bool | None = None,
+    adapter=None,
 ):
     """Load a model and its tokenizer; returns an ``lmlab.LM``.
 
@@ -68,6 +69,9 @@ def load(
         matmuls (``lmlab.kernels``). None (the default) packs when that is at least 10% faster
         on this machine (measured once), the copy fits in free memory and ``LMLAB_PREPACK`` is
         not 0.
+    adapter: a LoRA adapter folder (lmlab's ``--save-adapter`` or PEFT's ``save_pretrained``),
+        applied unmerged (``lmlab.finetune.adapter``): hooks see its effect, and decoding runs
+        through model.py, since the native step reads the base weights only.
     """
     from lmlab.lm import LM
 
@@ -122,6 +126,10 @@ def load(
     lm.quant = quant or "none"
     if res.kind == "gguf":
         lm.source_tensor_types = source.tensor_types()  # quant type of each tensor on disk
+    if adapter is not None:
+        from lmlab.finetune.adapter import load_adapter
+
+        load_adapter(lm, adapter)
     return lm
 
 
