@@ -445,3 +445,67 @@ def test_side_by_side_and_live_stats(tab):
     assert "time to first token" in text and "tok/s" in text and "looking costs" in text
     assert "MiB" in page.page.text_content("#models-table")
     page.shot("stats")
+
+
+def _record_finetune_and_merge_runs() -> tuple[str, str]:
+    """A finetune run and a merge run in the server's run store (the tests share LMLAB_HOME with it),
+    recorded through record_run with the shapes `lmlab finetune` and `lmlab merge` record (the
+    real commands' runs are shown by test_runs_cli.py). A sample answer holds markup that must
+    show as text."""
+    from lmlab.runs import record_run
+
+    points = [{"step": s, "train_loss": round(3.0 - 0.2 * s, 3), "lr": 1e-3} for s in range(1, 11)]
+    points += [{"step": 5, "val_loss": 2.4}, {"step": 10, "val_loss": 1.9}]
+    with record_run("finetune", model=MODEL, config={"lora": "r=8"}, inputs={"data": "train.jsonl"}) as ft:
+        ft.add_metrics(val_loss_before=2.9, val_loss=1.9, val_loss_after=1.9, points=points)
+        row = {"line": 3, "prompt": "w abc:", "expected": " [abc]"}
+        ft.outputs = {
+            "samples_before": [{**row, "output": " <img src=x onerror=1>"}],
+            "samples_after": [{**row, "output": " [abc]"}],
+        }
+    comparison = [
+        {"label": label, "model": label, "perplexity": ppl, "tokens": 57, "answers": [f"{label} says hi", "return a"]}
+        for label, ppl in (("model-a", 12.5), ("model-b", 14.25), ("merged", 11.75))
+    ]
+    with record_run("merge", model="merged", config={"merge_method": "linear"}, inputs={"models": ["a", "b"]}) as mg:
+        mg.outputs = {"files": ["model.safetensors"], "comparison": comparison}
+    return ft.id, mg.id
+
+
+def test_finetune_and_merge_runs_show_their_curve_samples_and_comparison(tab):
+    ft_id, merge_id = _record_finetune_and_merge_runs()
+    page = tab()
+    page.view("runs")
+    page.page.locator(f"#runs-table tr[data-run='{ft_id}'] td").first.click()
+    page.page.wait_for_function(f"window.lmlab.shownRun === '{ft_id}'")
+    # pixels of the two curves' colours (train #1f77b4, held-out #d62728) on the canvas
+    colours = page.page.eval_on_selector(
+        "#run-loss",
+        """c => {
+          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          const near = (i, r, g, b) => Math.abs(d[i] - r) + Math.abs(d[i + 1] - g) + Math.abs(d[i + 2] - b) < 24;
+          let train = 0, heldOut = 0;
+          for (let i = 0; i < d.length; i += 4) { train += near(i, 31, 119, 180); heldOut += near(i, 214, 39, 40); }
+          return [train, heldOut];
+        }""",
+    )
+    assert colours[0] > 50 and colours[1] > 20, colours
+    assert "held-out loss 2.9000 → 1.9000 (-1.0000)" in page.page.text_content("#run-heldout")
+    cells = page.page.eval_on_selector_all("#run-samples td", "els => els.map(e => e.textContent)")
+    assert cells == ["3", "w abc:", " [abc]", " <img src=x onerror=1>", " [abc]"]
+    assert page.page.locator("#run-detail img").count() == 0
+    page.shot("run-finetune")
+
+    page.page.locator(f"#runs-table tr[data-run='{merge_id}'] td").first.click()
+    page.page.wait_for_function(f"window.lmlab.shownRun === '{merge_id}'")
+    assert page.page.locator("#run-loss").count() == 0
+    rows = page.page.eval_on_selector_all(
+        "#run-comparison tr", "rows => rows.map(r => [...r.children].map(c => c.textContent))"
+    )
+    assert rows == [
+        ["model", "perplexity", "tokens", "answer 1", "answer 2"],
+        ["model-a", "12.50", "57", "model-a says hi", "return a"],
+        ["model-b", "14.25", "57", "model-b says hi", "return a"],
+        ["merged", "11.75", "57", "merged says hi", "return a"],
+    ]
+    page.shot("run-merge")

@@ -9,9 +9,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lmlab.cli.runs import register
+from lmlab.cli.runs import key_metrics, register
 from lmlab.errors import LmlabError
 from lmlab.runs import RunStore, record_run
+from lmlab.runs.report import fmt_value
 
 
 @pytest.fixture()
@@ -278,3 +279,122 @@ def test_show_and_diff_fit_100_columns(capsys, two_runs, monkeypatch):
         out = capsys.readouterr().out
         assert max(len(line) for line in out.splitlines()) <= 100 and "…" not in out
         assert "temperature" in out
+
+
+# ----------------------------------------------------------------------------- finetune and merge runs
+# Real runs of the real commands on tiny random Llamas (one-character tokenizers, tests/tiny.py).
+
+
+def _tiny_llamas(root, names="a"):
+    from tiny import make_tiny, save_char_tokenizer
+
+    for i, name in enumerate(names):
+        make_tiny("llama", root / name, seed=i)
+        save_char_tokenizer(root / name)
+    return [str(root / n) for n in names]
+
+
+def _show(capsys, run_id: str) -> str:
+    from lmlab.cli.main import main
+
+    assert main(["runs", "show", run_id]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 100  # COLUMNS=100
+    return text
+
+
+def test_a_finetune_run_shows_its_loss_curve_and_samples_before_and_after(home, tmp_path, capsys, monkeypatch):
+    import html
+
+    from lmlab.cli.main import main
+
+    (model,) = _tiny_llamas(tmp_path)
+    words = ["abc", "xyz", "hello", "qrs", "mno", "tuv", "ghi", "def"]
+    rows = [{"prompt": f"w {words[i % 8]}{i}:", "completion": f" [{words[i % 8]}]"} for i in range(24)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["finetune", model, "--data", str(data), "--lora", "r=4,alpha=8,targets=q,v", "--steps", "10"]
+    argv += ["--lr", "1e-2", "--eval-every", "5", "--val-fraction", "0.2", "--sample-tokens", "4"]
+    assert main([*argv, "--out", str(tmp_path / "ft"), "--no-progress", "--json"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    with RunStore() as store:
+        run = store.get(run_id)
+    m, samples = run["metrics"], list(zip(run["outputs"]["samples_before"], run["outputs"]["samples_after"]))
+    assert samples and [p for p in m["points"] if "train_loss" in p] and [p for p in m["points"] if "val_loss" in p]
+
+    monkeypatch.setenv("COLUMNS", "100")
+    text = _show(capsys, run_id)
+    curve = text[text.index("loss curve") : text.index("before and after")]
+    steps = {line.split()[0]: line.split()[1:] for line in curve.splitlines() if re.match(r"\s*\d+\s", line)}
+    assert list(steps) == ["0", "5", "10"]  # held-out loss before training at step 0, then every 5 steps
+    before, after = m["val_loss_before"], m["val_loss_after"]
+    assert steps["0"] == [fmt_value(before)] and steps["10"][-2] == fmt_value(after)
+    assert "▁" in curve and "█" in curve  # the sparklines
+    assert f"held-out loss  {fmt_value(before)} → {fmt_value(after)} ({after - before:+.4f})" in text
+    for b, a in samples:
+        assert re.search(rf"│\s+{b['line']} │ {re.escape(b['prompt'])}\s+│", text)
+    assert "samples_before" not in text  # not again among the outputs
+    assert key_metrics(run).startswith(f"held-out loss {fmt_value(before)} → {fmt_value(after)}")  # in `runs list`
+
+    assert main(["runs", "export", run_id, "--html", "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<svg") == 1 and "train (line) and validation (dots)" in page
+    ba = page[page.index("<h2>Before and after fine-tuning</h2>") : page.index("<h2>Measured points</h2>")]
+    loss = f'<td class="num">{fmt_value(before)}</td><td class="num">{fmt_value(after)} ({after - before:+.4f})</td>'
+    assert loss in ba
+    for b, a in samples:
+        cells = (b["line"], b["prompt"], b["expected"], b["output"], a["output"])
+        want = f'<td class="num">{cells[0]}</td>' + "".join(f"<td><pre>{html.escape(c)}</pre></td>" for c in cells[1:])
+        assert want in ba
+
+
+def test_a_merge_run_shows_its_comparison_table(home, tmp_path, capsys, monkeypatch):
+    import html
+
+    from lmlab.cli.main import main
+
+    a, b = _tiny_llamas(tmp_path, "ab")
+    assert main(["merge", a, b, "--weights", "0.5,0.5", "-o", str(tmp_path / "merged"), "--prompt", "Hi"]) == 0
+    capsys.readouterr()
+    with RunStore() as store:
+        run = store.get("last")
+    rows = run["outputs"]["comparison"]
+    assert run["command"] == "merge" and [r["label"] for r in rows] == [a, b, "merged"]
+
+    monkeypatch.setenv("COLUMNS", "100")
+    text = _show(capsys, run["id"])
+    table = text[text.index("merge comparison") : text.index("inputs")]
+    assert run["outputs"]["prompts"] == ["Hi"]
+    assert "perplexity" in table and "'Hi' →" in table and "│ merged " in table
+    for r in rows:
+        assert f" {fmt_value(r['perplexity'])} │ {r['tokens']:>6} │" in table
+    assert "comparison[0]" not in text  # not again among the outputs
+    ppl = [fmt_value(r["perplexity"]) for r in rows]
+    assert key_metrics(run) == f"ppl {ppl[0]} / {ppl[1]} → merged {ppl[2]}"  # in `runs list`
+
+    assert main(["runs", "export", run["id"], "--html", "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    mc = page[page.index("<h2>Merge comparison</h2>") : page.index("<h2>Inputs and outputs</h2>")]
+    for r in rows:
+        assert (
+            f'<tr><th class="key">{html.escape(r["label"])}</th><td class="num">{fmt_value(r["perplexity"])}</td>'
+            f'<td class="num">{r["tokens"]}</td><td><pre>{html.escape(r["answers"][0])}</pre></td></tr>'
+        ) in mc
+
+
+def test_a_long_loss_curve_shows_20_steps_with_every_held_out_loss(home, capsys, monkeypatch):
+    """A train run's curve as `lmlab train` records it: 30 points, a held-out loss every 100 steps."""
+    points = [{"step": s, "train_loss": 5 - 0.01 * s, "lr": 1e-3} for s in range(0, 300, 10)]
+    for p in points[::10] + points[-1:]:
+        p["val_loss"] = p["train_loss"] + 0.1
+    with record_run("train", model="tiny") as run:
+        run.add_metrics(val_loss=2.2, points=points)
+        run.outputs = {"samples": [{"step": 100, "text": "once upon"}]}
+    monkeypatch.setenv("COLUMNS", "100")
+    text = _show(capsys, run.id)
+    assert "loss curve (nats/token), 20 of 30 steps shown" in text
+    rows = [line.split() for line in text[text.index("loss curve") : text.index("outputs")].splitlines()]
+    steps = [int(r[0]) for r in rows if r and r[0].isdigit()]
+    assert len(steps) == 20 and steps == sorted(steps) and steps[0] == 0 and steps[-1] == 290
+    assert {0, 100, 200, 290} <= set(steps)  # every held-out loss is among them
+    assert "   train 5.000 " + "█" in text and " 2.100\n" in text  # the sparkline, first to last value

@@ -155,3 +155,32 @@ def test_bench_plots_that_fail_fall_back_to_generic_plots(home, monkeypatch):
     monkeypatch.setattr(bench_plots, "sweep_figures", broken)
     page = render_html(_one_bench_sweep(home))
     assert "<figcaption>decode (tokens/s) vs batch</figcaption>" in page
+
+
+def test_finetune_and_merge_sections_escape_their_text_and_an_unfinished_run_has_no_after(home):
+    """Shapes as `lmlab finetune` records them while it runs (no samples_after, no val_loss_after
+    yet: interrupted) and as `lmlab merge` records its comparison; the text is hostile."""
+    sample = {"line": 4, "prompt": HOSTILE, "expected": " [x]", "output": "<b>before</b>"}
+    with pytest.raises(KeyboardInterrupt):
+        with record_run("finetune", model="tiny", config={"lora": "r=4"}) as ft:
+            ft.add_metrics(val_loss_before=3.25, points=[{"step": 5, "train_loss": 3.0, "lr": 1e-3}])
+            ft.outputs = {"samples_before": [sample], "samples_after": []}
+            raise KeyboardInterrupt
+    comparison = [{"label": HOSTILE, "model": "m", "perplexity": 9.5, "tokens": 12, "answers": ["<i>hi</i>"]}]
+    with record_run("merge", model="merged") as mg:
+        mg.outputs = {"files": [], "comparison": comparison, "prompts": ["Say <hi>"]}  # prompts: if recorded
+    with RunStore() as store:
+        runs = [store.get(ft.id), store.get(mg.id)]
+    page = render_html(runs)
+    assert "<img" not in page and "<b>" not in page and "<i>" not in page
+    ba = page[page.index("<h2>Before and after fine-tuning</h2>") : page.index("<h2>Merge comparison</h2>")]
+    assert '<td class="num">3.250</td><td class="num">—</td>' in ba  # no held-out loss after: it never finished
+    assert "<td><pre>&lt;b&gt;before&lt;/b&gt;</pre></td><td><pre>—</pre></td>" in ba
+    mc = page[page.index("<h2>Merge comparison</h2>") : page.index("<h2>Measured points</h2>")]
+    assert "&lt;script&gt;" in mc and "<td><pre>&lt;i&gt;hi&lt;/i&gt;</pre></td>" in mc
+    assert "<th>&#x27;Say &lt;hi&gt;&#x27; →</th>" in mc  # each answer under its prompt
+    assert page.count("<svg") == 1  # the finetune run's loss curve; the merge run has no points
+    md = render_markdown(runs)
+    assert "## Before and after fine-tuning" in md and "| held-out loss | 3.250 | — |" in md
+    assert "| 4 | &lt;script&gt;" in md and "| &lt;b&gt;before&lt;/b&gt; | — |" in md
+    assert "## Merge comparison" in md and "| 9.500 | 12 | &lt;i&gt;hi&lt;/i&gt; |" in md

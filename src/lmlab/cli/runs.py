@@ -79,6 +79,12 @@ def key_metrics(run: dict, most: int = 3) -> str:
 
     metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
     parts = []
+    before, after = metrics.get("val_loss_before"), metrics.get("val_loss_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):  # a finetune run
+        parts.append(f"held-out loss {fmt_value(before)} → {fmt_value(after)}")
+    if isinstance(metrics.get("perplexity.merged"), (int, float)):  # a merge run, with its comparison
+        inputs = [fmt_value(v) for k, v in metrics.items() if k.startswith("perplexity.") and k != "perplexity.merged"]
+        parts.append(f"ppl {' / '.join(inputs)} → merged {fmt_value(metrics['perplexity.merged'])}")
     for key, label, unit in KEY_METRICS:
         v = metrics.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -181,6 +187,108 @@ def _kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
 
 
 SHOW_IO_LEAVES = 40  # inputs/outputs fields printed by `runs show`; --json has them all
+SHOW_LOSS_ROWS = 20  # steps of a loss curve printed by `runs show`; --json has them all
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 60  # characters of a sparkline at most
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), the first and the last among them (all when n <= k)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def sparkline(values: list[float]) -> str:
+    """Numbers as a row of block characters, lowest ▁ to highest █ (a curve in one line); a long
+    series is sampled at SPARK_WIDTH evenly spaced points."""
+    values = [values[i] for i in _evenly(len(values), SPARK_WIDTH)]
+    lo, hi = min(values), max(values)
+    return "".join(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0] for v in values)
+
+
+def _loss_curve(run: dict) -> list:
+    """A train or finetune run's loss curve: a sparkline per loss, then a table of its steps (all of
+    them, or SHOW_LOSS_ROWS: those with a held-out loss first, the others spread evenly)."""
+    from lmlab.runs.report import fmt_value, loss_points, loss_rows
+
+    rows = loss_rows(loss_points(run))
+    if not rows:
+        return []
+    keep = set(_evenly(len(rows), 2))
+    held = [i for i, r in enumerate(rows) if "val_loss" in r]
+    keep |= {held[i] for i in _evenly(len(held), SHOW_LOSS_ROWS // 2)}
+    spread = _evenly(len(rows), SHOW_LOSS_ROWS)
+    for i in sorted(spread, key=lambda i: min(abs(i - j) for j in keep) * -1):  # farthest from kept rows first
+        if len(keep) >= SHOW_LOSS_ROWS:
+            break
+        keep.add(i)
+    shown = [rows[i] for i in sorted(keep)]
+    more = f", {len(shown)} of {len(rows)} steps shown (--json has them all)" if len(shown) < len(rows) else ""
+    parts: list = [Text("loss curve (nats/token)" + more, style="bold")]
+    for key, label in (("train_loss", "train"), ("val_loss", "held-out")):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            parts.append(Text(f"{label:>8} {fmt_value(values[0])} {sparkline(values)} {fmt_value(values[-1])}"))
+    t = Table(header_style="bold", box=None, padding=(0, 2, 0, 0))
+    for col in ("step", "train loss", "held-out loss", "lr"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in shown:
+        t.add_row(*(fmt_value(r.get(k)) if k in r else "" for k in ("step", "train_loss", "val_loss", "lr")))
+    return [*parts, t]
+
+
+def _before_after_tables(run: dict) -> list[Table]:
+    """A finetune run's held-out loss before and after, and its greedy samples side by side."""
+    from lmlab.runs.report import before_after, fmt_value
+
+    ba = before_after(run)
+    if not ba:
+        return []
+    before, after = ba["val_loss"]
+    loss = f"{fmt_value(before)} → {fmt_value(after)}"
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        loss += f" ({after - before:+.4f})"
+    tables = [_kv_table("before and after fine-tuning", [("held-out loss", loss)])]
+    if ba["samples"]:
+        t = Table(
+            title="greedy answers to the same held-out prompts",
+            title_justify="left",
+            title_style="dim",
+            header_style="bold",
+        )
+        t.add_column("line", justify="right", no_wrap=True)
+        for col in ("prompt", "expected", "before", "after"):
+            t.add_column(col, overflow="fold")
+        for x in ba["samples"]:
+            t.add_row(*(Text(fmt_value(x[k])) for k in ("line", "prompt", "expected", "before", "after")))
+        tables.append(t)
+    return tables
+
+
+def _merge_table(run: dict) -> Table | None:
+    """A merge run's comparison: perplexity and greedy answers of each input and of the result."""
+    from lmlab.runs.report import fmt_value, merge_comparison
+
+    mc = merge_comparison(run)
+    if not mc:
+        return None
+    t = Table(
+        title="merge comparison: perplexity on one text, greedy answers to the same prompts",
+        title_justify="left",
+        title_style="bold",
+        header_style="bold",
+    )
+    t.add_column("model", overflow="fold")
+    t.add_column("perplexity", justify="right", no_wrap=True)
+    t.add_column("tokens", justify="right", no_wrap=True)
+    for c in mc["columns"]:
+        t.add_column(c, overflow="fold")
+    for r in mc["rows"]:
+        answers = [Text(fmt_value(a)) for a in r.get("answers") or []]
+        answers += [Text("")] * (len(mc["columns"]) - len(answers))
+        t.add_row(Text(str(r.get("label"))), fmt_value(r.get("perplexity")), fmt_value(r.get("tokens")), *answers)
+    return t
 
 
 @runs_app.command("show")
@@ -216,10 +324,26 @@ def show(
             if section == "metrics" and "points" in (value if isinstance(value, dict) else {}):
                 flat = {k: v for k, v in flat.items() if not k.startswith("points[")}
                 flat["points"] = f"{len(value['points'])} points (`lmlab runs export {run['id']} --html` plots them)"
+                if run.get("command") in ("train", "finetune"):
+                    flat["points"] = f"{len(value['points'])} points (the loss curve below)"
             out.print()
             out.print(_kv_table(section, list(flat.items())))
+    from lmlab.runs.report import shown_apart
+
+    curve = _loss_curve(run)
+    if curve:
+        out.print()
+        for part in curve:
+            out.print(part)
+    for table in [*_before_after_tables(run), _merge_table(run)]:
+        if table is not None:
+            out.print()
+            out.print(table)
+    apart = shown_apart(run)
     for section in ("inputs", "outputs"):
         value = run.get(section)
+        if section == "outputs" and apart and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in apart}
         if value:
             out.print()
             out.print(Text(section, style="bold"))

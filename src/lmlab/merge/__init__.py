@@ -338,7 +338,7 @@ def merge_models(
                 pass
         run.checkpoint()
         if compare:
-            from lmlab.merge.compare import compare_models
+            from lmlab.merge.compare import PROMPTS, compare_models
 
             labels = [(e.model, e.model) for e in spec.inputs()] + [("merged", summary["out"])]
             chosen = {
@@ -346,7 +346,8 @@ def merge_models(
             }
             rows = compare_models(labels, log=log, **chosen)
             summary["comparison"] = rows
-            run.outputs = {"files": summary["files"], "comparison": rows}
+            prompts = list(chosen.get("prompts") or PROMPTS)
+            run.outputs = {"files": summary["files"], "comparison": rows, "prompts": prompts}
             for r in rows:
                 if r.get("perplexity") is not None:
                     run.add_metrics(**{f"perplexity.{r['label']}": r["perplexity"]})

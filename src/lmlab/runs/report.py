@@ -4,7 +4,10 @@ Both show, run by run side by side: a summary (command, model, model hash, seed,
 config (rows that differ are marked), metrics and timings with the ratio to the first run,
 benchmark points, inputs and outputs, errors, package versions and host. When a run's metrics
 hold a series (``metrics["points"]``: a list of dicts such as a bench sweep writes), the HTML
-report draws it with matplotlib as inline SVG.
+report draws it with matplotlib as inline SVG. A train or finetune run's loss curve is drawn as
+``lmlab train`` draws it; a finetune run also gets its held-out loss and greedy samples before and
+after training side by side, and a merge run the comparison of its inputs and result (perplexity,
+greedy answers).
 
 The HTML needs nothing from the network: no scripts, stylesheets, fonts or images are linked,
 so the file can be mailed, attached to an issue or printed. All run text is escaped.
@@ -180,9 +183,12 @@ def run_points(run: dict) -> list[dict]:
     return []
 
 
-def io_fields(run: dict, section: str) -> tuple[list[tuple[str, str]], int]:
-    """(key, text) leaves of a run's inputs or outputs, and how many more were left out."""
+def io_fields(run: dict, section: str, skip: tuple[str, ...] = ()) -> tuple[list[tuple[str, str]], int]:
+    """(key, text) leaves of a run's inputs or outputs, and how many more were left out; top-level
+    keys in ``skip`` (shown in a section of their own) are left out."""
     value = run.get(section)
+    if isinstance(value, dict) and skip:
+        value = {k: v for k, v in value.items() if k not in skip}
     if value in (None, {}, []):
         return [], 0
     flat = flatten(value if isinstance(value, dict) else {"value": value})
@@ -193,6 +199,85 @@ def io_fields(run: dict, section: str) -> tuple[list[tuple[str, str]], int]:
             text = text[:MAX_VALUE_CHARS] + f"… ({len(text) - MAX_VALUE_CHARS:,} more characters in the JSON export)"
         items.append((key, text))
     return items, max(0, len(flat) - MAX_IO_FIELDS)
+
+
+# Fine-tuning and merging: the loss curve, the samples before and after, the merge comparison.
+LOSS_COMMANDS = ("train", "finetune")
+
+
+def loss_points(run: dict) -> list[dict]:
+    """A train or finetune run's loss curve (points with step and train_loss and/or val_loss); a
+    finetune run's held-out loss before training is added as step 0. [] for other runs."""
+    points = run_points(run)
+    if run.get("command") not in LOSS_COMMANDS or not any("train_loss" in p or "val_loss" in p for p in points):
+        return []
+    metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
+    before = metrics.get("val_loss_before")
+    if _is_number(before) and not any(p.get("step") == 0 and "val_loss" in p for p in points):
+        points = [{"step": 0, "val_loss": before}, *points]
+    return points
+
+
+def loss_rows(points: list[dict]) -> list[dict]:
+    """The loss curve one row per step (train loss, held-out loss and lr of the same step merged)."""
+    by_step: dict[Any, dict] = {}
+    for p in points:
+        if _is_number(p.get("step")):
+            by_step.setdefault(p["step"], {}).update(p)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def before_after(run: dict) -> dict | None:
+    """A finetune run before and after training: {'val_loss': (before, after), 'samples': [{'line',
+    'prompt', 'expected', 'before', 'after'}]} (greedy answers to the same held-out prompts; None
+    where a side is missing, e.g. an interrupted run). None for a run without them."""
+    outputs = run.get("outputs") if isinstance(run.get("outputs"), dict) else {}
+    metrics = run.get("metrics") if isinstance(run.get("metrics"), dict) else {}
+    before = [s for s in outputs.get("samples_before") or [] if isinstance(s, dict)]
+    after = [s for s in outputs.get("samples_after") or [] if isinstance(s, dict)]
+    loss = (metrics.get("val_loss_before"), metrics.get("val_loss_after"))
+    if run.get("command") != "finetune" or (not before and not after and loss == (None, None)):
+        return None
+    samples = []
+    for i in range(max(len(before), len(after))):
+        b = before[i] if i < len(before) else {}
+        a = after[i] if i < len(after) else {}
+        samples.append(
+            {
+                "line": b.get("line", a.get("line")),
+                "prompt": b.get("prompt", a.get("prompt")),
+                "expected": b.get("expected", a.get("expected")),
+                "before": b.get("output"),
+                "after": a.get("output"),
+            }
+        )
+    return {"val_loss": loss, "samples": samples}
+
+
+def merge_comparison(run: dict) -> dict | None:
+    """A merge run's comparison: {'columns': a heading per greedy answer (the prompt when the run
+    recorded it), 'rows': [{'label', 'model', 'perplexity', 'tokens', 'answers'}]}; None otherwise."""
+    outputs = run.get("outputs") if isinstance(run.get("outputs"), dict) else {}
+    rows = [r for r in outputs.get("comparison") or [] if isinstance(r, dict)]
+    if run.get("command") != "merge" or not rows:
+        return None
+    n = max(len(r.get("answers") or []) for r in rows)
+    prompts = outputs.get("prompts")
+    if isinstance(prompts, list) and len(prompts) == n:
+        columns = [f"{p!r} →" for p in prompts]
+    else:
+        columns = [f"answer {i + 1}" for i in range(n)]
+    return {"columns": columns, "rows": rows}
+
+
+SHOWN_APART = {"finetune": ("samples_before", "samples_after"), "merge": ("comparison",)}
+
+
+def shown_apart(run: dict) -> tuple[str, ...]:
+    """The output keys a report shows in a section of their own (not again among the outputs)."""
+    if before_after(run) or merge_comparison(run):
+        return SHOWN_APART.get(run.get("command"), ())
+    return ()
 
 
 def _title(runs: list[dict]) -> str:
@@ -293,13 +378,16 @@ def _bench_figures(run: dict) -> list[tuple[str, str]]:
 
 
 def _train_figures(runs: list[dict]) -> list[tuple[str, str]]:
-    """Train runs: their loss curves overlaid in one plot (the plot of ``lmlab train --compare``)."""
-    if not all(r.get("command") == "train" and run_points(r) for r in runs):
+    """Train and finetune runs: their loss curves overlaid in one plot (the plot of ``lmlab train
+    --compare``); a finetune run's held-out loss before training is its step 0. Runs without
+    points (a merge run beside a finetune run, say) are left out of it."""
+    with_points = [r for r in runs if run_points(r)]
+    if not with_points or not all(loss_points(r) for r in with_points):
         return []
     try:
         from lmlab.train.plots import loss_figure
 
-        fig = loss_figure([(r["id"], run_points(r)) for r in runs], title="train and validation loss")
+        fig = loss_figure([(r["id"], loss_points(r)) for r in with_points], title="train and validation loss")
         return [("loss (nats/token) vs step: train (line) and validation (dots)", _svg(fig, "lmlab-train-loss"))]
     except Exception:  # points the loss plot does not expect must not cost the whole report
         return []
@@ -394,6 +482,7 @@ code, pre { font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, "Libe
 pre { background: var(--soft); padding: 8px 10px; border-radius: 4px; margin: 2px 0 8px;
       white-space: pre-wrap; overflow-wrap: anywhere; }
 .field { font-size: .85em; color: var(--muted); margin-top: 6px; }
+td pre { margin: 0; padding: 2px 6px; }
 figure { margin: 10px 0 18px; } figure svg { max-width: 100%; height: auto; }
 figcaption { color: var(--muted); font-size: .9em; }
 .note { color: var(--muted); font-size: .9em; }
@@ -471,11 +560,52 @@ def _html_points(points: list[dict]) -> str:
     return f"{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _html_before_after(ba: dict) -> str:
+    before, after = ba["val_loss"]
+    change = f" ({after - before:+.4f})" if _is_number(before) and _is_number(after) else ""
+    parts = [
+        "<table><thead><tr><th></th><th>before</th><th>after</th></tr></thead><tbody>"
+        f'<tr><th class="key">held-out loss (nats/token)</th><td class="num">{_e(fmt_value(before))}</td>'
+        f'<td class="num">{_e(fmt_value(after))}{_e(change)}</td></tr></tbody></table>'
+    ]
+    if ba["samples"]:
+        head = "".join(f"<th>{h}</th>" for h in ("line", "prompt", "expected", "before", "after"))
+        body = "".join(
+            f'<tr><td class="num">{_e(fmt_value(x["line"]))}</td>'
+            + "".join(f"<td><pre>{_e(fmt_value(x[k]))}</pre></td>" for k in ("prompt", "expected", "before", "after"))
+            + "</tr>"
+            for x in ba["samples"]
+        )
+        parts.append(
+            '<p class="note">Greedy answers to the same held-out prompts before and after training.</p>'
+            f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        )
+    return "".join(parts)
+
+
+def _html_merge_comparison(mc: dict) -> str:
+    head = "<th>model</th><th>perplexity</th><th>tokens</th>" + "".join(f"<th>{_e(c)}</th>" for c in mc["columns"])
+    body = []
+    for r in mc["rows"]:
+        answers = list(r.get("answers") or []) + [None] * (len(mc["columns"]) - len(r.get("answers") or []))
+        body.append(
+            f'<tr><th class="key">{_e(r.get("label"))}</th><td class="num">{_e(fmt_value(r.get("perplexity")))}</td>'
+            f'<td class="num">{_e(fmt_value(r.get("tokens")))}</td>'
+            + "".join(f"<td><pre>{_e(fmt_value(a))}</pre></td>" for a in answers)
+            + "</tr>"
+        )
+    note = '<p class="note">Each input and the result on the same text (perplexity) and prompts (greedy answers).</p>'
+    return f"{note}<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def _html_io(run: dict) -> str:
     parts = []
+    apart = shown_apart(run)
     for section in ("inputs", "outputs"):
-        fields, more = io_fields(run, section)
+        fields, more = io_fields(run, section, skip=apart if section == "outputs" else ())
         parts.append(f"<h4>{section}</h4>")
+        if section == "outputs" and apart:
+            parts.append(f'<p class="note">{_e(", ".join(apart))}: shown above.</p>')
         if not fields:
             parts.append('<p class="note">none recorded</p>')
         for key, text in fields:
@@ -531,6 +661,21 @@ def render_html(runs: dict | Iterable[dict]) -> str:
         s.append("<section><h2>Plots</h2>")
         for caption, svg in plots:
             s.append(f"<figure>{svg}<figcaption>{_e(caption)}</figcaption></figure>")
+        s.append("</section>")
+
+    tuned = [(r, before_after(r)) for r in runs]
+    if any(ba for _, ba in tuned):
+        s.append("<section><h2>Before and after fine-tuning</h2>")
+        for r, ba in tuned:
+            if ba:
+                s.append(f"<h3>{_e(run_title(r))}</h3>{_html_before_after(ba)}")
+        s.append("</section>")
+    merged = [(r, merge_comparison(r)) for r in runs]
+    if any(mc for _, mc in merged):
+        s.append("<section><h2>Merge comparison</h2>")
+        for r, mc in merged:
+            if mc:
+                s.append(f"<h3>{_e(run_title(r))}</h3>{_html_merge_comparison(mc)}")
         s.append("</section>")
 
     with_points = [r for r in runs if run_points(r)]
@@ -629,6 +774,34 @@ def render_markdown(runs: dict | Iterable[dict]) -> str:
                 table.append([key] + cells)
             out.append(_md_table(head, table))
 
+    tuned = [(r, before_after(r)) for r in runs]
+    if any(ba for _, ba in tuned):
+        out.append("\n## Before and after fine-tuning\n")
+        for r, ba in tuned:
+            if not ba:
+                continue
+            before, after = ba["val_loss"]
+            out.append(f"\n### {_md_cell(run_title(r))}\n\n")
+            out.append(_md_table(["", "before", "after"], [["held-out loss", fmt_value(before), fmt_value(after)]]))
+            if ba["samples"]:
+                out.append("\nGreedy answers to the same held-out prompts:\n\n")
+                cols = ["line", "prompt", "expected", "before", "after"]
+                out.append(_md_table(cols, [[fmt_value(x[c]) for c in cols] for x in ba["samples"]]))
+    merged = [(r, merge_comparison(r)) for r in runs]
+    if any(mc for _, mc in merged):
+        out.append("\n## Merge comparison\n")
+        for r, mc in merged:
+            if not mc:
+                continue
+            out.append(f"\n### {_md_cell(run_title(r))}\n\n")
+            rows = [
+                [x.get("label"), fmt_value(x.get("perplexity")), fmt_value(x.get("tokens"))]
+                + [fmt_value(a) for a in list(x.get("answers") or [])]
+                + [""] * (len(mc["columns"]) - len(x.get("answers") or []))
+                for x in mc["rows"]
+            ]
+            out.append(_md_table(["model", "perplexity", "tokens", *mc["columns"]], rows))
+
     with_points = [r for r in runs if run_points(r)]
     if with_points:
         out.append("\n## Measured points\n")
@@ -648,9 +821,12 @@ def render_markdown(runs: dict | Iterable[dict]) -> str:
     out.append("\n## Inputs and outputs\n")
     for r in runs:
         out.append(f"\n### {_md_cell(run_title(r))}\n")
+        apart = shown_apart(r)
         for section in ("inputs", "outputs"):
-            fields, more = io_fields(r, section)
+            fields, more = io_fields(r, section, skip=apart if section == "outputs" else ())
             out.append(f"\n**{section}**" + (" — none recorded\n" if not fields else "\n"))
+            if section == "outputs" and apart:
+                out.append(f"\n({', '.join(apart)}: shown above)\n")
             for key, text in fields:
                 out.append(f"\n`{key.replace('`', '')}`\n\n{_md_fence(text)}")
             if more:

@@ -148,7 +148,10 @@ export function linePlot(canvas, series, { xLabel, yLabel, logX = false, yFormat
     ctx.fillText(yFormat(v), pad.l - 4, Y(v) + 4);
   }
   ctx.textAlign = "center";
-  for (const x of [...new Set(all.map((p) => p[0]))]) ctx.fillText(String(x), X(x), H - pad.b + 14);
+  // every x labelled, or about ten of them when there are many (the steps of a loss curve)
+  const ticks = [...new Set(all.map((p) => p[0]))].sort((a, b) => a - b);
+  const every = Math.ceil(ticks.length / 10);
+  ticks.forEach((x, i) => (i % every === 0 || i === ticks.length - 1) && ctx.fillText(String(x), X(x), H - pad.b + 14));
   ctx.fillText(xLabel || "", (W + pad.l) / 2, H - 6);
   ctx.save();
   ctx.translate(12, H / 2);

@@ -531,7 +531,13 @@ async function loadRuns() {
       const reopen = new URLSearchParams({ run: r.id });
       return el(
         "tr",
-        { dataset: { run: r.id } },
+        {
+          dataset: { run: r.id },
+          class: "run-row",
+          title: "show this run's details",
+          // a click on the row (not on its links and buttons) shows the run below the table
+          onclick: (e) => e.target.closest("a, button") || showRun(r.id),
+        },
         el("td", {}, String(r.id)),
         el("td", {}, r.kind),
         el("td", {}, r.model || ""),
@@ -552,6 +558,117 @@ async function loadRuns() {
       );
     }),
   );
+}
+
+// ------------------------------------------------------------------------------------ one run's details
+
+// A train or finetune run's loss curve as linePlot series: train loss and held-out loss against
+// step (a finetune run's held-out loss before training is its step 0). [] for other runs.
+export function lossSeries(run) {
+  const metrics = run.metrics || {};
+  const points = (Array.isArray(metrics.points) ? metrics.points : []).filter((p) => p && Number.isFinite(p.step));
+  if (!["train", "finetune"].includes(run.command)) return [];
+  const curve = (key) => points.filter((p) => Number.isFinite(p[key])).map((p) => [p.step, p[key]]);
+  const train = curve("train_loss");
+  const heldOut = curve("val_loss");
+  if (Number.isFinite(metrics.val_loss_before) && !heldOut.some(([step]) => step === 0)) {
+    heldOut.unshift([0, metrics.val_loss_before]);
+  }
+  return [
+    { name: "train loss", points: train },
+    { name: "held-out loss", points: heldOut },
+  ].filter((s) => s.points.length);
+}
+
+const cellText = (v) => (v === null || v === undefined ? "–" : String(v));
+
+function textTable(id, header, rows) {
+  return el(
+    "table",
+    { id },
+    el("tr", {}, header.map((h) => el("th", {}, h))),
+    rows.map((row) => el("tr", {}, row.map((c) => (c instanceof Node ? c : el("td", { class: "sample" }, cellText(c)))))),
+  );
+}
+
+// A finetune run: held-out loss before and after, and the greedy answers to the same held-out
+// prompts side by side.
+function beforeAfter(run) {
+  const outputs = run.outputs || {};
+  const metrics = run.metrics || {};
+  const before = Array.isArray(outputs.samples_before) ? outputs.samples_before : [];
+  const after = Array.isArray(outputs.samples_after) ? outputs.samples_after : [];
+  const loss0 = metrics.val_loss_before;
+  const loss1 = metrics.val_loss_after;
+  const change = Number.isFinite(loss0) && Number.isFinite(loss1) ? ` (${loss1 - loss0 >= 0 ? "+" : ""}${fmt(loss1 - loss0, 4)})` : "";
+  const rows = [...Array(Math.max(before.length, after.length)).keys()].map((i) => {
+    const b = before[i] || {};
+    const a = after[i] || {};
+    return [el("td", { class: "num" }, cellText(b.line ?? a.line)), b.prompt ?? a.prompt, b.expected ?? a.expected, b.output, a.output];
+  });
+  return [
+    el("h4", {}, "before and after fine-tuning"),
+    el("p", { id: "run-heldout" }, `held-out loss ${fmt(loss0, 4)} → ${Number.isFinite(loss1) ? fmt(loss1, 4) : "not finished"}${change}`),
+    rows.length
+      ? textTable("run-samples", ["line", "prompt", "expected", "before", "after"], rows)
+      : el("p", { class: "muted" }, "no samples recorded"),
+  ];
+}
+
+// A merge run: the perplexity of each input and of the result on one text, and their greedy answers.
+function mergeComparison(run) {
+  const outputs = run.outputs || {};
+  const rows = Array.isArray(outputs.comparison) ? outputs.comparison.filter((r) => r && typeof r === "object") : [];
+  const n = Math.max(0, ...rows.map((r) => (r.answers || []).length));
+  const prompts = Array.isArray(outputs.prompts) && outputs.prompts.length === n ? outputs.prompts : null;
+  const heads = [...Array(n).keys()].map((i) => (prompts ? `${JSON.stringify(prompts[i])} →` : `answer ${i + 1}`));
+  return [
+    el("h4", {}, "merge comparison: perplexity on one text, greedy answers to the same prompts"),
+    textTable(
+      "run-comparison",
+      ["model", "perplexity", "tokens", ...heads],
+      rows.map((r) => [
+        r.label,
+        el("td", { class: "num" }, Number.isFinite(r.perplexity) ? fmt(r.perplexity, 2) : "–"),
+        el("td", { class: "num" }, cellText(r.tokens)),
+        ...[...Array(n).keys()].map((i) => (r.answers || [])[i]),
+      ]),
+    ),
+  ];
+}
+
+// A train run: its samples as training went.
+function trainSamples(run) {
+  const samples = ((run.outputs || {}).samples || []).filter((s) => s && typeof s === "object");
+  if (!samples.length) return [];
+  return [el("h4", {}, "samples as training went"), textTable("run-samples", ["step", "sample"], samples.map((s) => [s.step, s.text]))];
+}
+
+// The run's details under the history: what it is, its loss curve, its samples or comparison.
+async function showRun(id) {
+  let run;
+  try {
+    run = await api(`/lab/runs/${encodeURIComponent(id)}`);
+  } catch (e) {
+    return app.showError(e);
+  }
+  for (const tr of $("runs-table").querySelectorAll("tr[data-run]")) tr.classList.toggle("selected", tr.dataset.run === run.id);
+  const parts = [el("h3", {}, `run ${run.id} · ${run.command} · ${run.model || "no model"}`)];
+  const series = lossSeries(run);
+  let canvas = null;
+  if (series.length) {
+    canvas = el("canvas", { id: "run-loss", width: 640, height: 260 });
+    parts.push(el("h4", {}, "loss (nats/token) against step"), canvas);
+  }
+  if (run.command === "finetune") parts.push(...beforeAfter(run));
+  if (run.command === "merge") parts.push(...mergeComparison(run));
+  if (run.command === "train") parts.push(...trainSamples(run));
+  if (parts.length === 1) parts.push(el("p", { class: "muted" }, "Nothing more to draw for this run: export has the whole record."));
+  $("run-detail").replaceChildren(...parts);
+  $("run-detail").hidden = false;
+  $("run-detail").scrollIntoView({ block: "start" }); // below a long history: bring it into view
+  if (canvas) linePlot(canvas, series, { xLabel: "step", yLabel: "loss (nats/token)" });
+  window.lmlab.shownRun = run.id;
 }
 
 function when(created) {
