@@ -431,3 +431,130 @@ def test_ragged_batches_step_natively_on_quantized_weights(tmp_path, family, kin
     for i in (0, 8, 10):
         alone = run_steps(lm, prompts[i : i + 1], 4, use_native=True, tokens=tokens[i : i + 1])
         assert (alone[0] - batch[i]).abs().max().item() < 1e-4 * (1 + batch.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- parameters, dequantized types
+
+
+def test_a_quantized_model_counts_its_quantized_weights_as_parameters(tiny_llama, smol):
+    q, f = smol
+    assert q.num_parameters == f.num_parameters  # 134.5M for SmolLM2, tied embedding once
+    assert "params=134.5M" in repr(q)
+    tiny_q, tiny_f = lmlab.load(tiny_llama, quant="q4"), lmlab.load(tiny_llama)
+    assert tiny_q.num_parameters == tiny_f.num_parameters
+
+
+def _rewrite_as_f16(src: Path, dst: Path, names: set[str]) -> None:
+    """A copy of GGUF file ``src`` with the tensors ``names`` stored as F16 (their values dequantized)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        shape = [int(n) for n in reversed(t.shape)]  # numpy order (rows, cols)
+        if t.name in names:
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float16)
+            w.add_tensor(t.name, values, raw_dtype=gguf.GGMLQuantizationType.F16)
+        else:
+            w.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_tensor_type_without_a_kernel_is_named_once_and_runs_dequantized(tiny_llama, tmp_path):
+    import warnings
+
+    import lmlab.cli.main as cli_main
+    from lmlab.quant import QuantLinear
+    from lmlab.quant.build import DequantizedWarning
+
+    q8 = tmp_path / "tiny-q8.gguf"
+    assert cli_main.main(["quantize", str(tiny_llama), "--to", "q8", "-o", str(q8)]) == 0
+    mixed = tmp_path / "tiny-mixed.gguf"
+    _rewrite_as_f16(q8, mixed, {"blk.1.ffn_down.weight", "blk.0.attn_v.weight"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = lmlab.load(mixed)
+    said = [str(w.message) for w in caught if issubclass(w.category, DequantizedWarning)]
+    assert len(said) == 1, said
+    assert said[0].startswith("2 GGUF tensor(s) have a type without a native kernel (F16: blk.")
+    assert "blk.1.ffn_down.weight" in said[0] and "blk.0.attn_v.weight" in said[0] and "blk.0.attn_q" not in said[0]
+    assert "the 2 matrices holding them run dequantized to float32" in said[0] and "--dtype float32" in said[0]
+    # the F16 matrices run in float (v's stacked qkv with it), the rest stays in its blocks
+    assert not isinstance(lm.model.blocks[1].mlp.down, QuantLinear)
+    assert not isinstance(lm.model.blocks[0].attn.qkv, QuantLinear)
+    assert isinstance(lm.model.blocks[1].attn.qkv, QuantLinear)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    want = lmlab.load(q8, dtype="float32")(ids)  # F16 holds the Q8_0 values within float16 rounding
+    assert (lm(ids) - want).abs().max().item() < 1e-2 * (1 + want.abs().max().item())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lmlab.load(q8)
+    assert not [w for w in caught if issubclass(w.category, DequantizedWarning)]
+
+
+# ----------------------------------------------------------------------------- hooks inside the native step
+
+
+def test_residual_hooks_run_inside_the_native_step_of_a_quantized_model(tiny_llama, monkeypatch):
+    """Hooks on the residual stream (and the embedding) of a quantized model keep the decoding step
+    native: it runs in layer ranges and calls them in between. What they see and what an editing
+    hook changes equal model.py's hooked forward within the int8 rounding both share (1e-4 relative)."""
+    from lmlab.inspect.hooks import registered
+
+    lm = lmlab.load(tiny_llama, quant="q4")
+    L = lm.config.n_layers
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    layer_calls = []
+    real = native._lib.lmlab_decode_layers
+
+    def counted(*a):
+        layer_calls.append((a[11], a[12]))  # (l0, l1)
+        return real(*a)
+
+    monkeypatch.setattr(native._lib, "lmlab_decode_layers", counted)
+
+    def hooked_run(use_native):
+        seen = {}
+
+        def look(x, name):
+            seen.setdefault(name, []).append(x.clone())
+
+        def edit(x, name):
+            return x * 0.5  # an ablation-like edit of block 0's output
+
+        pairs = [(f"blocks.{i}.resid_post", look) for i in range(L)] + [("blocks.0.resid_post", edit)]
+        pairs += [("blocks.1.resid_pre", look), ("embed", look)]
+        with registered(lm.model, pairs):
+            logits = _steps(lm, ids, 4, use_native=use_native)
+        return logits, seen
+
+    got, seen_native = hooked_run(True)
+    # per step: a stop after every block (resid_post), the last range only the head
+    assert layer_calls == ([(i, i + 1) for i in range(L)] + [(L, L)]) * 4
+    layer_calls.clear()
+    want, seen_py = hooked_run(False)
+    assert layer_calls == []
+    assert set(seen_native) == set(seen_py)
+    for name in seen_py:
+        a, b = seen_native[name][-4:], seen_py[name][-4:]  # the 4 decoding steps (the prefill ran model.py)
+        for x, y in zip(a, b):
+            assert x.shape == y.shape == (1, 1, lm.config.d_model) and x.dtype == torch.float32
+            assert (x - y).abs().max().item() < 1e-4 * (1 + y.abs().max().item()), name
+    assert (got - want).abs().max().item() < 1e-4 * (1 + want.abs().max().item())
+    unhooked = _steps(lm, ids, 4, use_native=True)
+    assert (got - unhooked).abs().max().item() > 1e-2  # the edit changed the logits
+    # a hook inside a block is where only model.py reaches: the step leaves C for it
+    layer_calls.clear()
+    with registered(lm.model, [("blocks.0.mlp_out", lambda x, name: None)]):
+        assert not native.runs_hooks(lm.model)
+        _steps(lm, ids, 2, use_native=True)
+    assert layer_calls == []

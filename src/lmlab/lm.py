@@ -35,7 +35,10 @@ class LM:
 
     @property
     def num_parameters(self) -> int:
-        return self.model.num_parameters
+        """Weights counted as values: a quantized matrix counts its rows × columns (a tied one once)."""
+        from lmlab.quant import quant_numel
+
+        return self.model.num_parameters + quant_numel(self.model)
 
     @property
     def weight_bytes(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -212,6 +213,8 @@ def _load():
         i,
     ]
     lib.lmlab_decode_step.restype = i
+    lib.lmlab_decode_layers.argtypes = lib.lmlab_decode_step.argtypes[:-2] + [i, i, vp, vp, i]
+    lib.lmlab_decode_layers.restype = i
     lib.lmlab_state_new.argtypes = [ctypes.POINTER(_Model)]
     lib.lmlab_state_new.restype = vp
     lib.lmlab_state_free.argtypes = [vp]
@@ -523,6 +526,35 @@ def plan_for(model) -> DecodePlan:
     return plan
 
 
+# hook points the native step calls itself on a quantized model: before the blocks (model.embed)
+# and on the residual stream between them, where it stops and hands the stream to Python
+_STEP_HOOKS = re.compile(r"^(?:embed|pos_embed|blocks\.(\d+)\.(resid_pre|resid_post))$")
+
+
+def _hook_stops(model) -> list[int] | None:
+    """The layer boundaries (0..L) where a decoding step stops to call the registered hooks on the
+    residual stream: boundary b is after block b - 1's resid_post and at block b's resid_pre.
+    None when a hook sits where only model.py reaches (inside a block, the final norm, the logits)."""
+    stops = set()
+    for name in model.hooks:
+        m = _STEP_HOOKS.match(name)
+        if m is None:
+            return None
+        if m.group(1) is not None:
+            stops.add(int(m.group(1)) + (m.group(2) == "resid_post"))
+    return sorted(stops)
+
+
+def runs_hooks(model) -> bool:
+    """Whether ``decode_step`` runs the model's registered hooks itself: on a quantized model (float32
+    activations) with hooks only before the blocks and on the residual stream between them, so a
+    hook on every block's resid_post keeps the whole step in C. Other hooks take model.py."""
+    if _usable() is None or _hook_stops(model) is None:
+        return False
+    plan = plan_for(model)
+    return not plan.reason and bool(plan.qmats) and plan.dtype == torch.float32
+
+
 def decode_step(
     model, input_ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -532,7 +564,8 @@ def decode_step(
     cache: the KVCache; this step writes slot ``cache.length`` of every layer and advances it.
     key_mask: (B, S) bool, False on left padding (a row's padding is a prefix), or None.
     Embeddings and RoPE tables come from ``model.embed`` and ``model.rope_tables``, as in
-    ``Transformer.forward``.
+    ``Transformer.forward``. With hooks registered it runs them where ``runs_hooks`` says it can
+    (the step in layer ranges, the hooks called between them as model.py calls them), else None.
     """
     lib = _usable()
     if (
@@ -552,7 +585,14 @@ def decode_step(
     B = input_ids.shape[0]
     if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[1] != B:
         return None
-    x = model.embed(input_ids, positions)  # (B, 1, C)
+    ctx, stops = None, []
+    if model.hooks:
+        if not runs_hooks(model):
+            return None
+        from lmlab.model import HookContext
+
+        ctx, stops = HookContext(model.hooks, input_ids, positions), _hook_stops(model)
+    x = model.embed(input_ids, positions, ctx)  # (B, 1, C)
     if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != plan.dtype or x.device.type != "cpu":
         return None
     if plan.thetas:
@@ -566,13 +606,15 @@ def decode_step(
     if key_mask is not None:
         first = key_mask.to(torch.uint8).argmax(-1)  # (B,) int64: the first slot each row may attend to
     x = x.contiguous()
+    L = model.cfg.n_layers
     logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
-    with plan.lock:
-        rc = lib.lmlab_decode_step(
+
+    def layers(l0: int, l1: int, x_in: torch.Tensor, x_out: torch.Tensor | None) -> int:
+        return lib.lmlab_decode_layers(
             plan.struct_ref,
             plan.state,
             B,
-            x.data_ptr(),
+            x_in.data_ptr(),
             k.data_ptr(),
             v.data_ptr(),
             cache.max_len,
@@ -580,10 +622,27 @@ def decode_step(
             first.data_ptr() if first is not None else None,
             cos.data_ptr() if cos is not None else None,
             sin.data_ptr() if sin is not None else None,
-            logits.data_ptr(),
+            l0,
+            l1,
+            x_out.data_ptr() if x_out is not None else None,
+            logits.data_ptr() if x_out is None else None,
             torch.get_num_threads(),
         )
-    if rc != 0:
-        return None
+
+    with plan.lock:
+        l0 = 0
+        for b in stops:  # the hooks' boundaries: run the layers up to one, then its hooks (Block.forward's order)
+            if b > l0:
+                out = torch.empty(B, 1, model.cfg.d_model)  # a new tensor each time: a hook may keep it
+                if layers(l0, b, x, out) != 0:
+                    return None
+                x, l0 = out, b
+            if b > 0:
+                x = ctx(f"blocks.{b - 1}.resid_post", x)
+            if b < L:
+                x = ctx(f"blocks.{b}.resid_pre", x)
+            x = x.detach().to(torch.float32).contiguous()
+        if layers(l0, L, x, None) != 0:
+            return None
     cache.advance(1)
     return logits

@@ -18,6 +18,8 @@
  *    adds) each thread repeats on its own copy of the residual stream, which costs less than
  *    another barrier. A bf16 model rounds to bf16 at the same points as model.py does with bf16
  *    tensors, so both paths give the same numbers up to the order of the sums.
+ *    lmlab_decode_layers runs a range of layers of that step and hands the residual stream back,
+ *    so that Python can call hooks on it between ranges (native.py: quantized models' resid hooks).
  *
  * Three structs, as in llama2.c's run.c: lmlab_model (the config and pointers to the weights,
  * filled by native.py), lmlab_state (every buffer a step works in, each with its shape; made
@@ -779,17 +781,21 @@ static void lm_head(const lmlab_model *m, lmlab_state *s, lmlab_thread_state *ts
         }
 }
 
-/* One decoding step, Transformer.forward for one new token per row: embeddings (B, C) of the new
- * tokens (model dtype, Transformer.embed's output) -> logits (B, V) (model dtype). Keys and values
- * are written at slot `length` of the caches k_cache, v_cache (L, B, K, max_len, D) float32; row
- * b attends to slots [first_slot[b], length] (first_slot NULL: from 0), narrowed to the block's
+/* Layers [l0, l1) of one decoding step, Transformer.forward for one new token per row. x_in: the
+ * residual stream (B, C) entering layer l0 in the model dtype (at l0 = 0, Transformer.embed's
+ * output). Then either x_out (B, C) float32 receives the residual stream leaving layer l1 - 1
+ * (Python calls hooks on it there and passes it back as x_in of the next range), or, with x_out
+ * NULL and l1 = L, logits (B, V) (model dtype) receives the head's output. Keys and values are
+ * written at slot `length` of the caches k_cache, v_cache (L, B, K, max_len, D) float32; row b
+ * attends to slots [first_slot[b], length] (first_slot NULL: from 0), narrowed to the block's
  * window. cos/sin: (tables, B, rotary_dim) float32. s: the state lmlab_state_new made for m.
  * Returns 0, or -1 when memory ran out or a size is out of range. */
-int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *embeddings, float *k_cache, float *v_cache,
-                      int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
-                      void *logits, int threads) {
+int lmlab_decode_layers(const lmlab_model *m, lmlab_state *s, int B, const void *x_in, float *k_cache, float *v_cache,
+                        int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
+                        int l0, int l1, float *x_out, void *logits, int threads) {
     if (B < 1 || length < 0 || length >= max_len || m->n_heads % m->n_kv_heads || m->rotary_dim > m->head_dim ||
-        m->rotary_dim % 2 || m->act < 0 || m->act >= N_ACTS)
+        m->rotary_dim % 2 || m->act < 0 || m->act >= N_ACTS || l0 < 0 || l1 < l0 || l1 > m->n_layers ||
+        (!x_out && (l1 != m->n_layers || !logits)))
         return -1;
     if (threads < 1) threads = 1;
     if (!s || s->model != m || state_reserve(s, B, threads, max_len)) return -1;
@@ -798,15 +804,28 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
 #pragma omp parallel num_threads(threads)
     {
         lmlab_thread_state *ts = &s->per_thread[thread_id()];
-        for (size_t i = 0; i < (size_t)B * m->d_model; i++) /* x = embed(input_ids), in fp32 */
-            ts->x[i] = m->bf16 ? bf16_to_f32(((const uint16_t *)embeddings)[i]) : ((const float *)embeddings)[i];
-        for (int l = 0; l < m->n_layers; l++) {
+        for (size_t i = 0; i < (size_t)B * m->d_model; i++) /* x = embed(input_ids) or the stream so far, in fp32 */
+            ts->x[i] = m->bf16 ? bf16_to_f32(((const uint16_t *)x_in)[i]) : ((const float *)x_in)[i];
+        for (int l = l0; l < l1; l++) {
             attention_layer(m, s, ts, &a, l); /* resid_mid = x + attn_out */
             mlp_layer(m, s, ts, &a, l);       /* x = resid_mid + mlp_out */
         }
-        lm_head(m, s, ts, &a, logits);
+        if (x_out) { /* every thread holds the same stream: the first one hands it back */
+            if (thread_id() == 0) memcpy(x_out, ts->x, sizeof(float) * (size_t)B * m->d_model);
+        } else {
+            lm_head(m, s, ts, &a, logits);
+        }
     }
     return 0;
+}
+
+/* One whole decoding step: lmlab_decode_layers over every layer, then the head. embeddings: (B, C)
+ * of the new tokens (model dtype, Transformer.embed's output) -> logits (B, V) (model dtype). */
+int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *embeddings, float *k_cache, float *v_cache,
+                      int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
+                      void *logits, int threads) {
+    return lmlab_decode_layers(m, s, B, embeddings, k_cache, v_cache, max_len, length, first_slot, cos, sin, 0,
+                               (int)m->n_layers, NULL, logits, threads);
 }
 
 #else
@@ -816,6 +835,14 @@ int lmlab_isa(void) { return 0; }
 
 int lmlab_linear(const void *x, int M, int K, const void *w, int N, const void *b, void *y, int bf16, int threads) {
     (void)x; (void)M; (void)K; (void)w; (void)N; (void)b; (void)y; (void)bf16; (void)threads;
+    return -1;
+}
+
+int lmlab_decode_layers(const lmlab_model *m, lmlab_state *s, int B, const void *x_in, float *k_cache, float *v_cache,
+                        int64_t max_len, int64_t length, const int64_t *first_slot, const float *cos, const float *sin,
+                        int l0, int l1, float *x_out, void *logits, int threads) {
+    (void)m; (void)s; (void)B; (void)x_in; (void)k_cache; (void)v_cache; (void)max_len; (void)length;
+    (void)first_slot; (void)cos; (void)sin; (void)l0; (void)l1; (void)x_out; (void)logits; (void)threads;
     return -1;
 }
 

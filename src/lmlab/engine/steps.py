@@ -24,10 +24,11 @@ def decode_one_token(
 ) -> torch.Tensor:
     """One cached step for one new token per row: ids and positions (B, 1) -> logits (B, V).
 
-    use_native: take ``lmlab.native.decode_step`` when no hook is registered (False: always
+    use_native: take ``lmlab.native.decode_step`` when no hook is registered, or only hooks it runs
+    itself (``native.runs_hooks``: the residual stream of a quantized model) (False: always
     ``model.py``, the reference).
     """
-    if use_native and not model.hooks:
+    if use_native and (not model.hooks or native.runs_hooks(model)):
         logits = native.decode_step(model, ids, positions, cache, key_mask)
         if logits is not None:
             return logits[:, -1]

@@ -386,14 +386,24 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
+def _quant_weights(model: nn.Module) -> list[QuantWeight]:
+    """Every quantized matrix in ``model``, a tied one once."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            seen.setdefault(id(m.qweight), m.qweight)
+    return list(seen.values())
+
+
 def quant_bytes(model: nn.Module) -> int:
     """Bytes of every quantized matrix in ``model`` (a tied one once)."""
-    seen, total = set(), 0
-    for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding)) and id(m.qweight) not in seen:
-            seen.add(id(m.qweight))
-            total += m.qweight.nbytes
-    return total
+    return sum(qw.nbytes for qw in _quant_weights(model))
+
+
+def quant_numel(model: nn.Module) -> int:
+    """Values (rows × columns) of every quantized matrix in ``model`` (a tied one once): the
+    parameters they stand for, which ``nn.Module.parameters`` does not see."""
+    return sum(qw.shape[0] * qw.shape[1] for qw in _quant_weights(model))
 
 
 __all__ = [
@@ -417,4 +427,5 @@ __all__ = [
     "quant_linear",
     "is_quantized",
     "quant_bytes",
+    "quant_numel",
 ]

@@ -10,6 +10,7 @@ matrix; the second pass then reads the matrices' blocks and the rest (norms, bia
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -62,6 +63,12 @@ def gguf_tensors(cfg: ModelConfig, source):
         for name, parts in made_of.items()
         if _slot(name) and parts and all(types[p] in GGUF_TYPES for p in parts) and len(parts) <= 4
     }
+    dequantized = [name for name, parts in made_of.items() if _slot(name) and parts and name not in quantized]
+    gguf_name = {hf: getattr(t, "gguf_name", hf) for hf, t in getattr(source, "_tensors", {}).items()}
+    _say_what_is_dequantized(
+        {gguf_name.get(p, p): types[p] for n in dequantized for p in made_of[n] if types[p] not in GGUF_TYPES},
+        len(dequantized),
+    )
     real = _Recorder(source, shapes, {p for parts in quantized.values() for p in parts})
     for name, t in lmlab_tensors(cfg, real, torch.float32):
         real.take()
@@ -72,6 +79,31 @@ def gguf_tensors(cfg: ModelConfig, source):
             yield name, QuantWeight(parts, t.shape[-1])
         else:
             yield name, t
+
+
+def _say_what_is_dequantized(types_of: dict[str, str], matrices: int) -> None:
+    """One warning for a native load whose file has tensors of a type with no native kernel (F16,
+    Q5_K...): which types and tensors, and that the matrices holding them run dequantized."""
+    if not types_of:
+        return
+    by_type: dict[str, list[str]] = {}
+    for tensor, type_name in types_of.items():
+        by_type.setdefault(type_name, []).append(tensor)
+    listed = "; ".join(
+        f"{t}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        for t, names in sorted(by_type.items())
+    )
+    warnings.warn(
+        f"{len(types_of)} GGUF tensor(s) have a type without a native kernel ({listed}); the {matrices} "
+        f"matrices holding them run dequantized to float32 (lmlab runs {', '.join(GGUF_TYPES)} natively; "
+        "--dtype float32 dequantizes every matrix).",
+        DequantizedWarning,
+        stacklevel=2,
+    )
+
+
+class DequantizedWarning(UserWarning):
+    """A native-quant load holds some matrices dequantized (their GGUF type has no native kernel)."""
 
 
 CHUNK_ROWS = 4096  # rows of a big tensor (an embedding table) read and repacked at a time
@@ -158,4 +190,4 @@ def build(cfg: ModelConfig, tensors) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["gguf_tensors", "float_tensors_quantized", "build"]
+__all__ = ["gguf_tensors", "float_tensors_quantized", "build", "DequantizedWarning"]
