@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,8")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--requests", type=int, default=5, help="requests per client per level")
     args = ap.parse_args()
 
     import torch

@@ -239,13 +239,11 @@ class Server:
     def start(self) -> None:
         """Load the models in a thread (so /health answers 503 meanwhile) and start their engines."""
         loop = asyncio.get_running_loop()
-        # One parallel torch op on this thread before the models load on another. Without it, on
-        # a machine busy with other work, the engine's worker decoded ~15x slower (1.6 against 25
-        # tokens/s for SmolLM2 on 2 cores), as if OpenMP's thread pools fought over the cores;
-        # measured (5 runs of 6 slow without, 0 of 6 with), not explained.
-        import torch
-
-        torch.ones(256, 256) @ torch.ones(256, 256)
+        # No torch work on this thread (the event loop's): OpenMP keeps a thread team per thread
+        # that ever ran a parallel region, and once its runtime manages more threads than there
+        # are cores it stops spinning between regions, which made the engine's decoding ~22%
+        # slower (SmolLM2 fp32, 2 cores: 37.7 against 48.5 tok/s). The loader's team goes when
+        # the loader thread ends, so the engine thread's team is then the only one.
         self._loader = threading.Thread(target=self._load, args=(loop,), name="lmlab-serve-load", daemon=True)
         self._loader.start()
 
