@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -655,3 +656,19 @@ def test_lmlab_bench_serve_load_tests_a_running_server(server, capsys):
     levels = json.loads(capsys.readouterr().out)["levels"]
     assert [r["concurrency"] for r in levels] == [1, 2] and all(r["errors"] == 0 for r in levels)
     assert [r["tokens"] for r in levels] == [6, 12]  # 2 requests per client, 3 tokens each
+
+
+def test_bench_serve_peer_needs_llama_cpp_python_and_a_gguf_model(server, capsys, monkeypatch):
+    """--peer llamacpp-server is checked before any load: a Python without llama_cpp.server, a model that is
+    not a GGUF file, another peer with --serve: one sentence each, exit 2."""
+    from lmlab.cli.main import main
+
+    base = ["bench", "--serve", server.url, "--concurrency", "1", "--new-tokens", "3", "--no-record"]
+    monkeypatch.setenv("LMLAB_LLAMACPP_PYTHON", sys.executable)  # this venv has no llama-cpp-python server
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert main([*base, "--peer", "llamacpp-server"]) == 2
+        assert "pip install 'llama-cpp-python[server]'" in capsys.readouterr().err
+    assert main([*base, "--peer", "hf"]) == 2
+    assert "the only peer is llamacpp-server" in capsys.readouterr().err

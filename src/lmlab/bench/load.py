@@ -13,8 +13,14 @@ after another (greedy, a fixed prompt, ``max_tokens`` each, EOS ignored where th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,3 +157,63 @@ def load_test(url: str, model: str | None, levels: list[int], **kw) -> list[dict
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             raise LmlabError(f"could not list the models at {url}; is the server running? Name it with -m.") from None
     return [run_level(url, model, c, **kw) for c in levels]
+
+
+LLAMACPP_SERVER_INSTALL = (
+    "the llamacpp-server peer needs llama-cpp-python with its server extra: "
+    "pip install 'llama-cpp-python[server]', or set LMLAB_LLAMACPP_PYTHON to a Python that has it."
+)
+
+
+def llamacpp_server_python() -> str:
+    """The Python that runs llama-cpp-python's server (``$LMLAB_LLAMACPP_PYTHON`` or this one); one
+    sentence if it cannot import ``llama_cpp.server``."""
+    python = os.environ.get("LMLAB_LLAMACPP_PYTHON") or sys.executable
+    try:
+        probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        raise LmlabError(LLAMACPP_SERVER_INSTALL) from None
+    if probe.returncode != 0:
+        raise LmlabError(LLAMACPP_SERVER_INSTALL)
+    return python
+
+
+@contextlib.contextmanager
+def llamacpp_server(gguf, *, alias: str, threads: int, n_ctx: int = 2048, timeout: float = 300.0):
+    """llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``) on ``gguf``, on a free
+    127.0.0.1 port, for as long as the block runs; yields its URL. The Python that runs it is
+    ``$LMLAB_LLAMACPP_PYTHON`` or this one."""
+    import httpx
+
+    python = llamacpp_server_python()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias, "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--n_threads", str(threads), "--n_ctx", str(n_ctx)]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read()[-600:].decode(errors="replace").strip()
+                raise LmlabError(f"llama-cpp-python's server exited before it was ready: {tail}")
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LmlabError(f"llama-cpp-python's server was not ready after {timeout:.0f} s.")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

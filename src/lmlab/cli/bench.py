@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.errors import LmlabError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -150,7 +151,9 @@ def bench(
         help="Weight quantizations, comma-separated: none (the --dtype rows), native (a GGUF file's blocks), q8, q4.",
     ),
     peer: list[str] = typer.Option(
-        None, "--peer", help="Also time a peer on the same weights: hf, llama.cpp (repeatable)."
+        None,
+        "--peer",
+        help="Also time a peer on the same weights: hf, llama.cpp (repeatable); with --serve: llamacpp-server.",
     ),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs per point (best and median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per point before the timed ones."),
@@ -181,8 +184,19 @@ def bench(
         return _machine(device, threads, json_out, no_record)
     if serve:
         levels = parse_int_list("--concurrency", concurrency)
+        serve_peers = list(peer or [])
+        if any(p != "llamacpp-server" for p in serve_peers):
+            raise LmlabError("with --serve the only peer is llamacpp-server (llama-cpp-python's own server).")
         return _serve_load(
-            serve, None if model == DEFAULT_MODEL else model, levels, new_tokens, api_key, json_out, no_record
+            serve,
+            None if model == DEFAULT_MODEL else model,
+            levels,
+            new_tokens,
+            api_key,
+            json_out,
+            no_record,
+            peer_model=model if serve_peers else None,
+            threads=threads,
         )
     spec = SweepSpec(
         model=model,
@@ -334,23 +348,58 @@ def _machine(device: str, threads: int | None, json_out: bool, no_record: bool) 
         err.print(f"[dim]cached in {lmlab_home() / MACHINE_FILE}; sweeps on this host use it[/]")
 
 
-def _serve_load(url, model, levels, new_tokens, api_key, json_out, no_record):
-    """lmlab bench --serve URL: clients at each concurrency level stream completions (lmlab.bench.load)."""
-    from rich.table import Table
+def _serve_load(url, model, levels, new_tokens, api_key, json_out, no_record, peer_model=None, threads=None):
+    """lmlab bench --serve URL: clients at each concurrency level stream completions (lmlab.bench.load).
 
-    from lmlab.bench.load import load_test
+    With ``peer_model`` (--peer llamacpp-server), llama-cpp-python's own server is then started on
+    that model's GGUF file and put under the same load in the same run."""
+    import os
+
+    from lmlab.bench.load import llamacpp_server, llamacpp_server_python, load_test
     from lmlab.bench.sweep import parse_int_list
     from lmlab.runs import record_run
 
     max_tokens = parse_int_list("--new-tokens", new_tokens)[0]
+    gguf = None
+    if peer_model is not None:
+        from lmlab.loading.resolve import resolve
+
+        resolved = resolve(peer_model)
+        if resolved.kind != "gguf":
+            raise LmlabError(
+                f"--peer llamacpp-server runs GGUF files only and {peer_model} is not one; name a GGUF model with -m."
+            )
+        gguf = resolved.path
+        llamacpp_server_python()  # before the load test: one sentence now if the peer cannot run
     config = {"url": url, "concurrency": levels, "max_tokens": max_tokens}
+    if gguf is not None:
+        config["peer"] = {"llamacpp-server": str(gguf), "threads": threads or os.cpu_count()}
     with record_run("bench", model=model, config=config, record=not no_record, inputs={"serve": url}) as run:
         rows = load_test(url, model, levels, max_tokens=max_tokens, api_key=api_key)
-        run.outputs = {"serve_load": rows}
+        peer_rows = None
+        if gguf is not None:
+            with llamacpp_server(gguf, alias=peer_model, threads=threads or os.cpu_count()) as peer_url:
+                load_test(peer_url, peer_model, [1], requests=1, max_tokens=8)  # warm-up
+                peer_rows = load_test(peer_url, peer_model, levels, max_tokens=max_tokens)
+        run.outputs = {"serve_load": rows, **({"llamacpp_server": peer_rows} if peer_rows else {})}
     if json_out:
-        print_json({"url": url, "levels": rows, "run_id": getattr(run, "id", None)})
+        print_json({"url": url, "levels": rows, "llamacpp_server": peer_rows, "run_id": getattr(run, "id", None)})
         return
-    t = Table(title=f"load test of {url} · {max_tokens} new tokens per request, greedy", title_justify="left")
+    out.print(_load_table(f"load test of {url} · {max_tokens} new tokens per request, greedy", rows))
+    if peer_rows:
+        out.print(_load_table(f"llama-cpp-python's server on {gguf.name}, the same load", peer_rows))
+        for a, b in zip(rows, peer_rows):
+            ratio = a["aggregate_tok_s"] / b["aggregate_tok_s"] if b["aggregate_tok_s"] else float("nan")
+            out.print(f"{a['concurrency']} clients: {ratio:.2f}x llamacpp-server's aggregate tokens/s")
+    for r in rows + (peer_rows or []):
+        if r["first_error"]:
+            err.print(f"{r['errors']} errors at {r['concurrency']} clients; the first: {r['first_error']}")
+
+
+def _load_table(title: str, rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
     for col in (
         "clients",
         "agg tok/s",
@@ -373,10 +422,7 @@ def _serve_load(url, model, levels, new_tokens, api_key, json_out, no_record):
             f"{r['itl_p95_ms']:.1f}",
             str(r["errors"]),
         )
-    out.print(t)
-    for r in rows:
-        if r["first_error"]:
-            err.print(f"{r['errors']} errors at {r['concurrency']} clients; the first: {r['first_error']}")
+    return t
 
 
 def register(app: typer.Typer) -> None:
