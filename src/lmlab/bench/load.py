@@ -191,6 +191,9 @@ def llamacpp_server(gguf, *, alias: str, threads: int, n_ctx: int = 2048, timeou
         port = s.getsockname()[1]
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--n_threads", str(threads), "--n_ctx", str(n_ctx)]
+    # by default a new request cuts the one being answered short; queue them instead, so every
+    # request gets all its tokens, as from lmlab serve
+    cmd += ["--interrupt_requests", "False"]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
