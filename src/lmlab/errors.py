@@ -8,6 +8,7 @@ to do. The CLI prints that sentence (no traceback unless ``--debug``) and exits 
 from __future__ import annotations
 
 import difflib
+import errno
 
 
 class LmlabError(Exception):
@@ -24,3 +25,8 @@ def suggest(name: str, choices, n: int = 3) -> str:
     """' Did you mean: a, b?' for the close matches of ``name``, or '' when none are close."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def write_failure(e: OSError) -> str:
+    """Why a write failed, for a sentence: "the disk is full" (no space, quota, file too large) or the OS's words."""
+    return "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (e.strerror or str(e))

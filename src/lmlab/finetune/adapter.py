@@ -9,7 +9,6 @@ reverse, checking every shape against the base model.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, write_failure
 from lmlab.finetune.lora import LoRALinear, LoRASpec, layout, lora_modules, wrap
 
 CONFIG = "adapter_config.json"
@@ -104,7 +103,7 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
                 t.unlink()
             except OSError:
                 pass
-        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (e.strerror or str(e))
+        what = write_failure(e)
         raise LmlabError(
             f"could not write the adapter to {folder} ({what}); nothing half-written was left there: "
             "free space or choose another folder."

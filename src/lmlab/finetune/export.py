@@ -7,11 +7,10 @@ than written wrong.
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, write_failure
 
 # Fields the HF config.json of lmlab.train.export does not carry, and that do not change the logits.
 _IGNORED = {"bos_token_id", "eos_token_ids", "pad_token_id", "max_seq_len"}
@@ -71,7 +70,7 @@ def save_merged(lm, folder) -> Path:
                 t.unlink()
             except OSError:
                 pass
-        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (e.strerror or str(e))
+        what = write_failure(e)
         raise LmlabError(
             f"could not write the model to {folder} ({what}); no half-written file was left: free space or "
             "choose another folder."

@@ -9,13 +9,12 @@ checkpoint whole, and no half-written file behind.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, write_failure
 
 CHECKPOINT = "checkpoint.pt"
 # Train config fields a resumed run may change: how long, how often it reports, how it runs.
@@ -57,7 +56,7 @@ def save_checkpoint(state: dict, path: Path, *, writer=torch.save) -> None:
             tmp.unlink()
         except OSError:
             pass
-        what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (e.strerror or str(e))
+        what = write_failure(e)
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was kept"
         raise LmlabError(
             f"could not save the checkpoint {path} ({what}); training stopped and {kept}: "
