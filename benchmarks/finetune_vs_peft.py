@@ -3,11 +3,12 @@
 Both train SmolLM2-135M (the bundled GGUF, dequantized to float32 and written once as a HF
 folder that both load) with the same LoRA (rank, alpha, targets: every q/k/v/o/gate/up/down
 projection), the same batches of token ids, the same loss mask, AdamW (fused) at the same
-learning rate, gradient clipping at 1.0, in the same precision. The two sides are timed in one
-process, their steps alternating (so a change of the machine's load falls on both alike);
-after ``--warmup`` steps each, ``--steps`` optimiser steps each are timed. Peak memory is
-measured for each side alone in its own process: the highest resident set size sampled (every
-5 ms) during two training steps.
+learning rate, gradient clipping at 1.0, in the same precision. Each side is timed in its own
+process (``alternate.py``; lmlab's inside ``keep_freed_memory``, as ``lmlab finetune`` runs),
+their steps alternating (so a change of the machine's load falls on both alike); after
+``--warmup`` steps each, ``--steps`` optimiser steps each are timed. Peak memory is measured for
+each side alone in its own process: the highest resident set size sampled (every 5 ms) during
+two training steps.
 
 Two kinds of batch: ``sft`` rows (a prompt, then a completion that carries the loss: the last
 quarter of each row) and ``text`` rows (the loss on every token). Rows are real text (the
@@ -25,6 +26,7 @@ pass --threads 2 (or more).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from alternate import Alternating
 
 TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -149,33 +153,52 @@ def peft_step(args):
     return step
 
 
-def interleaved(args, data) -> dict:
-    """Both sides in one process, their steps alternating (lmlab, PEFT, lmlab, ...), so a change
-    of the machine's load falls on both alike; seconds summed per side."""
-    steps = {"lmlab": lmlab_step(args), "peft": peft_step(args)}
-    losses = {k: [] for k in steps}
-    secs = {k: 0.0 for k in steps}
-    for i in range(args.warmup + args.steps):
-        for side, step in steps.items():
-            t0 = time.perf_counter()
-            losses[side].append(step(*data[i]))
-            if i >= args.warmup:
-                secs[side] += time.perf_counter() - t0
+def build_side(args):
+    """One side's step function ``step(i)`` (batch i) in its own process (``alternate.py``);
+    lmlab's inside ``keep_freed_memory``, as ``lmlab finetune`` runs it."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = batches(Path(args.folder), args.kind, args.warmup + args.steps, args.batch, args.seq_len)
+    step = lmlab_step(args) if args.side == "lmlab" else peft_step(args)
+    if args.side == "lmlab":
+        from lmlab.host import keep_freed_memory
+
+        _KEEP.enter_context(keep_freed_memory())
+    return lambda i: step(*data[i])
+
+
+_KEEP = contextlib.ExitStack()
+
+
+def interleaved(args) -> dict:
+    """Each side in its own process, their steps alternating one at a time (lmlab, PEFT, lmlab,
+    ...), so a change of the machine's load falls on both alike; seconds summed per side."""
+    builders = {side: (build_side, argparse.Namespace(**{**vars(args), "side": side})) for side in ("lmlab", "peft")}
+    sides = Alternating(builders)
+    try:
+        t = sides.run(warmup=args.warmup, steps=args.steps, chunk=1)
+    finally:
+        sides.close()
     tokens = args.steps * args.batch * args.seq_len
     return {
         side: {
-            "steps_per_s": args.steps / secs[side],
-            "tokens_per_s": tokens / secs[side],
-            "first_loss": losses[side][0],
-            "last_loss": losses[side][-1],
+            "steps_per_s": args.steps / r["wall_s"],
+            "tokens_per_s": tokens / r["wall_s"],
+            "cpu_s_per_step": r["cpu_s"] / args.steps,
+            "first_loss": r["first_loss"],
+            "last_loss": r["loss"],
         }
-        for side in steps
+        for side, r in t.items()
     }
 
 
 def peak_memory(args, data) -> dict:
     """One side alone: the peak resident set size (MiB) while it trains ``--steps`` steps."""
     step = lmlab_step(args) if args.side == "lmlab" else peft_step(args)
+    if args.side == "lmlab":
+        from lmlab.host import keep_freed_memory
+
+        _KEEP.enter_context(keep_freed_memory())
     step(*data[0])
     with PeakRSS() as mem:
         for i in range(1, 1 + args.steps):
@@ -186,8 +209,11 @@ def peak_memory(args, data) -> dict:
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.side == "both":
+        sys.stdout.write(json.dumps(interleaved(args)) + "\n")
+        return
     data = batches(Path(args.folder), args.kind, args.warmup + args.steps, args.batch, args.seq_len)
-    result = interleaved(args, data) if args.side == "both" else peak_memory(args, data)
+    result = peak_memory(args, data)
     sys.stdout.write(json.dumps(result) + "\n")
 
 
@@ -240,7 +266,8 @@ def main() -> None:
                 flush=True,
             )
         ratio = res["lmlab"]["tokens_per_s"] / res["peft"]["tokens_per_s"]
-        print(f"{kind:6} {'lmlab / PEFT':22} {ratio:8.2f}x tokens/s", flush=True)
+        cpu = res["peft"]["cpu_s_per_step"] / res["lmlab"]["cpu_s_per_step"]
+        print(f"{kind:6} {'lmlab / PEFT':22} {ratio:8.2f}x tokens/s ({cpu:.2f}x in CPU seconds)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """lmlab's trainer against a plain PyTorch loop written the way nanoGPT's train.py is, in one run.
 
 Part 1, speed: the same model (lmlab's Transformer, GPT-2 shape), the same shapes, batch,
-precision (float32), initialisation and batches, trained N steps by each, in alternating
-chunks of a few steps in one process (the machine is shared: load falls on both alike). The plain loop is nanoGPT's:
-``get_batch`` re-opens the memory map and stacks numpy slices each step; AdamW as nanoGPT
-builds it on a CPU (decay on matrices only, ``fused`` only on CUDA, so torch's per-parameter
-loop); the loss read back every step (``log_interval=1`` in the baby config); clipping at 1.0.
-lmlab's side is ``lmlab.train.loop.train_step`` on the pieces ``lmlab.train.train`` builds:
-fused AdamW, batches from one memory map by index, the loss read back once per chunk.
+precision (float32), initialisation and batches, trained N steps by each side, each side in its
+own process, the two taking turns a few steps at a time (``alternate.py``: the machine is
+shared, so load falls on both alike; its own process lets each run as its tool runs it). The
+plain loop is nanoGPT's: ``get_batch`` re-opens the memory map and stacks numpy slices each
+step; AdamW as nanoGPT builds it on a CPU (decay on matrices only, ``fused`` only on CUDA, so
+torch's per-parameter loop); the loss read back every step (``log_interval=1`` in the baby
+config); clipping at 1.0. lmlab's side is ``lmlab.train.loop.train_step`` on the pieces
+``lmlab.train.train`` builds, inside ``keep_freed_memory`` as ``train`` runs it: fused AdamW,
+batches from one memory map by index, the loss read back once per chunk. Both wall-clock
+tokens/s and the ratio of CPU seconds are printed (the CPU ratio is the steadier one on a
+busy machine).
 
 Part 2, the nanoGPT baby GPT (README: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000
 iterations, char-level): ``lmlab train --preset nanogpt-baby`` on a character-level English
@@ -27,20 +31,28 @@ import math
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alternate import Alternating
 from lmlab.bench.machine import machine_limits
-from lmlab.host import cpu_model
+from lmlab.host import cpu_model, keep_freed_memory
 from lmlab.model import Transformer
 from lmlab.train import TrainConfig, train
 from lmlab.train.config import model_config, preset_values
 from lmlab.train.data import Batches, prepare
-from lmlab.train.loop import Dist, LossModel, flops_per_token, init_weights, make_optimizer, train_step
+from lmlab.train.loop import (
+    Dist,
+    LossModel,
+    count_parameters,
+    flops_per_token,
+    init_weights,
+    make_optimizer,
+    train_step,
+)
 
 SHAPES = {
     # name: (n_layers, d_model, n_heads, block, batch)
@@ -148,63 +160,73 @@ class LmlabTrainer:
         return train_step(self.net, self.model, self.opt, self.batches, self.tc, it, self.dist, "float32")
 
 
-def speed(text: Path, steps: int, chunk: int, peak: float, shape: str = "all", compiled: bool = False) -> list[str]:
-    """Both sides in one process, ``chunk`` steps of one then ``chunk`` of the other, until each
-    has run ``steps`` timed steps: load on a shared machine then falls on both alike."""
+def _config(text: Path, shape: str, steps: int, compiled: bool) -> TrainConfig:
+    L, C, H, T, B = SHAPES[shape]
+    return TrainConfig(
+        data=str(text),
+        arch="gpt2",
+        n_layers=L,
+        d_model=C,
+        n_heads=H,
+        block_size=T,
+        batch_size=B,
+        steps=steps + 1,
+        warmup=10,
+        lr=1e-3,
+        min_lr=1e-4,
+        dtype="float32",
+        compile=compiled,
+    )
+
+
+def build_nano(args):
+    """The nanoGPT-style loop, in its own process: plain PyTorch, nothing tuned."""
+    tc, threads = args
+    torch.set_num_threads(threads)
+    data = prepare(tc.data, tc.tokenizer)
+    loop = NanoGPTLoop(tc, data.folder, data.vocab_size)
+    return loop.step
+
+
+def build_lmlab(args):
+    """lmlab's training step, in its own process, as ``lmlab.train.train`` runs it: inside
+    ``keep_freed_memory`` (the steps reuse their activations' memory)."""
+    tc, threads = args
+    torch.set_num_threads(threads)
+    data = prepare(tc.data, tc.tokenizer)
+    ours = LmlabTrainer(tc, data)
+    _KEEP.enter_context(keep_freed_memory())
+    return lambda it: float(ours.step(it))
+
+
+_KEEP = contextlib.ExitStack()
+
+
+def speed(
+    text: Path, steps: int, chunk: int, peak: float, threads: int, shape: str = "all", compiled: bool = False
+) -> list[str]:
+    """Each side in its own process, ``chunk`` steps of one then ``chunk`` of the other, until each
+    has run ``steps`` timed steps after one untimed (``benchmarks/alternate.py``)."""
     rows = []
     for name, (L, C, H, T, B) in SHAPES.items():
         if shape not in ("all", name):
             continue
-        tc = TrainConfig(
-            data=str(text),
-            arch="gpt2",
-            n_layers=L,
-            d_model=C,
-            n_heads=H,
-            block_size=T,
-            batch_size=B,
-            steps=steps + 1,
-            warmup=10,
-            lr=1e-3,
-            min_lr=1e-4,
-            dtype="float32",
-            compile=compiled,
-        )
-        data = prepare(tc.data, tc.tokenizer)
-        nano, ours = NanoGPTLoop(tc, data.folder, data.vocab_size), LmlabTrainer(tc, data)
-        t0 = time.perf_counter()
-        nano.step(0)
-        t1 = time.perf_counter()
-        ours.step(0)  # compiles, when compiled
-        t2 = time.perf_counter()
-        times = {"nano": 0.0, "ours": 0.0}
-        it = 1
-        while it <= steps:
-            n = min(chunk, steps + 1 - it)
-            a = time.perf_counter()
-            for j in range(n):
-                nano_loss = nano.step(it + j)
-            b = time.perf_counter()
-            for j in range(n):
-                our_loss = ours.step(it + j)
-            our_loss = float(our_loss)
-            c = time.perf_counter()
-            times["nano"] += b - a
-            times["ours"] += c - b
-            it += n
+        tc = _config(text, name, steps, compiled)
+        data = prepare(tc.data, tc.tokenizer)  # once here, so the sides find it cached
+        sides = Alternating({"nano": (build_nano, (tc, threads)), "ours": (build_lmlab, (tc, threads))})
+        try:
+            t = sides.run(warmup=1, steps=steps, chunk=chunk)
+        finally:
+            sides.close()
         tok = steps * tc.tokens_per_step
-        tn, to = tok / times["nano"], tok / times["ours"]
+        tn, to = tok / t["nano"]["wall_s"], tok / t["ours"]["wall_s"]
+        cpu_ratio = t["nano"]["cpu_s"] / t["ours"]["cpu_s"]
         fpt = flops_per_token(model_config(tc, data.vocab_size), T)
-        n_params = sum(p.numel() for p in ours.model.parameters())
-        print(
-            f"  {name}: first step {t1 - t0:.1f} s (nanoGPT loop), {t2 - t1:.1f} s (lmlab"
-            f"{', compiling' if compiled else ''})",
-            file=sys.stderr,
-        )
+        n_params = count_parameters(model_config(tc, data.vocab_size))
         rows.append(
             f"{name:<24} {n_params / 1e6:5.2f}M  {B:>3}x{T:<4} {tn:>10,.0f} {to:>10,.0f} {to / tn:>6.2f}×  "
-            f"{100 * tn * fpt / peak / 1e9:5.1f}% {100 * to * fpt / peak / 1e9:5.1f}%  "
-            f"{nano_loss:.4f} {our_loss:.4f}"
+            f"{cpu_ratio:>6.2f}×  {100 * tn * fpt / peak / 1e9:5.1f}% {100 * to * fpt / peak / 1e9:5.1f}%  "
+            f"{t['nano']['loss']:.4f} {t['ours']['loss']:.4f}"
         )
     return rows
 
@@ -258,9 +280,9 @@ def main() -> None:
         )
         print(
             f"{'model':<24} {'params':>6}  {'batch':<8} {'nanoGPT':>10} {'lmlab':>10} {'ratio':>7}  "
-            f"{'MFU nG':>6} {'lmlab':>6}  loss nG / lmlab at the last step"
+            f"{'CPU s':>7}  {'MFU nG':>6} {'lmlab':>6}  loss nG / lmlab at the last step"
         )
-        for row in speed(text, args.steps, args.chunk, peak, args.shape, args.compile):
+        for row in speed(text, args.steps, args.chunk, peak, torch.get_num_threads(), args.shape, args.compile):
             print(row)
     if args.part in ("baby", "all"):
         baby(text, args.baby_steps, args.baby_dtype)

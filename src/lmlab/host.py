@@ -5,6 +5,7 @@
 - ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
+- ``keep_freed_memory()``: while training, freed memory stays in the process for the next step.
 
 The bottom layer: it imports no other lmlab module, and never imports torch for a caller that
 has not (``tests/test_imports.py`` holds it to that).
@@ -12,6 +13,9 @@ has not (``tests/test_imports.py`` holds it to that).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import functools
 import os
 import platform
@@ -164,3 +168,46 @@ def host_details(device=None, threads: int | None = None) -> dict:
         d["gpu_memory_bytes"] = props.total_memory
         d["cuda"] = torch.version.cuda
     return d
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM = 65536, 128 * 1024
+
+
+@functools.cache
+def _glibc():
+    """glibc's C library, or None (macOS, musl, Windows: nothing to tune)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def keep_freed_memory():
+    """Inside it, memory the process frees stays with it for the next allocation (glibc).
+
+    A training step allocates and frees the same large activations every step. By default glibc
+    gives large blocks back to the kernel on free (each is its own mmap, or the heap's top is
+    trimmed), so the next step faults every page in again and the kernel zeroes it: 128,000 page
+    faults and 0.2 s of system time a step for LoRA on SmolLM2 (batch 4 x 128, one thread).
+    Inside, large blocks come from the heap and the heap is not trimmed; on the way out the free
+    memory is handed back (``malloc_trim``) and mmap is allowed again. Elsewhere than glibc: no-op.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.malloc_trim(0)

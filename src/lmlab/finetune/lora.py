@@ -257,18 +257,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
-        A = torch.cat([self.lora_A[p.short] for p in self.parts])  # (R, in): one matmul for every part's A
+        A, B = self.stacked()  # (R, in), (out, R): every part in one matmul each
         h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., R)
-        pieces, row = [], 0
-        for p, hp in zip(self.parts, h.split([self.lora_A[p.short].shape[0] for p in self.parts], dim=-1)):
-            if p.start > row:  # the rows of an untargeted part get nothing
-                pieces.append(h.new_zeros(*h.shape[:-1], p.start - row))
-            pieces.append(F.linear(hp, self.lora_B[p.short] * self.scales[p.short]))  # (..., rows_p)
-            row = p.stop
-        if row < self.out_features:
-            pieces.append(h.new_zeros(*h.shape[:-1], self.out_features - row))
-        delta = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]  # (..., out)
-        return y + delta.to(y.dtype)
+        if h.dtype == y.dtype:  # y + h @ B.T in one op: no delta tensor, no sum afterwards
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(y.shape)
+        return y + F.linear(h, B).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a weight (out, in), float32: what ``merge`` adds to the base weight."""

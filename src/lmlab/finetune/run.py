@@ -23,10 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.finetune.data import Example, batch_at, collate, data_hash, load_examples, mask_preview, split
 from lmlab.finetune.lora import LoRASpec, add_lora, lora_modules, lora_state, resolve_targets
+from lmlab.host import keep_freed_memory
+from lmlab.kernels import FastLinear
+from lmlab.train.loss import linear_cross_entropy
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -101,8 +105,13 @@ def masked_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     mask[:, t]; the head runs at those positions only. ids, mask: (B, T)."""
     h = hidden_states(model, ids[:, :-1])  # (B, T-1, C): position t predicts token t+1
     keep = mask[:, 1:]  # (B, T-1)
-    logits = model.head(h[keep][None])[0]  # (N, V)
     targets = ids[:, 1:][keep]  # (N,)
+    head = model.lm_head
+    if type(head) is nn.Linear or isinstance(head, FastLinear):  # the loss without the (N, V) logits
+        x = model.final_norm(h[keep])  # (N, C)
+        loss = linear_cross_entropy(x, head.weight, targets, head.bias, model.cfg.final_logit_softcap)
+        return loss, int(keep.sum())
+    logits = model.head(h[keep][None])[0]  # (N, V): a quantized or adapted head
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(keep.sum())
 
 
@@ -292,6 +301,7 @@ def finetune(
             record=record,
         ) as run,
         _StopFlag() as stop,
+        keep_freed_memory(),  # the next step reuses this step's activations' memory
     ):
         model.train()
         bar = _progress(progress, steps, start_step)

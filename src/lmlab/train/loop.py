@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
+from lmlab.host import keep_freed_memory
 from lmlab.train.checkpoint import (
     CHECKPOINT,
     check_compatible,
@@ -480,7 +481,7 @@ def train(
         record=record and dist.main,
         wandb=wandb if dist.main else False,
     )
-    with run_ctx as run, _StopFlag() as stop:
+    with run_ctx as run, _StopFlag() as stop, keep_freed_memory():  # steps reuse their memory
         loop = _Loop(
             tc,
             cfg,
