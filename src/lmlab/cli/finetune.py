@@ -33,6 +33,12 @@ def finetune(
     samples: int = typer.Option(3, "--samples", help="Held-out prompts answered before and after."),
     sample_tokens: int = typer.Option(32, "--sample-tokens", help="Tokens per sample answer."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (autocast) | auto."),
+    quant: str = typer.Option(
+        "none",
+        "--quant",
+        help="The frozen base's weights: none (float32) | native (a GGUF file's own blocks) | q8 | q4 "
+        "(QLoRA-style: the adapter trains against the quantized weights and applies to the float base too).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Same seed, same run."),
     out_dir: str = typer.Option("finetune-out", "--out", "-o", help="Checkpoint and adapter folder."),
     save_adapter: str = typer.Option(None, "--save-adapter", help="Also write the adapter (PEFT format) here."),
@@ -68,6 +74,7 @@ def finetune(
         samples=samples,
         sample_tokens=sample_tokens,
         dtype=dtype,
+        quant=quant,
         seed=seed,
         out=out_dir,
         save_adapter=save_adapter,

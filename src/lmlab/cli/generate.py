@@ -136,6 +136,9 @@ def generate(
         None, "--quant", help="native (a GGUF file's blocks) | q8 | q4 (quantize a float model at load) | none"
     ),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="A LoRA adapter folder (lmlab's --save-adapter or PEFT's) applied to -m, unmerged."
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute everything each step (slow; for checking)."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this run in the run store."),
     wandb: bool = typer.Option(False, "--wandb", help="Mirror the run to wandb."),
@@ -174,7 +177,8 @@ def generate(
         raise LmlabError(
             f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 64."
         )
-    lm = load_model(model, dtype, device, quant=quant)
+    adapter_path = _adapter_path(adapter)
+    lm = load_model(model, dtype, device, quant=quant, adapter=adapter_path)
     if chat and not fake_chat and (lm.tokenizer is None or not lm.tokenizer.chat_template):
         raise LmlabError(
             f"{model} has no chat template (a base model); use --fake-chat to prompt it as an assistant, "
@@ -213,6 +217,7 @@ def generate(
         chat=chat,
         fake_chat=fake_chat,
         few_shot=str(few_shot) if few_shot else None,
+        adapter=adapter_path,
         **gen_kw,
     )
     with record_run(
@@ -240,6 +245,15 @@ def _one_prompt(words: list[str] | None) -> str | None:
             f'e.g. lmlab generate "{" ".join(words)}".'
         )
     return words[0] if words else None
+
+
+def _adapter_path(adapter) -> str | None:
+    """--adapter as an absolute path (what the run records), checked before the model loads."""
+    if adapter is None:
+        return None
+    from lmlab.finetune.adapter import check_adapter_folder
+
+    return str(check_adapter_folder(adapter))
 
 
 def _model_path(lm):
@@ -369,6 +383,9 @@ def chat(
     few_shot: Path = typer.Option(None, "--few-shot", help="Examples to put before the conversation (base models)."),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="A LoRA adapter folder (lmlab's --save-adapter or PEFT's) applied to -m, unmerged."
+    ),
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Chat with a model: history, /reset, /set KNOB VALUE, stats after each answer."""
@@ -391,7 +408,8 @@ def chat(
         raise LmlabError(
             f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 256."
         )
-    lm = load_model(model, dtype, device)
+    adapter_path = _adapter_path(adapter)
+    lm = load_model(model, dtype, device, adapter=adapter_path)
     mode = "fake" if fake_chat else default_mode(lm.tokenizer)
     conv = Chat(
         lm,
@@ -408,7 +426,7 @@ def chat(
         "chat",
         model=model,
         model_path=_model_path(lm),
-        config=dict(mode=mode, dtype=dtype, **conv.settings),
+        config=dict(mode=mode, dtype=dtype, adapter=adapter_path, **conv.settings),
         seed=seed,
         inputs={"system": system},
         record=not no_record,

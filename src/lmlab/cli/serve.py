@@ -122,6 +122,9 @@ def serve(
         envvar="LMLAB_API_KEY",
         help="Require 'Authorization: Bearer KEY' on every request (also $LMLAB_API_KEY).",
     ),
+    adapter: str = typer.Option(
+        None, "--adapter", help="A LoRA adapter folder applied, unmerged, to the one -m served (lmlab's or PEFT's)."
+    ),
     no_log_text: bool = typer.Option(False, "--no-log-text", help="Record requests without their prompts and outputs."),
     no_record: bool = typer.Option(False, "--no-record", help="Do not record this session in the run store."),
 ):
@@ -139,6 +142,15 @@ def serve(
         raise LmlabError(f"--port must be between 0 and 65535, got {port}.")
     if api_key is not None and not api_key.strip():
         raise LmlabError("--api-key is empty; pass a key, or leave the option out.")
+    adapter_path = None
+    if adapter is not None:
+        if len(names) != 1:
+            raise LmlabError(
+                f"--adapter applies to one model but {len(names)} are served; serve its base alone with one -m."
+            )
+        from lmlab.finetune.adapter import check_adapter_folder
+
+        adapter_path = str(check_adapter_folder(adapter))
 
     import uvicorn
 
@@ -175,8 +187,9 @@ def serve(
         max_queue=max_queue,
         api_key=bool(api_key),
         log_text=not no_log_text,
+        adapter=adapter_path,
     )
-    loaders = {name: (lambda name=name: _load(lmlab, name, dtype, device)) for name in names}
+    loaders = {name: (lambda name=name: _load(lmlab, name, dtype, device, adapter_path)) for name in names}
     try:
         with record_run(
             "serve",
@@ -212,9 +225,9 @@ def serve(
             store.close()
 
 
-def _load(lmlab, name: str, dtype: str, device: str):
-    say(f"loading {name} ({dtype}, {device}) ...")
-    return lmlab.load(name, dtype=dtype, device=device)
+def _load(lmlab, name: str, dtype: str, device: str, adapter: str | None = None):
+    say(f"loading {name} ({dtype}, {device}{f', adapter {adapter}' if adapter else ''}) ...")
+    return lmlab.load(name, dtype=dtype, device=device, adapter=adapter)
 
 
 def _run_server(uvicorn, create_app, loaders, log, url, names, sock, *, max_batch, max_queue, api_key, drain_timeout):

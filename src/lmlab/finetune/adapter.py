@@ -115,11 +115,29 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
 _KEY = re.compile(r"^(?:.*\.)?(?:layers|h)\.(\d+)\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
+def check_adapter_folder(folder) -> Path:
+    """The adapter folder as an absolute path, or one sentence when it is not there (checked
+    before a model loads, so a typo costs no load)."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise LmlabError(
+            f"adapter folder {folder} does not exist; pass the folder that --save-adapter (or PEFT's "
+            "save_pretrained) wrote."
+        )
+    if not folder.is_dir():
+        raise LmlabError(f"--adapter {folder} is a file; pass the adapter's folder (it holds {CONFIG}).")
+    if not (folder / CONFIG).is_file():
+        raise LmlabError(
+            f"{folder} has no {CONFIG}; pass a LoRA adapter folder (as --save-adapter or PEFT's save_pretrained write)."
+        )
+    return folder.resolve()
+
+
 def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json, tensors) of a PEFT-format adapter folder."""
     from safetensors.torch import load_file
 
-    folder = Path(folder).expanduser()
+    folder = check_adapter_folder(folder)
     cfg_path = folder / CONFIG
     if not cfg_path.is_file():
         raise LmlabError(

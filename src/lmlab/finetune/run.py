@@ -55,6 +55,7 @@ class FinetuneConfig:
     val_fraction: float = 0.02  # rows held out (at least one)
     seed: int = 0
     dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto
+    quant: str = "none"  # the base's weights: none (float32) | native (a GGUF file's blocks) | q8 | q4 (QLoRA-style)
     eval_every: int = 0  # steps between held-out losses; 0: at the end of each epoch
     log_every: int = 5  # steps between points of the loss curve
     samples: int = 3  # held-out prompts answered before and after
@@ -82,6 +83,13 @@ class FinetuneConfig:
             )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise LmlabError(f"unknown --dtype {self.dtype!r}; use float32, bfloat16 or auto.")
+        if self.quant not in ("none", "native", "q8", "q4"):
+            raise LmlabError(f"unknown --quant {self.quant!r}; use none, native (a GGUF file's blocks), q8 or q4.")
+        if self.full and self.quant != "none":
+            raise LmlabError(
+                f"--full trains every weight, and quantized weights (--quant {self.quant}) cannot be trained; "
+                "drop --quant, or train a LoRA adapter over the quantized base."
+            )
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -219,8 +227,22 @@ def finetune(
     if lm is None:
         from lmlab.loading import load
 
-        lm = load(fc.model, dtype="float32", prepack=False)  # training uses no packed copy
+        if fc.quant == "none":
+            lm = load(fc.model, dtype="float32", prepack=False)  # training uses no packed copy
+        else:
+            lm = load(fc.model, quant=fc.quant, prepack=False)
     model, tok = lm.model, lm.tokenizer
+    from lmlab.quant import is_quantized
+
+    quantized = is_quantized(model)
+    if quantized:
+        if fc.full:
+            raise LmlabError(
+                f"{fc.model} is loaded with quantized weights, which --full cannot train; load it in float32."
+            )
+        from lmlab.finetune.quantbase import make_trainable
+
+        make_trainable(model)  # gradients pass through the frozen quantized matrices, tile by tile
     if tok is None:
         raise LmlabError(f"{fc.model} has no tokenizer; fine-tuning reads text, so use a model folder with one.")
     device = lm.device
@@ -267,8 +289,9 @@ def finetune(
         torch.set_rng_state(state["torch_rng"])
         start_step, history, before = state["step"], state["history"], state["before"]
 
+    base_note = f" (quantized base, {getattr(lm, 'quant', 'quantized')}: QLoRA-style)" if quantized else ""
     log(
-        f"{'full fine-tuning' if fc.full else 'LoRA ' + _spec_text(spec)} of {fc.model}: "
+        f"{'full fine-tuning' if fc.full else 'LoRA ' + _spec_text(spec)} of {fc.model}{base_note}: "
         f"{n_train_params:,} trained parameters of {lm.num_parameters:,} · {len(train_rows)} train / "
         f"{len(val_rows)} held-out rows · {steps} steps of {fc.batch_size} rows · lr {fc.lr:g} · {precision}"
     )
@@ -287,6 +310,7 @@ def finetune(
         "precision": precision,
         "trained_parameters": n_train_params,
         "lora_spec": spec.to_dict() if spec else None,
+        "base_quant": getattr(lm, "quant", "none") if quantized else "none",
     }
     inputs = {"data": str(fc.data), "data_hash": dhash, "train_rows": len(train_rows), "val_rows": len(val_rows)}
     resolved = getattr(lm, "resolved", None)
