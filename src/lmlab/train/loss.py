@@ -36,9 +36,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight
+        if torch.is_autocast_enabled(h.device.type):  # cast once, not once per matmul per chunk
+            w = weight.to(torch.get_autocast_dtype(h.device.type))
         for s in range(0, N, rows):
             hc, tc = h[s : s + rows], targets[s : s + rows]
-            z = F.linear(hc, weight, bias).float()  # (n, V)
+            z = F.linear(hc.to(w.dtype), w, None if bias is None else bias.to(w.dtype)).float()  # (n, V)
             if softcap:
                 t = torch.tanh(z / softcap)
                 z = t * softcap
@@ -56,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap:
                 g.mul_(1.0 - t * t)  # d(cap · tanh(x / cap)) / dx
             if need_h:
-                grad_h[s : s + rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[s : s + rows] = (g.to(w.dtype) @ w).to(h.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), hc.float())
             if need_b:
