@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -279,24 +278,8 @@ def merge_adapter(model_name: str, adapter, out, dtype: str = "float32") -> dict
 
 
 def write_hf_folder(model, cfg, tokenizer, folder: Path, extra: dict | None = None) -> Path:
-    """config.json, model.safetensors, generation_config.json and the tokenizer's files, each
-    through a temporary name and a rename (a reader never sees half a file). ``extra``: more
-    JSON files (name -> dict)."""
-    from safetensors.torch import save_file
+    """The HF folder of ``model`` in its family's own names (``lmlab.train.export.write_folder``:
+    every file through a temporary name and a rename)."""
+    from lmlab.train.export import write_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.safetensors.tmp"
-    save_file(hf_tensors(model, cfg), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    files = {"config.json": json.dumps(hf_config(cfg), indent=2)}
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": (cfg.eos_token_ids or [None])[0]}
-    files["generation_config.json"] = json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2)
-    files.update(tokenizer.hf_files(cfg.max_seq_len))
-    for name, value in (extra or {}).items():
-        files[name] = json.dumps(value, indent=2)
-    for name, text in files.items():
-        t = folder / (name + ".tmp")
-        t.write_text(text, encoding="utf-8")
-        os.replace(t, folder / name)
-    return folder
+    return write_folder(folder, hf_tensors(model, cfg), hf_config(cfg), cfg, tokenizer, extra)

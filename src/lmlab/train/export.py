@@ -107,16 +107,24 @@ def hf_tensors(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def save_hf_folder(model, cfg: ModelConfig, tokenizer, folder: Path, extra: dict | None = None) -> Path:
-    """Write the HF folder (each file through a temporary name and a rename, so a reader never
-    sees half a file). ``extra``: more JSON files to write (name -> dict)."""
+    """Write the trained model's HF folder (see ``write_folder``)."""
+    return write_folder(folder, hf_tensors(model, cfg), hf_config(cfg), cfg, tokenizer, extra)
+
+
+def write_folder(
+    folder: Path, tensors: dict, config: dict, cfg: ModelConfig, tokenizer, extra: dict | None = None
+) -> Path:
+    """model.safetensors, config.json, generation_config.json and the tokenizer's files, each
+    through a temporary name and a rename, so a reader never sees half a file. ``extra``: more
+    JSON files to write (name -> dict)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "model.safetensors.tmp"
-    save_file(hf_tensors(model, cfg), str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
-    files = {"config.json": json.dumps(hf_config(cfg), indent=2)}
+    files = {"config.json": json.dumps(config, indent=2)}
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": (cfg.eos_token_ids or [None])[0]}
     files["generation_config.json"] = json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2)
     files.update(tokenizer.hf_files(cfg.max_seq_len))
