@@ -339,21 +339,23 @@ def part_hooks(name, lm, args):
 # ----------------------------------------------------------------------------- memory
 
 _MEM_CHILD = r"""
-import json, resource, sys, torch, lmlab
+import json, sys, torch, lmlab
 # the libraries a load imports (sympy through torch, tokenizers...) are in the baseline: ~50 MB
 import sympy, tokenizers, torch.distributed, lmlab.quant.build, lmlab.engine.generate, lmlab.tokenizer
 from lmlab import native
 from lmlab.loading.gguf import GGUFSource
 native.available()
-def rss():
+def rss(field="VmRSS:"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
 base = rss()
 torch.set_num_threads(int(sys.argv[2]))
 lm = lmlab.load(sys.argv[1])
 r = lm.generate("The capital of France is", max_new_tokens=32, temperature=0, ignore_eos=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this process image's own peak: ru_maxrss keeps the peak of the forked parent from before
+# exec (a parent holding five loaded models made this child report 2-5 GB)
+peak = rss("VmHWM:")
 print(json.dumps({"base": base, "peak": peak, "kv": r.timings["kv_cache_bytes"],
                   "file": GGUFSource(lm.resolved.path).weight_bytes_on_disk()}))
 """

@@ -79,6 +79,7 @@ class QPart(ctypes.Structure):  # lmlab_qpart in csrc/quant.h
         ("q", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("min", ctypes.c_void_p),
+        ("scale16", ctypes.c_int64),
     ]
 
 
@@ -227,6 +228,7 @@ def _load():
     lib.lmlab_q_dequant_rows.argtypes = [qm, i, ctypes.c_int64, ctypes.c_int64, vp]
     lib.lmlab_q_dequant_rows.restype = None
     lib.lmlab_q_parts_max.restype = i
+    lib.lmlab_q_isa.restype = ctypes.c_char_p
     _lib = lib
     if lib.lmlab_q_parts_max() != QPARTS:
         _lib = False
@@ -243,7 +245,7 @@ def _load():
         _status = f"off: ACT_CODES and enum lmlab_act in csrc/native.c disagree on {', '.join(wrong)} (make them agree)"
         return _lib
     _single_thread = not lib.lmlab_openmp()
-    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}" + (
+    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}, {lib.lmlab_q_isa().decode()}" + (
         ", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")"
     )
     return _lib
@@ -326,26 +328,38 @@ def _quant_self_check() -> str | None:
     """lmlab_qlinear against its definition on odd sizes: W in each layout (and stacked from two),
     x rounded to int8 per 32 values, then a float matmul. Only float rounding may differ."""
     g = torch.Generator().manual_seed(1)
-    for rows, K, layouts in ((1, 96, ("q8",)), (3, 64, ("q4",)), (2, 128, ("q8g16", "q4")), (9, 32, ("q4", "q8"))):
+    cases = ((1, 96, ("q8",)), (3, 64, ("q4",)), (2, 128, ("q8g16", "q4h")), (9, 32, ("q4", "q8h")), (1, 160, ("q4h",)))
+    for rows, K, layouts in cases:
         parts, refs = [], []
         for layout in layouts:
+            half = layout.endswith("h")  # scales (and mins) held as float16
+            layout = layout.removesuffix("h")
             n = 13
             if layout == "q4":
                 q = torch.randint(0, 256, (n, K // 2), generator=g, dtype=torch.uint8)
                 d, mn = torch.rand(n, K // 32, generator=g), torch.randn(n, K // 32, generator=g)
+                if half:
+                    d, mn = d.half(), mn.half()
                 v = _q4_values(q)
-                refs.append((v * d[..., None] + mn[..., None]).reshape(n, K))
+                refs.append((v * d.float()[..., None] + mn.float()[..., None]).reshape(n, K))
                 parts.append((2, 32, q, d, mn))
             else:
                 G = 16 if layout == "q8g16" else 32
                 q = torch.randint(-128, 128, (n, K), generator=g, dtype=torch.int8)
                 d = torch.rand(n, K // G, generator=g)
-                refs.append((q.float().view(n, -1, G) * d[..., None]).reshape(n, K))
+                d = d.half() if half else d
+                refs.append((q.float().view(n, -1, G) * d.float()[..., None]).reshape(n, K))
                 parts.append((1, G, q, d, None))
         qm = QMat(n_parts=len(parts))
         for i, (kind, G, q, d, mn) in enumerate(parts):
             qm.parts[i] = QPart(
-                kind, q.shape[0], G, q.data_ptr(), d.data_ptr(), mn.data_ptr() if mn is not None else None
+                kind,
+                q.shape[0],
+                G,
+                q.data_ptr(),
+                d.data_ptr(),
+                mn.data_ptr() if mn is not None else None,
+                int(d.dtype == torch.float16),
             )
         w = torch.cat(refs)
         x = torch.randn(rows, K, generator=g)

@@ -7,29 +7,38 @@
  * Two layouts of lmlab's own, into which lmlab.quant repacks every GGUF block type at load
  * (the values are exactly the GGUF file's; only the bytes move):
  *
- *   LMLAB_Q8: int8 quants q (N, K) and one float scale per group of G = 32 or 16 values
+ *   LMLAB_Q8: int8 quants q (N, K) and one scale per group of G = 32 or 16 values
  *             (N, K / G): w = scale * q.
  *             Q8_0 (G 32), Q5_0 (q - 16, G 32), Q6_K (q - 32, G 16, scale d * sc), lmlab's q8.
- *   LMLAB_Q4: 4-bit quants (N, K / 2 bytes) and, per group of 32, a float scale d and a float
- *             min m (N, K / 32) each: w = d * q + m. Interleaved by pairs of groups: the 32 bytes
+ *   LMLAB_Q4: 4-bit quants (N, K / 2 bytes) and, per group of 32, a scale d and a min m
+ *             (N, K / 32) each: w = d * q + m. Interleaved by pairs of groups: the 32 bytes
  *             of groups 2c and 2c + 1 hold value j of the first in byte j's low nibble and value
  *             j of the second in its high nibble, so one unpacked register is one whole group.
  *             (A last group without a pair: byte j holds values j and j + 16, as in Q4_0.)
  *             Q4_0 (m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4.
+ *
+ * Scales (and mins) are float16 where every one of a part's is a float16 value (Q8_0, Q4_0, Q4_1,
+ * Q5_0 and lmlab's q8/q4 store them so: Q4_1's and Q8_0's bytes are then the file's), float32
+ * otherwise (Q4_K and Q6_K multiply a float16 by a 6- or 8-bit scale); lmlab_qpart.scale16 says
+ * which. The kernels widen them to float as they read them (once per group).
  *
  * A matrix (lmlab_qmat) is up to LMLAB_QPARTS parts stacked by rows, each of its own layout:
  * a model's q, k and v (or gate and up) projections stacked into one matrix may come from
  * tensors of different types (Gemma 3's Q4_K_M file: q, k Q5_0 and v Q8_0).
  *
  * The activation row is quantized once per matmul (lmlab_q_quantize_x): per group of 32 values,
- * sx = max|x| / 127 and qx = round(x / sx), as int16 (so the products below need no widening
- * step). Then each group's dot product is an integer sum, turned into a float once per group:
+ * sx = max|x| / 127 and qx = round(x / sx), as int8 (VNNI builds) or int16. Then each group's
+ * dot product is an integer sum, turned into a float once per group:
  * sum_g (d_g * sx_g) * sum_i q_i * qx_i (+ m_g * sx_g * sum_i qx_i for LMLAB_Q4).
  *
- * The integer multiply-adds pair int16 lanes into int32 lanes (x86 pmaddwd: AVX-512BW or AVX2
- * intrinsics behind #ifdef), with a plain C fallback the compiler vectorizes on any other CPU
- * (NEON included). A tile walks R rows of W side by side against M rows of x, so each weight
- * byte is read once per M rows and R streams are in flight.
+ * The integer multiply-adds: with AVX512-VNNI (or AVX-VNNI) one vpdpbusd multiplies 64 weight
+ * bytes (two groups) by 64 activation bytes, four products into each int32 lane (Q4's nibbles
+ * are unsigned; a signed Q8 weight gives its sign to x, as vpdpbusd wants one side unsigned).
+ * Without VNNI, int16 lanes pair into int32 lanes (x86 pmaddwd: AVX-512BW or AVX2 intrinsics
+ * behind #ifdef), with a plain C fallback the compiler vectorizes on any other CPU (NEON
+ * included). The path is chosen at compile time: the library is built with -march=native on
+ * the machine that runs it (lmlab_q_isa names it). A tile walks R rows of W side by side
+ * against M rows of x, so each weight byte is read once per M rows and R streams are in flight.
  */
 #include <math.h>
 #include <stdint.h>
@@ -37,6 +46,16 @@
 #include <string.h>
 #if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+/* The integer dot product this build runs (lmlab_q_isa names it): vpdpbusd (unsigned bytes times
+ * signed bytes, four products summed into each int32 lane) where the compiler targets AVX512-VNNI
+ * or AVX-VNNI, else pmaddwd on int16 lanes (AVX-512BW, AVX2) or the portable C loop. With VNNI
+ * the activations are held as int8 (their int16 buffer's first K bytes per row). */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QVNNI 512
+#elif defined(__AVXVNNI__)
+#define QVNNI 256
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -51,6 +70,33 @@ typedef int8_t qi8x32 __attribute__((vector_size(32)));
 typedef uint8_t qu8x32 __attribute__((vector_size(32)));
 
 #define QMAXT 8 /* accumulators per tile: R rows of W times M rows of x */
+
+#ifdef __FLT16_MAX__
+typedef _Float16 qhalf;
+static inline float half_to_float(qhalf h) { return (float)h; }
+#else /* no _Float16 in this compiler: widen the IEEE half by hand */
+typedef uint16_t qhalf;
+static inline float half_to_float(qhalf h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023;
+    uint32_t bits;
+    if (e == 31) bits = sign | 0x7f800000u | (f << 13);
+    else if (e) bits = sign | ((e + 112) << 23) | (f << 13);
+    else if (!f) bits = sign;
+    else { /* subnormal half: a normal float */
+        float v = (float)f * (1.0f / 16777216.0f);
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+#endif
+
+/* scale (or min) i of a part: float16 or float32 as the part holds them (H constant where inlined) */
+static inline __attribute__((always_inline)) float sc_at(const void *s, size_t i, int H) {
+    return H ? half_to_float(((const qhalf *)s)[i]) : ((const float *)s)[i];
+}
 
 static inline qi32x16 madd(qi16x32 a, qi16x32 b) { /* lane i = a[2i] b[2i] + a[2i+1] b[2i+1] */
 #if defined(__AVX512BW__)
@@ -82,10 +128,14 @@ static inline qi16x32 load_x(const int16_t *p) {
     return v;
 }
 
-static inline float qhsum(qf32x16 v) {
-    float s = 0;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
+typedef float qf32x8 __attribute__((vector_size(32)));
+typedef float qf32x4 __attribute__((vector_size(16)));
+
+static inline float qhsum(qf32x16 v) { /* a tree of halves: 4 adds deep, not 16 */
+    const qf32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                     __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const qf32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 /* lanes 0-7 a, lanes 8-15 b */
@@ -94,10 +144,119 @@ static inline qf32x16 halves(float a, float b) {
     return v;
 }
 
+/* sum_g mins[at + g] * xs[g] for g < n: a Q4 part's min terms for one row of W and of x */
+static inline __attribute__((always_inline)) float min_terms(const void *mins, size_t at, const float *xs, int n, int H) {
+    qf32x16 acc = {0};
+    int g = 0;
+    for (; g + 16 <= n; g += 16) {
+        qf32x16 m, x;
+        if (H) {
+#ifdef __FLT16_MAX__
+            typedef qhalf qh16 __attribute__((vector_size(32)));
+            qh16 h;
+            memcpy(&h, (const qhalf *)mins + at + g, sizeof h);
+            m = __builtin_convertvector(h, qf32x16);
+#else
+            for (int i = 0; i < 16; i++) m[i] = half_to_float(((const qhalf *)mins)[at + g + i]);
+#endif
+        } else {
+            memcpy(&m, (const float *)mins + at + g, 64);
+        }
+        memcpy(&x, xs + g, 64);
+        acc += m * x;
+    }
+    float sum = qhsum(acc);
+    for (; g < n; g++) sum += sc_at(mins, at + g, H) * xs[g];
+    return sum;
+}
+
+/* activation row m as int8 (VNNI builds: the first K bytes of its int16 row) */
+static inline const int8_t *x8_row(const lmlab_qx *qx, int m) { return (const int8_t *)(qx->x16 + (size_t)m * qx->K); }
+
+#ifdef QVNNI
+typedef uint8_t qu8x64 __attribute__((vector_size(64)));
+typedef int8_t qi8x64 __attribute__((vector_size(64)));
+
+/* lane i = sum_{j < 4} w[4i + j] * x[4i + j]: 64 unsigned bytes times 64 signed ones */
+static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
+#if QVNNI == 512
+    return (qi32x16)_mm512_dpbusd_epi32(_mm512_setzero_si512(), (__m512i)w, (__m512i)x);
+#else
+    __m256i w0, w1, x0, x1;
+    memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
+    memcpy(&x0, &x, 32); memcpy(&x1, (char *)&x + 32, 32);
+    __m256i r0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w0, x0);
+    __m256i r1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w1, x1);
+    qi32x16 r;
+    memcpy(&r, &r0, 32); memcpy((char *)&r + 32, &r1, 32);
+    return r;
+#endif
+}
+
+/* signed weights: |w| times x with w's sign (x is within -127..127, so -x fits) */
+static inline qi32x16 dot_s8(qi8x64 w, qi8x64 x) {
+#if QVNNI == 512
+    const __mmask64 neg = _mm512_movepi8_mask((__m512i)w);
+    const __m512i xs = _mm512_mask_sub_epi8((__m512i)x, neg, _mm512_setzero_si512(), (__m512i)x);
+    return dpbusd((qu8x64)_mm512_abs_epi8((__m512i)w), (qi8x64)xs);
+#else
+    __m256i w0, w1, x0, x1;
+    memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
+    memcpy(&x0, &x, 32); memcpy(&x1, (char *)&x + 32, 32);
+    __m256i r0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
+    __m256i r1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+    qi32x16 r;
+    memcpy(&r, &r0, 32); memcpy((char *)&r + 32, &r1, 32);
+    return r;
+#endif
+}
+
+/* scales s[at], s[at + 1] (float16 where H, else float32) spread as lanes 0-7 and 8-15 */
+static inline __attribute__((always_inline)) qf32x16 scale_halves(const void *s, size_t at, int H) {
+#if QVNNI == 512 /* two scales into one register, then one permute (no trip through memory) */
+    __m128 v;
+    if (H) {
+        int32_t bits;
+        memcpy(&bits, (const qhalf *)s + at, 4);
+        v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+    } else {
+        double bits;
+        memcpy(&bits, (const float *)s + at, 8);
+        v = _mm_castpd_ps(_mm_set_sd(bits));
+    }
+    const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return (qf32x16)_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+#else
+    return halves(sc_at(s, at, H), sc_at(s, at + 1, H));
+#endif
+}
+
+/* scales s[at .. at + 3] spread as lanes 0-3, 4-7, 8-11, 12-15 (groups of 16 in 64 values) */
+static inline __attribute__((always_inline)) qf32x16 scale_quarters(const void *s, size_t at, int H) {
+#if QVNNI == 512
+    __m128 v;
+    if (H) {
+        int64_t bits;
+        memcpy(&bits, (const qhalf *)s + at, 8);
+        v = _mm_cvtph_ps(_mm_cvtsi64_si128(bits));
+    } else {
+        v = _mm_loadu_ps((const float *)s + at);
+    }
+    const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return (qf32x16)_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+#else
+    const float a = sc_at(s, at, H), b = sc_at(s, at + 1, H), c = sc_at(s, at + 2, H), d = sc_at(s, at + 3, H);
+    qf32x16 v = {a, a, a, a, b, b, b, b, c, c, c, c, d, d, d, d};
+    return v;
+#endif
+}
+#endif
+
 /* ------------------------------------------------------------------------ activations */
 
 /* x (M, K) float32 -> qx: per group of 32, sx = max|x| / 127, q = round(x / sx) (nearest, ties
- * to even), as int16 (x16); xsum = sx * sum(q) per group. K must be a multiple of 32. */
+ * to even), as int16 (x16; int8 in VNNI builds); xsum = sx * sum(q) per group. K must be a
+ * multiple of 32. */
 void lmlab_q_quantize_x(const float *x, int M, int K, lmlab_qx *qx) {
     const int G = K / 32;
     qx->M = M;
@@ -108,7 +267,11 @@ void lmlab_q_quantize_x(const float *x, int M, int K, lmlab_qx *qx) {
             float amax = 0;
             for (int i = 0; i < 32; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
             const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+#ifdef QVNNI
+            int8_t *q = (int8_t *)x8_row(qx, m) + (size_t)g * 32;
+#else
             int16_t *q = qx->x16 + (size_t)m * K + (size_t)g * 32;
+#endif
             int sum = 0;
             for (int i = 0; i < 32; i++) {
                 q[i] = (int16_t)nearbyintf(xg[i] * id);
@@ -124,7 +287,11 @@ void lmlab_q_quantize_x(const float *x, int M, int K, lmlab_qx *qx) {
 /* One group of 32 values the slow way (a last group without a pair): the integer sum times the
  * scales, as the tiles compute it. */
 static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const lmlab_qx *qx, int m) {
+#ifdef QVNNI
+    const int8_t *xq = x8_row(qx, m) + (size_t)g * 32;
+#else
     const int16_t *xq = qx->x16 + (size_t)m * K + (size_t)g * 32;
+#endif
     const float sx = qx->sx[(size_t)m * (K / 32) + g];
     if (p->type == LMLAB_Q8) {
         const int8_t *w = (const int8_t *)p->q + (size_t)row * K + (size_t)g * 32;
@@ -133,7 +300,7 @@ static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const
         for (int s = 0; s < 32; s += G) {
             int sum = 0;
             for (int i = 0; i < G; i++) sum += w[s + i] * xq[s + i];
-            out += (float)sum * (p->scale[(size_t)row * (K / G) + (g * 32 + s) / G] * sx);
+            out += (float)sum * (sc_at(p->scale, (size_t)row * (K / G) + (g * 32 + s) / G, (int)p->scale16) * sx);
         }
         return out;
     }
@@ -141,7 +308,8 @@ static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const
     int sum = 0;
     for (int i = 0; i < 16; i++) sum += (w[i] & 15) * xq[i] + (w[i] >> 4) * xq[i + 16];
     const size_t at = (size_t)row * (K / 32) + g;
-    return (float)sum * (p->scale[at] * sx) + p->min[at] * qx->xsum[(size_t)m * (K / 32) + g];
+    const int H = (int)p->scale16;
+    return (float)sum * (sc_at(p->scale, at, H) * sx) + sc_at(p->min, at, H) * qx->xsum[(size_t)m * (K / 32) + g];
 }
 
 /* Pair c of 32-value groups (values 64c .. 64c+63) of each of the M input rows, and their scales. */
@@ -157,12 +325,78 @@ static inline __attribute__((always_inline)) void load_pair(const lmlab_qx *qx, 
 }
 
 /* y[m * ldy + r] = dot(W row row0 + r, x row m) for R rows of part p and M rows of x
- * (R * M <= QMAXT; both constants where it is inlined). */
+ * (R * M <= QMAXT; H = p->scale16; all three constants where it is inlined). */
 static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, int64_t row0, int R, const lmlab_qx *qx,
-                                                        int M, float *y, int ldy) {
+                                                        int M, float *y, int ldy, int H) {
     const int K = qx->K, NG = K / 32, pairs = NG / 2;
     qf32x16 acc[QMAXT];
     for (int i = 0; i < R * M; i++) acc[i] = (qf32x16){0};
+#ifdef QVNNI
+    /* per pair of groups c: 64 activations of each x row (two groups: lanes 0-7 and 8-15 of a dot) */
+#define QPAIR_X                                                                   \
+    qi8x64 xv[QMAXT];                                                             \
+    qf32x16 sxv[QMAXT];                                                           \
+    for (int m = 0; m < M; m++) {                                                 \
+        memcpy(&xv[m], x8_row(qx, m) + (size_t)c * 64, 64);                       \
+        const float *sx = qx->sx + (size_t)m * NG + 2 * c;                        \
+        sxv[m] = halves(sx[0], sx[1]);                                            \
+    }
+    if (p->type == LMLAB_Q4) {
+        for (int c = 0; c < pairs; c++) {
+            QPAIR_X
+            for (int r = 0; r < R; r++) {
+                const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)c * 32;
+                __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
+#if QVNNI == 512 /* the 32 bytes in both halves, the upper half shifted down a nibble */
+                const __m512i b2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w));
+                const qu8x64 wv = (qu8x64)_mm512_and_si512(_mm512_mask_srli_epi16(b2, 0xFFFF0000u, b2, 4),
+                                                           _mm512_set1_epi8(15));
+#else
+                qu8x32 v;
+                memcpy(&v, w, 32);
+                const qu8x32 lo = v & 15, hi = v >> 4;
+                const qu8x64 wv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
+                                                          33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48,
+                                                          49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+#endif
+                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
+                const qf32x16 dv = scale_halves(p->scale, at, H);
+                for (int m = 0; m < M; m++)
+                    acc[r * M + m] += __builtin_convertvector(dpbusd(wv, xv[m]), qf32x16) * (dv * sxv[m]);
+            }
+        }
+    } else if (p->group == 32) {
+        for (int c = 0; c < pairs; c++) {
+            QPAIR_X
+            for (int r = 0; r < R; r++) {
+                const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
+                __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
+                qi8x64 wv;
+                memcpy(&wv, w, 64);
+                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
+                const qf32x16 dv = scale_halves(p->scale, at, H);
+                for (int m = 0; m < M; m++)
+                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m]), qf32x16) * (dv * sxv[m]);
+            }
+        }
+    } else { /* LMLAB_Q8, groups of 16: four per 64 values */
+        for (int c = 0; c < pairs; c++) {
+            QPAIR_X
+            for (int r = 0; r < R; r++) {
+                const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
+                __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
+                qi8x64 wv;
+                memcpy(&wv, w, 64);
+                const size_t at = (size_t)(row0 + r) * (K / 16) + 4 * c;
+                const qf32x16 dv = scale_quarters(p->scale, at, H);
+                for (int m = 0; m < M; m++)
+                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m]), qf32x16) * (dv * sxv[m]);
+            }
+        }
+    }
+#undef QPAIR_X
+#else
     if (p->type == LMLAB_Q8 && p->group == 32) {
         for (int c = 0; c < pairs; c++) {
             qi16x32 xa[QMAXT], xb[QMAXT];
@@ -172,10 +406,11 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
                 __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
                 const qi16x32 wa = load_i8(w), wb = load_i8(w + 32);
-                const float *sc = p->scale + (size_t)(row0 + r) * NG + 2 * c;
+                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
+                const float s0 = sc_at(p->scale, at, H), s1 = sc_at(p->scale, at + 1, H);
                 for (int m = 0; m < M; m++)
-                    acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * (sc[0] * sxa[m]) +
-                                      __builtin_convertvector(madd(wb, xb[m]), qf32x16) * (sc[1] * sxb[m]);
+                    acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * (s0 * sxa[m]) +
+                                      __builtin_convertvector(madd(wb, xb[m]), qf32x16) * (s1 * sxb[m]);
             }
         }
     } else if (p->type == LMLAB_Q8) { /* group 16: each 32 values hold two groups, one per half of the lanes */
@@ -187,7 +422,9 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
                 __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
                 const qi16x32 wa = load_i8(w), wb = load_i8(w + 32);
-                const float *sc = p->scale + (size_t)(row0 + r) * (K / 16) + 4 * c;
+                const size_t at = (size_t)(row0 + r) * (K / 16) + 4 * c;
+                float sc[4];
+                for (int j = 0; j < 4; j++) sc[j] = sc_at(p->scale, at + j, H);
                 for (int m = 0; m < M; m++)
                     acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * halves(sc[0] * sxa[m], sc[1] * sxa[m]) +
                                       __builtin_convertvector(madd(wb, xb[m]), qf32x16) * halves(sc[2] * sxb[m], sc[3] * sxb[m]);
@@ -204,21 +441,21 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 qu8x32 v;
                 memcpy(&v, w, 32);
                 const qi16x32 wa = __builtin_convertvector(v & 15, qi16x32), wb = __builtin_convertvector(v >> 4, qi16x32);
-                const float *d = p->scale + (size_t)(row0 + r) * NG + 2 * c;
+                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
+                const float d0 = sc_at(p->scale, at, H), d1 = sc_at(p->scale, at + 1, H);
                 for (int m = 0; m < M; m++)
-                    acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * (d[0] * sxa[m]) +
-                                      __builtin_convertvector(madd(wb, xb[m]), qf32x16) * (d[1] * sxb[m]);
+                    acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * (d0 * sxa[m]) +
+                                      __builtin_convertvector(madd(wb, xb[m]), qf32x16) * (d1 * sxb[m]);
             }
         }
     }
+#endif
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
             float sum = qhsum(acc[r * M + m]);
             if (NG % 2) sum += group_scalar(p, row0 + r, K, NG - 1, qx, m);
-            if (p->type == LMLAB_Q4) { /* the mins: sum_g m_g * sx_g * sum(qx_g); the last group's is in group_scalar */
-                const float *mn = p->min + (size_t)(row0 + r) * NG, *xs = qx->xsum + (size_t)m * NG;
-                for (int g = 0; g < NG - NG % 2; g++) sum += mn[g] * xs[g];
-            }
+            if (p->type == LMLAB_Q4) /* the mins: sum_g m_g * sx_g * sum(qx_g); the last group's is in group_scalar */
+                sum += min_terms(p->min, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H);
             y[(size_t)m * ldy + r] = sum;
         }
 }
@@ -236,8 +473,13 @@ static void qpart_range(const lmlab_qpart *p, int64_t r0, int64_t r1, const lmla
     y += (size_t)m0 * ldy;
     int64_t r = r0;
 #define QCALL(MM)                                                                                           \
-    for (; r + QROWS(MM) <= r1; r += QROWS(MM)) qtile(p, r, QROWS(MM), &sub, MM, y + (r - r0), ldy);       \
-    for (; r < r1; r++) qtile(p, r, 1, &sub, MM, y + (r - r0), ldy);
+    if (p->scale16) {                                                                                       \
+        for (; r + QROWS(MM) <= r1; r += QROWS(MM)) qtile(p, r, QROWS(MM), &sub, MM, y + (r - r0), ldy, 1); \
+        for (; r < r1; r++) qtile(p, r, 1, &sub, MM, y + (r - r0), ldy, 1);                                 \
+    } else {                                                                                                \
+        for (; r + QROWS(MM) <= r1; r += QROWS(MM)) qtile(p, r, QROWS(MM), &sub, MM, y + (r - r0), ldy, 0); \
+        for (; r < r1; r++) qtile(p, r, 1, &sub, MM, y + (r - r0), ldy, 0);                                 \
+    }
     switch (M) {
     case 1: QCALL(1); break;
     case 2: QCALL(2); break;
@@ -321,29 +563,37 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
 #pragma omp parallel for schedule(static) if (b - a >= 64)
         for (int64_t r = a; r < b; r++) {
             const int64_t row = r - start;
+            const int H = (int)p->scale16;
             float *o = out + (size_t)(r - r0) * K;
             if (p->type == LMLAB_Q8) {
                 const int8_t *q = (const int8_t *)p->q + (size_t)row * K;
                 const int G = (int)p->group;
-                const float *sc = p->scale + (size_t)row * (K / G);
-                for (int g = 0; g < K / G; g++)
-                    for (int j = 0; j < G; j++) o[g * G + j] = sc[g] * (float)q[g * G + j];
+                for (int g = 0; g < K / G; g++) {
+                    const float sc = sc_at(p->scale, (size_t)row * (K / G) + g, H);
+                    for (int j = 0; j < G; j++) o[g * G + j] = sc * (float)q[g * G + j];
+                }
             } else {
                 const uint8_t *q = (const uint8_t *)p->q + (size_t)row * (K / 2);
-                const float *d = p->scale + (size_t)row * (K / 32), *mn = p->min + (size_t)row * (K / 32);
                 const int NG = K / 32;
-                for (int g = 0; g + 1 < NG; g += 2) /* pairs: group g in the low nibbles, g + 1 in the high */
+                const size_t at = (size_t)row * NG;
+                for (int g = 0; g + 1 < NG; g += 2) { /* pairs: group g in the low nibbles, g + 1 in the high */
+                    const float d0 = sc_at(p->scale, at + g, H), d1 = sc_at(p->scale, at + g + 1, H);
+                    const float m0 = sc_at(p->min, at + g, H), m1 = sc_at(p->min, at + g + 1, H);
                     for (int j = 0; j < 32; j++) {
                         const uint8_t byte = q[g * 16 + j];
-                        o[g * 32 + j] = d[g] * (float)(byte & 15) + mn[g];
-                        o[g * 32 + 32 + j] = d[g + 1] * (float)(byte >> 4) + mn[g + 1];
+                        o[g * 32 + j] = d0 * (float)(byte & 15) + m0;
+                        o[g * 32 + 32 + j] = d1 * (float)(byte >> 4) + m1;
                     }
-                if (NG % 2) /* a last group alone: values j and j + 16 in byte j */
-                    for (int j = 0, g = NG - 1; j < 16; j++) {
+                }
+                if (NG % 2) { /* a last group alone: values j and j + 16 in byte j */
+                    const int g = NG - 1;
+                    const float d0 = sc_at(p->scale, at + g, H), m0 = sc_at(p->min, at + g, H);
+                    for (int j = 0; j < 16; j++) {
                         const uint8_t byte = q[g * 16 + j];
-                        o[g * 32 + j] = d[g] * (float)(byte & 15) + mn[g];
-                        o[g * 32 + j + 16] = d[g] * (float)(byte >> 4) + mn[g];
+                        o[g * 32 + j] = d0 * (float)(byte & 15) + m0;
+                        o[g * 32 + j + 16] = d0 * (float)(byte >> 4) + m0;
                     }
+                }
             }
         }
         start += p->rows;
@@ -351,3 +601,18 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
 }
 
 int lmlab_q_parts_max(void) { return LMLAB_QPARTS; }
+
+/* the integer dot product this build runs, for lmlab bench --machine and native.status() */
+const char *lmlab_q_isa(void) {
+#if QVNNI == 512
+    return "int8 dot: AVX512-VNNI vpdpbusd";
+#elif defined(QVNNI)
+    return "int8 dot: AVX-VNNI vpdpbusd";
+#elif defined(__AVX512BW__)
+    return "int8 dot: AVX-512BW pmaddwd";
+#elif defined(__AVX2__)
+    return "int8 dot: AVX2 pmaddwd";
+#else
+    return "int8 dot: portable C";
+#endif
+}

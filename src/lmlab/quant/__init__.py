@@ -2,15 +2,17 @@
 
 Two layouts of lmlab's own hold every quantized matrix (``csrc/quant.c`` documents them):
 
-- ``Q8``: int8 values and one float scale per group of 32 (16 for Q6_K): w = scale * q.
+- ``Q8``: int8 values and one scale per group of 32 (16 for Q6_K): w = scale * q.
   Holds GGUF's Q8_0, Q5_0 (q - 16) and Q6_K (q - 32, scale d * sc), and lmlab's ``q8``.
-- ``Q4``: 4-bit values, a float scale d and a float min m per group of 32: w = d * q + m.
+- ``Q4``: 4-bit values, a scale d and a min m per group of 32: w = d * q + m.
   Holds GGUF's Q4_0 (m = -8 d), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
   Interleaved by pairs of groups (``pack_nibbles``): one group in the low nibbles of 32 bytes,
   the next in their high nibbles, so the kernel unpacks one whole group per register.
 
-Repacking moves bytes and widens the scales to float32; every value stays exactly the file's
-(tests compare with ``loading.gguf.dequantize`` bit for bit). A matrix stacked from several
+Repacking moves bytes; scales (and mins) stay float16 where every one of a part's is a float16
+value (Q8_0, Q4_0, Q4_1, Q5_0, q8, q4: so Q4_1 and Q8_0 take the file's bytes) and are float32
+otherwise (Q4_K, Q6_K: a float16 times a 6- or 8-bit scale). Every value stays exactly the
+file's (tests compare with ``loading.gguf.dequantize`` bit for bit). A matrix stacked from several
 tensors (q, k, v; gate, up) keeps one part per tensor, each in its own layout.
 
 ``QuantLinear`` and ``QuantEmbedding`` take the place of a model's ``nn.Linear`` and
@@ -48,7 +50,7 @@ TILE_VALUES = 1 << 19  # values of W dequantized at a time for a GEMM (2 MB of f
 
 class QuantPart:
     """Rows of a matrix in one layout: q (rows, K) int8 or (rows, K / 2) uint8; scale and min
-    (rows, K / group) float32 (min: Q4 only)."""
+    (rows, K / group) float16 or float32, both the same (min: Q4 only)."""
 
     __slots__ = ("kind", "group", "q", "scale", "min", "source_type")
 
@@ -95,6 +97,7 @@ class QuantWeight:
                     q=p.q.data_ptr(),
                     scale=p.scale.data_ptr(),
                     min=p.min.data_ptr() if p.min is not None else None,
+                    scale16=int(p.scale.dtype == torch.float16),
                 )
             self._struct = s
         return self._struct
@@ -147,9 +150,9 @@ def dequantize_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> torch.T
     r1 = p.rows if r1 is None else r1
     if p.kind == Q8:
         q = p.q[r0:r1].float()
-        return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None]).reshape(q.shape)
+        return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None].float()).reshape(q.shape)
     v = unpack_nibbles(p.q[r0:r1]).float()  # (n, groups, 32)
-    return (v * p.scale[r0:r1, :, None] + p.min[r0:r1, :, None]).reshape(v.shape[0], -1)
+    return (v * p.scale[r0:r1, :, None].float() + p.min[r0:r1, :, None].float()).reshape(v.shape[0], -1)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,24 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+def _half(b: torch.Tensor) -> torch.Tensor:
+    """Float16 values stored in bytes, kept float16."""
+    return b.contiguous().view(torch.float16)
+
+
+def narrow_scales(p: QuantPart) -> QuantPart:
+    """The part with its scale and min as float16 where each of them is a float16 value (nothing
+    changes value), else as they are (float32)."""
+    if p.scale.dtype == torch.float16:
+        return p
+    ts = [p.scale] + ([p.min] if p.min is not None else [])
+    halves = [t.half() for t in ts]
+    if all(torch.equal(h.float(), t) for h, t in zip(halves, ts)):
+        p.scale = halves[0]
+        p.min = halves[1] if p.min is not None else None
+    return p
+
+
 def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
     """GGUF blocks (rows, bytes per row) uint8 -> a part with exactly the same values."""
     from lmlab.loading.gguf import GGML_TYPES, _bits, _k_low4, _k_scales, _nibbles
@@ -184,10 +205,10 @@ def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
     K = raw.shape[1] // bb * be
     if type_name == "Q8_0":
         q = b[:, 2:].view(torch.int8).reshape(rows, K)  # a copy: the quants without the scales between them
-        return QuantPart(Q8, 32, q, _f16(b[:, :2]).reshape(rows, -1), source_type=type_name)
+        return QuantPart(Q8, 32, q, _half(b[:, :2]).reshape(rows, -1), source_type=type_name)
     if type_name == "Q5_0":
         q = (_nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4)).view(torch.int8) - 16
-        return QuantPart(Q8, 32, q.reshape(rows, K), _f16(b[:, :2]).reshape(rows, -1), source_type=type_name)
+        return QuantPart(Q8, 32, q.reshape(rows, K), _half(b[:, :2]).reshape(rows, -1), source_type=type_name)
     if type_name == "Q6_K":
         ql = b[:, 0:128].reshape(-1, 2, 1, 64)
         low = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
@@ -195,19 +216,19 @@ def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
         high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
         q = (low | (high << 4)).view(torch.int8) - 32
         scale = _f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()  # (blocks, 16)
-        return QuantPart(Q8, 16, q.reshape(rows, K), scale.reshape(rows, -1), source_type=type_name)
+        return narrow_scales(QuantPart(Q8, 16, q.reshape(rows, K), scale.reshape(rows, -1), source_type=type_name))
     if type_name in ("Q4_0", "Q4_1"):
         off = 2 if type_name == "Q4_0" else 4
         d = _f16(b[:, :2])
         m = -8 * d if type_name == "Q4_0" else _f16(b[:, 2:4])
         q = pack_nibbles(_nibbles(b[:, off : off + 16]).reshape(rows, K // 32, 32))
-        return QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name)
+        return narrow_scales(QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name))
     # Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins; nibbles repacked to Q4_0's order
     sc, mn = _k_scales(b[:, 4:16])
     d = _f16(b[:, 0:2]) * sc
     m = -(_f16(b[:, 2:4]) * mn)
     q = pack_nibbles(_k_low4(b[:, 16:144]).reshape(rows, K // 32, 32))
-    return QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name)
+    return narrow_scales(QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name))
 
 
 def to_gguf_blocks(p: QuantPart) -> tuple[np.ndarray, str]:
@@ -242,14 +263,15 @@ def quantize(w: torch.Tensor, kind: str) -> QuantPart:
         d = (g.abs().amax(-1, keepdim=True) / 127).half().float()
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         q = torch.round(g * inv).clamp(-127, 127).to(torch.int8)
-        return QuantPart(Q8, GROUP, q.reshape(N, K), d.reshape(N, -1), source_type="q8")
+        return narrow_scales(QuantPart(Q8, GROUP, q.reshape(N, K), d.reshape(N, -1), source_type="q8"))
     if kind == "q4":
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         d = ((hi - lo) / 15).half().float()
         m = lo.half().float()
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         v = torch.round((g - m) * inv).clamp(0, 15).to(torch.uint8)  # (N, groups, 32)
-        return QuantPart(Q4, GROUP, pack_nibbles(v), d.reshape(N, -1), m.reshape(N, -1), source_type="q4")
+        part = QuantPart(Q4, GROUP, pack_nibbles(v), d.reshape(N, -1), m.reshape(N, -1), source_type="q4")
+        return narrow_scales(part)
     raise LmlabError(f"unknown quantization {kind!r}; use q8 or q4 (or native for a GGUF file).")
 
 
@@ -423,6 +445,7 @@ __all__ = [
     "pack_nibbles",
     "unpack_nibbles",
     "dequantize_part",
+    "narrow_scales",
     "to_gguf_blocks",
     "quant_linear",
     "is_quantized",
