@@ -20,6 +20,7 @@ the validation loss, wall time, tokens/s and samples along the way.
 
     python benchmarks/train_vs_nanogpt.py                 # both parts
     python benchmarks/train_vs_nanogpt.py --part speed --steps 30 --chunk 5 --threads 1 --compile
+    python benchmarks/train_vs_nanogpt.py --part share --threads 2   # the most a loop can gain
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +233,37 @@ def speed(
     return rows
 
 
+def share(text: Path, reps: int = 10) -> None:
+    """How much of the nanoGPT-style step is the model's forward and backward, which are the same
+    operations on both sides: the most any loop can gain over it is step / (forward + backward)."""
+    print("\nthe model's forward + backward against the whole plain step (CPU seconds, best of 3 x 10):")
+    for name in SHAPES:
+        tc = _config(text, name, 100, False)
+        data = prepare(tc.data, tc.tokenizer)
+        nano = NanoGPTLoop(tc, data.folder, data.vocab_size)
+        for i in range(3):
+            nano.step(i)
+        X, Y = nano.X, nano.Y
+
+        def forward_backward():
+            logits = nano.model(X)
+            F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1)).backward()
+            nano.model.zero_grad(set_to_none=True)
+
+        best = {}
+        for _ in range(3):
+            for part, fn in (("fb", forward_backward), ("step", lambda: nano.step(5))):
+                t = time.process_time()
+                for _ in range(reps):
+                    fn()
+                best[part] = min(best.get(part, math.inf), (time.process_time() - t) / reps)
+        print(
+            f"  {name:<24} forward+backward {best['fb'] * 1e3:8.1f} ms of the step's {best['step'] * 1e3:8.1f} ms = "
+            f"{100 * best['fb'] / best['step']:3.0f}%: a loop doing nothing else is at most "
+            f"{best['step'] / best['fb']:.2f}x"
+        )
+
+
 def baby(text: Path, steps: int, dtype: str) -> None:
     import shutil
 
@@ -253,7 +286,7 @@ def baby(text: Path, steps: int, dtype: str) -> None:
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["speed", "baby", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "share", "baby", "all"], default="all")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per side (speed)")
     ap.add_argument("--chunk", type=int, default=5, help="steps of one side before the other's (speed)")
     ap.add_argument("--baby-steps", type=int, default=2000)
@@ -284,6 +317,8 @@ def main() -> None:
         )
         for row in speed(text, args.steps, args.chunk, peak, torch.get_num_threads(), args.shape, args.compile):
             print(row)
+    if args.part in ("share", "all"):
+        share(text)
     if args.part in ("baby", "all"):
         baby(text, args.baby_steps, args.baby_dtype)
 
