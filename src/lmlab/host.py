@@ -5,7 +5,8 @@
 - ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
-- ``keep_freed_memory()``: while training, freed memory stays in the process for the next step.
+- ``keep_freed_memory()``: while training, freed memory stays in the process for the next step;
+  ``give_back_freed_memory()``: the heap's free pages go back to the OS (after a load's temporaries).
 
 The bottom layer: it imports no other lmlab module, and never imports torch for a caller that
 has not (``tests/test_imports.py`` holds it to that).
@@ -188,6 +189,18 @@ def _glibc():
         return None
 
 
+def give_back_freed_memory() -> None:
+    """Return the heap's freed pages to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed blocks below its (adaptive) mmap threshold in the heap; across hundreds of
+    tensors of different sizes (a model's load and its temporaries) that grows the RSS by tens of
+    MB for nothing.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def keep_freed_memory():
     """Inside it, memory the process frees stays with it for the next allocation (glibc).
@@ -210,4 +223,4 @@ def keep_freed_memory():
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
-        libc.malloc_trim(0)
+        give_back_freed_memory()

@@ -23,7 +23,6 @@ then, aligned to ``general.alignment`` (32), the tensor data.
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.host import give_back_freed_memory
 
 ARCHITECTURES = ("gemma3", "gpt2", "llama", "qwen2", "qwen3")
 
@@ -608,7 +608,7 @@ class GGUFSource:
                     ) from None
                 flat[r0 : r0 + n].copy_(vals)
         del buf, raw, vals
-        _give_back_freed_memory()
+        give_back_freed_memory()
         return out
 
     def __repr__(self) -> str:
@@ -786,27 +786,6 @@ def _read_into(fh, offset: int, dest: torch.Tensor, path, name: str) -> None:
         if not n:
             raise LmlabError(f"{path} is truncated while reading tensor {name!r}; re-download it.")
         got += n
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def _give_back_freed_memory() -> None:
-    """Return the dequantization temporaries' freed heap pages to the OS.
-
-    glibc keeps freed blocks below its (adaptive) mmap threshold in the heap; across hundreds of
-    tensors of different sizes that fragmentation grows the RSS by tens of MB for nothing.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _first(v):

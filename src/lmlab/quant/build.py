@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.loading.gguf import _give_back_freed_memory
+from lmlab.host import give_back_freed_memory
 from lmlab.quant import GGUF_TYPES, QuantEmbedding, QuantLinear, QuantPart, QuantWeight, pack_gguf, quantize
 
 # lmlab's matrices that may be quantized: every Linear of the blocks, the head and the token embedding
@@ -81,7 +81,7 @@ def gguf_tensors(cfg: ModelConfig, source):
 
     # what was freed before the weights arrive (the tokenizer's construction: ~75 MiB of heap for
     # Gemma 3's 262k-token vocabulary) goes back to the OS instead of under the weights' peak
-    _give_back_freed_memory()
+    give_back_freed_memory()
     types, shapes = source.tensor_types(), source.tensor_shapes()
     dry = _Recorder(source, shapes, None)
     made_of = {}
@@ -108,7 +108,7 @@ def gguf_tensors(cfg: ModelConfig, source):
                 parts.append(_pack_in_chunks(source, hf, shapes[hf]))
             # the file's bytes and the repacking's temporaries are freed between the parts kept: give
             # their pages back, or the heap's holes add ~20% to the peak (measured on SmolLM2)
-            _give_back_freed_memory()
+            give_back_freed_memory()
             yield name, QuantWeight(parts, t.shape[-1])
         else:
             yield name, t
