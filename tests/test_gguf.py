@@ -568,3 +568,15 @@ def test_logits_match_transformers_loading_the_same_gguf(name):
     ours = lm(ids)
     assert (ours - theirs).abs().max().item() < 1e-3  # measured: about 3e-5 for both models
     assert ours[0, -1].argmax() == theirs[0, -1].argmax()
+
+
+def test_released_arrays_are_not_read_again():
+    """After release_arrays (lmlab.load calls it once the tokenizer is built) the big metadata
+    arrays are gone; the EOS ids, computed from them, stay; a late reader is told, not given None."""
+    src = GGUFSource(smollm2_gguf_path())
+    eos = src.eos_token_ids()
+    assert src.array("tokenizer.ggml.tokens") is not None
+    src.release_arrays()
+    assert src.eos_token_ids() == eos
+    with pytest.raises(RuntimeError, match="release_arrays"):
+        src.array("tokenizer.ggml.tokens")

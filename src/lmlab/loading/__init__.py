@@ -88,6 +88,7 @@ def load(
 
         cfg = config_from_hf(source.hf_config())
         tokenizer = Tokenizer.from_gguf(source)
+        source.release_arrays()  # the tokenizer holds what it needs; the weights come next
     elif res.kind == "nanogpt":
         from lmlab.loading.nanogpt import read_nanogpt
 

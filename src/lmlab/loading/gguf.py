@@ -504,9 +504,17 @@ class GGUFSource:
 
     def array(self, key: str):
         """A metadata value that may be a big array (tokenizer.ggml.tokens, .scores, .merges...), or None."""
+        if self._arrays is None:
+            raise RuntimeError("GGUFSource.array() after release_arrays(): read the arrays before releasing them")
         if key in self._arrays:
             return self._arrays[key]
         return self.metadata.get(key)
+
+    def release_arrays(self) -> None:
+        """Drop the big metadata arrays once the tokenizer and the config are built from them, so
+        they do not stay in memory while the weights load (Gemma 3's 262k-token vocabulary: ~70 MiB)."""
+        self.eos_token_ids()  # the one later reader: computed now, kept
+        self._arrays = None
 
     def tensor_types(self) -> dict[str, str]:
         """HF name -> ggml type name (F32, Q4_K...)."""
