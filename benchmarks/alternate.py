@@ -16,8 +16,17 @@ returns its loss as a float (reading it waits for the step). Builders run in the
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
+
+_HELD = contextlib.ExitStack()
+
+
+def hold(context) -> None:
+    """Enter ``context`` for the rest of this (worker) process: a builder's way to run its side
+    inside, e.g., ``lmlab.host.keep_freed_memory()`` as the tool it measures does."""
+    _HELD.enter_context(context)
 
 
 def _serve(conn, build, args) -> None:

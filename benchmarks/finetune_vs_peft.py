@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from alternate import Alternating
+from alternate import Alternating, hold
 
 TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -97,7 +97,6 @@ class PeakRSS:
 
 
 def autocast(dtype: str):
-    import contextlib
 
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
@@ -163,11 +162,8 @@ def build_side(args):
     if args.side == "lmlab":
         from lmlab.host import keep_freed_memory
 
-        _KEEP.enter_context(keep_freed_memory())
+        hold(keep_freed_memory())
     return lambda i: step(*data[i])
-
-
-_KEEP = contextlib.ExitStack()
 
 
 def interleaved(args) -> dict:
@@ -198,7 +194,7 @@ def peak_memory(args, data) -> dict:
     if args.side == "lmlab":
         from lmlab.host import keep_freed_memory
 
-        _KEEP.enter_context(keep_freed_memory())
+        hold(keep_freed_memory())
     step(*data[0])
     with PeakRSS() as mem:
         for i in range(1, 1 + args.steps):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alternate import Alternating
+from alternate import Alternating, hold
 from lmlab.bench.machine import machine_limits
 from lmlab.host import cpu_model, keep_freed_memory
 from lmlab.model import Transformer
@@ -197,11 +197,8 @@ def build_lmlab(args):
     torch.set_num_threads(threads)
     data = prepare(tc.data, tc.tokenizer)
     ours = LmlabTrainer(tc, data)
-    _KEEP.enter_context(keep_freed_memory())
+    hold(keep_freed_memory())
     return lambda it: float(ours.step(it))
-
-
-_KEEP = contextlib.ExitStack()
 
 
 def speed(

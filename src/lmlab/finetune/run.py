@@ -29,7 +29,6 @@ from lmlab.errors import LmlabError
 from lmlab.finetune.data import Example, batch_at, collate, data_hash, load_examples, mask_preview, split
 from lmlab.finetune.lora import LoRASpec, add_lora, lora_modules, lora_state, resolve_targets
 from lmlab.host import keep_freed_memory
-from lmlab.kernels import FastLinear
 from lmlab.train.loss import linear_cross_entropy
 
 CHECKPOINT = "checkpoint.pt"
@@ -115,7 +114,7 @@ def masked_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     keep = mask[:, 1:]  # (B, T-1)
     targets = ids[:, 1:][keep]  # (N,)
     head = model.lm_head
-    if type(head) is nn.Linear or isinstance(head, FastLinear):  # the loss without the (N, V) logits
+    if isinstance(head, nn.Linear):  # a plain (or FastLinear) head: the loss without the (N, V) logits
         x = model.final_norm(h[keep])  # (N, C)
         loss = linear_cross_entropy(x, head.weight, targets, head.bias, model.cfg.final_logit_softcap)
         return loss, int(keep.sum())
