@@ -476,6 +476,7 @@ def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
             f"{src.path} has an inconsistent SentencePiece vocabulary ({str(e)[:100]}); re-download it."
         ) from None
     backend = Backend(model)
+    del model, vocab
     prefix_space = md.get("tokenizer.ggml.add_space_prefix", not gemma)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if gemma:
@@ -496,38 +497,48 @@ def _merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[fl
     Order: token score (high first), then the longer left piece, then the longer right piece,
     then vocabulary order; the same order transformers' GGUF loader produces.
     """
+    spelled, cuts = _merge_order(tokens, vocab, scores)
+    return [(spelled[u][:k], spelled[u][k:]) for u, k in zip(cuts[0], cuts[1])]
+
+
+def _merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merges: every way to write a token as two tokens, best token first.
+
+    Order: token score (high first), then the longer left piece, then the longer right piece,
+    then vocabulary order; the same order transformers' GGUF loader produces.
+    """
+    spelled, (us, ks) = _merge_order(tokens, vocab, scores)
+    return [(spelled[u][:k], spelled[u][k:]) for u, k in zip(us, ks)]
+
+
+def _merge_order(tokens: list[str], vocab: dict[str, int], scores: list[float]):
+    """The merges in rank order as (the distinct spellings, (spelling index, cut) arrays):
+    merge j joins ``spelled[u][:k]`` and ``spelled[u][k:]`` for u, k = cuts[0][j], cuts[1][j]."""
+    from array import array
+
     import numpy as np
 
     score_of = dict(zip(tokens, scores))  # a duplicated spelling keeps its last score
-    lefts, rights, keys = [], [], []
-    for order, t in enumerate(dict.fromkeys(tokens)):
-        n = len(t)
-        for k in range(n - 1, 0, -1):
-            left = t[:k]
-            if left in vocab:
-                right = t[k:]
-                if right in vocab:
-                    lefts.append(left)
-                    rights.append(right)
-                    keys.append((score_of[t], k, n - k, order))
-    if not keys:
-        return []
-    key = np.array(keys, dtype=np.float64)
+    spelled = list(dict.fromkeys(tokens))
+    us, ks = array("i"), array("i")
+    for order, t in enumerate(spelled):
+        for k in range(len(t) - 1, 0, -1):
+            if t[:k] in vocab and t[k:] in vocab:
+                us.append(order)
+                ks.append(k)
+    if not us:
+        return spelled, (us, ks)
+    u = np.frombuffer(us, dtype=np.int32)
+    k = np.frombuffer(ks, dtype=np.int32)
+    score = np.array([score_of[t] for t in spelled], dtype=np.float64)[u]
+    n = np.array([len(t) for t in spelled], dtype=np.int64)[u]
     # Generation order is token order then longer-left first; with scores falling along the
     # vocabulary (the usual case, and Gemma's) that already is the ranking.
-    if not (np.all(np.diff(key[:, 0]) <= 0) and _ranked_within_ties(key)):
-        idx = np.lexsort((key[:, 3], -key[:, 2], -key[:, 1], -key[:, 0]))
-        lefts = [lefts[i] for i in idx]
-        rights = [rights[i] for i in idx]
-    return list(zip(lefts, rights))
-
-
-def _ranked_within_ties(key) -> bool:
-    """True when rows with equal scores all belong to one token (then generation order is the sort order)."""
-    import numpy as np
-
-    same_score = np.diff(key[:, 0]) == 0
-    return bool(np.all(np.diff(key[:, 3])[same_score] == 0))
+    same = np.diff(score) == 0
+    if not (np.all(np.diff(score) <= 0) and np.all(np.diff(u)[same] == 0)):
+        idx = np.lexsort((u, -(n - k), -k, -score))
+        return spelled, (u[idx].tolist(), k[idx].tolist())
+    return spelled, (us, ks)
 
 
 def _add_special_tokens(backend, tokens: list[str], types: list[int]) -> None:
