@@ -32,8 +32,11 @@
  * sum_g (d_g * sx_g) * sum_i q_i * qx_i (+ m_g * sx_g * sum_i qx_i for LMLAB_Q4).
  *
  * The integer multiply-adds: with AVX512-VNNI (or AVX-VNNI) one vpdpbusd multiplies 64 weight
- * bytes (two groups) by 64 activation bytes, four products into each int32 lane (Q4's nibbles
- * are unsigned; a signed Q8 weight gives its sign to x, as vpdpbusd wants one side unsigned).
+ * bytes (two groups) by 64 activation bytes, four products into each int32 lane. It wants one
+ * side unsigned: Q4's nibbles are; a signed Q8 weight has its top bit flipped (w + 128) and the
+ * sum starts at -128 times x's lane sums, once per x, so it stays exact. On AVX-512 the tile
+ * takes four groups at a time (one 64-byte register of Q4 bytes, two of Q8) with one load and
+ * conversion of their four scales; x keeps a second copy in Q4's nibble order for it.
  * Without VNNI, int16 lanes pair into int32 lanes (x86 pmaddwd: AVX-512BW or AVX2 intrinsics
  * behind #ifdef), with a plain C fallback the compiler vectorizes on any other CPU (NEON
  * included). The path is chosen at compile time: the library is built with -march=native on
@@ -193,22 +196,33 @@ static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
 #endif
 }
 
-/* signed weights: |w| times x with w's sign (x is within -127..127, so -x fits) */
-static inline qi32x16 dot_s8(qi8x64 w, qi8x64 x) {
+/* signed weights: w + 128 (w with its top bit flipped, as unsigned bytes) times x, which
+ * counts 128 * x once too many in each lane; xneg (lane i = -128 * sum of x[4i .. 4i + 3],
+ * neg128(x), once per x) starts the sum, so the result is the exact signed dot product. One xor,
+ * not the sign-and-absolute-value pair. */
+static inline qi32x16 dpbusd_acc(qi32x16 acc, qu8x64 w, qi8x64 x) {
 #if QVNNI == 512
-    const __mmask64 neg = _mm512_movepi8_mask((__m512i)w);
-    const __m512i xs = _mm512_mask_sub_epi8((__m512i)x, neg, _mm512_setzero_si512(), (__m512i)x);
-    return dpbusd((qu8x64)_mm512_abs_epi8((__m512i)w), (qi8x64)xs);
+    return (qi32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x);
 #else
-    __m256i w0, w1, x0, x1;
+    __m256i a0, a1, w0, w1, x0, x1;
+    memcpy(&a0, &acc, 32); memcpy(&a1, (char *)&acc + 32, 32);
     memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
     memcpy(&x0, &x, 32); memcpy(&x1, (char *)&x + 32, 32);
-    __m256i r0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
-    __m256i r1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+    __m256i r0 = _mm256_dpbusd_avx_epi32(a0, w0, x0);
+    __m256i r1 = _mm256_dpbusd_avx_epi32(a1, w1, x1);
     qi32x16 r;
     memcpy(&r, &r0, 32); memcpy((char *)&r + 32, &r1, 32);
     return r;
 #endif
+}
+
+static inline qi32x16 neg128(qi8x64 x) {
+    const qu8x64 b = (qu8x64){0} + 128;
+    return (qi32x16){0} - dpbusd(b, x);
+}
+
+static inline qi32x16 dot_s8(qi8x64 w, qi8x64 x, qi32x16 xneg) {
+    return dpbusd_acc(xneg, (qu8x64)w ^ 128, x);
 }
 
 /* scales s[at], s[at + 1] (float16 where H, else float32) spread as lanes 0-7 and 8-15 */
@@ -280,6 +294,15 @@ void lmlab_q_quantize_x(const float *x, int M, int K, lmlab_qx *qx) {
             qx->sx[(size_t)m * G + g] = d;
             qx->xsum[(size_t)m * G + g] = d * (float)sum;
         }
+#if QVNNI == 512
+    /* the second copy, in the second K bytes of the row: groups 4j, 4j + 2, 4j + 1, 4j + 3 of each
+     * whole four, the order of a Q4 register's low and high nibbles (qtile) */
+    for (int m = 0; m < M; m++) {
+        int8_t *row = (int8_t *)x8_row(qx, m);
+        for (int j = 0; j + 4 <= G; j += 4)
+            for (int i = 0; i < 4; i++) memcpy(row + K + (size_t)(j + i) * 32, row + (size_t)(j + (i % 2) * 2 + i / 2) * 32, 32);
+    }
+#endif
 }
 
 /* ------------------------------------------------------------------------ tiles */
@@ -335,14 +358,72 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
     /* per pair of groups c: 64 activations of each x row (two groups: lanes 0-7 and 8-15 of a dot) */
 #define QPAIR_X                                                                   \
     qi8x64 xv[QMAXT];                                                             \
+    qi32x16 xn[QMAXT];                                                            \
     qf32x16 sxv[QMAXT];                                                           \
     for (int m = 0; m < M; m++) {                                                 \
         memcpy(&xv[m], x8_row(qx, m) + (size_t)c * 64, 64);                       \
+        if (p->type == LMLAB_Q8) xn[m] = neg128(xv[m]);                           \
         const float *sx = qx->sx + (size_t)m * NG + 2 * c;                        \
         sxv[m] = halves(sx[0], sx[1]);                                            \
     }
+    int c0 = 0; /* the first pair the loops below take: those before it went four groups at a time */
+#if QVNNI == 512
+    if (p->type == LMLAB_Q4 || p->group == 32) {
+        /* four groups (128 values) per step: one register of Q4 bytes (its low nibbles are groups
+         * 0 and 2, its high ones 1 and 3: x's second copy holds them in that order) or two of Q8,
+         * one load and float16 conversion of the four scales, one multiply by x's four scales,
+         * and a permute per half spreading them over its lanes */
+        const int q4 = p->type == LMLAB_Q4;
+        const __m512i ia = q4 ? _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0)
+                              : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i ib = q4 ? _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
+                              : _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+        const __m512i nib = _mm512_set1_epi8(15), top = _mm512_set1_epi8((char)0x80);
+        const size_t xoff = q4 ? (size_t)K : 0;
+        const int quads = pairs / 2;
+        for (int q = 0; q < quads; q++) {
+            __m512i xa[QMAXT], xb[QMAXT], na[QMAXT], nb[QMAXT];
+            __m128 s4[QMAXT];
+            for (int m = 0; m < M; m++) {
+                const int8_t *xr = x8_row(qx, m) + xoff + (size_t)q * 128;
+                xa[m] = _mm512_loadu_si512(xr);
+                xb[m] = _mm512_loadu_si512(xr + 64);
+                na[m] = q4 ? _mm512_setzero_si512() : (__m512i)neg128((qi8x64)xa[m]);
+                nb[m] = q4 ? _mm512_setzero_si512() : (__m512i)neg128((qi8x64)xb[m]);
+                s4[m] = _mm_loadu_ps(qx->sx + (size_t)m * NG + 4 * q);
+            }
+            for (int r = 0; r < R; r++) {
+                __m512i wa, wb;
+                if (q4) {
+                    const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)q * 64;
+                    __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
+                    const __m512i v = _mm512_loadu_si512(w);
+                    wa = _mm512_and_si512(v, nib);
+                    wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                } else {
+                    const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)q * 128;
+                    __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
+                    __builtin_prefetch(w + (size_t)4 * R * K + 64, 0, 3);
+                    wa = _mm512_xor_si512(_mm512_loadu_si512(w), top);
+                    wb = _mm512_xor_si512(_mm512_loadu_si512(w + 64), top);
+                }
+                const size_t at = (size_t)(row0 + r) * NG + 4 * (size_t)q;
+                const __m128 d4 = H ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const qhalf *)p->scale + at)))
+                                    : _mm_loadu_ps((const float *)p->scale + at);
+                for (int m = 0; m < M; m++) {
+                    const __m512 s = _mm512_castps128_ps512(_mm_mul_ps(d4, s4[m]));
+                    const __m512 da = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(na[m], wa, xa[m]));
+                    const __m512 db = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nb[m], wb, xb[m]));
+                    acc[r * M + m] = (qf32x16)_mm512_fmadd_ps(da, _mm512_permutexvar_ps(ia, s), (__m512)acc[r * M + m]);
+                    acc[r * M + m] = (qf32x16)_mm512_fmadd_ps(db, _mm512_permutexvar_ps(ib, s), (__m512)acc[r * M + m]);
+                }
+            }
+        }
+        c0 = 2 * quads;
+    }
+#endif
     if (p->type == LMLAB_Q4) {
-        for (int c = 0; c < pairs; c++) {
+        for (int c = c0; c < pairs; c++) {
             QPAIR_X
             for (int r = 0; r < R; r++) {
                 const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)c * 32;
@@ -367,7 +448,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
             }
         }
     } else if (p->group == 32) {
-        for (int c = 0; c < pairs; c++) {
+        for (int c = c0; c < pairs; c++) {
             QPAIR_X
             for (int r = 0; r < R; r++) {
                 const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)c * 64;
@@ -377,7 +458,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 const size_t at = (size_t)(row0 + r) * NG + 2 * c;
                 const qf32x16 dv = scale_halves(p->scale, at, H);
                 for (int m = 0; m < M; m++)
-                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m]), qf32x16) * (dv * sxv[m]);
+                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m], xn[m]), qf32x16) * (dv * sxv[m]);
             }
         }
     } else { /* LMLAB_Q8, groups of 16: four per 64 values */
@@ -391,7 +472,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 const size_t at = (size_t)(row0 + r) * (K / 16) + 4 * c;
                 const qf32x16 dv = scale_quarters(p->scale, at, H);
                 for (int m = 0; m < M; m++)
-                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m]), qf32x16) * (dv * sxv[m]);
+                    acc[r * M + m] += __builtin_convertvector(dot_s8(wv, xv[m], xn[m]), qf32x16) * (dv * sxv[m]);
             }
         }
     }
