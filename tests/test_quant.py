@@ -230,28 +230,38 @@ def test_a_gguf_file_loads_quantized_by_default_and_dequantized_with_a_dtype(smo
 
 
 def test_scales_stay_float16_only_where_every_value_is_one(monkeypatch):
-    """Q4_0's min is -8 d: a large float16 d makes it overflow float16, so that part keeps float32
-    scales. Read in chunks (the embedding's way), a float32 chunk after float16 ones widens what
-    came before; the values stay the file's either way."""
+    """Q6_K's scales are d times an 8-bit scale: float16 where every product is a float16 value,
+    else float32. Read in chunks (the embedding's way), a float32 chunk after float16 ones widens
+    what came before; the values stay the file's either way. Q4_0 stores no min (-8 d is formed
+    at use), so a d whose -8 d is beyond float16's range still keeps float16 scales."""
     import lmlab.quant.build as qbuild
     from lmlab.loading.gguf import dequantize
     from lmlab.quant import dequantize_part
 
-    raw = random_blocks("Q4_0", 8, 64).clone()
-    big = torch.tensor([30000.0], dtype=torch.float16).view(torch.uint8)
-    raw.view(8, 2, 18)[6:, :, 0:2] = big  # rows 6 and 7: d = 30000, -8 d beyond float16's range
+    raw = random_blocks("Q6_K", 8, 256).clone()
+    raw.view(8, 210)[:4, 192:208] = 1  # rows 0-3: every 8-bit scale 1, so d * 1 is d itself
 
     class Source:
         def raw(self, name, r0=0, r1=None):
-            return raw[r0:r1], "Q4_0"
+            return raw[r0:r1], "Q6_K"
 
-    assert pack_gguf(raw[:4], "Q4_0").scale.dtype == torch.float16
-    assert pack_gguf(raw, "Q4_0").scale.dtype == torch.float32
+    assert pack_gguf(raw[:4], "Q6_K").scale.dtype == torch.float16
+    assert pack_gguf(raw, "Q6_K").scale.dtype == torch.float32
     monkeypatch.setattr(qbuild, "CHUNK_ROWS", 4)
-    part = qbuild._pack_in_chunks(Source(), "w", (8, 64))
-    assert part.scale.dtype == part.min.dtype == torch.float32
-    assert torch.equal(dequantize_part(part), dequantize(raw, "Q4_0").reshape(8, 64))
-    check_matmul(QuantWeight([part], 64), torch.randn(3, 64), dequantize(raw, "Q4_0").reshape(8, 64))
+    part = qbuild._pack_in_chunks(Source(), "w", (8, 256))
+    assert part.scale.dtype == torch.float32 and part.min is None
+    want = dequantize(raw, "Q6_K").reshape(8, 256)
+    assert torch.equal(dequantize_part(part), want)
+    check_matmul(QuantWeight([part], 256), torch.randn(3, 256), want)
+
+    q40 = random_blocks("Q4_0", 8, 64).clone()
+    q40.view(8, 2, 18)[6:, :, 0:2] = torch.tensor([30000.0], dtype=torch.float16).view(torch.uint8)
+    part = pack_gguf(q40, "Q4_0")
+    assert part.scale.dtype == torch.float16 and part.min is None
+    want = dequantize(q40, "Q4_0").reshape(8, 64)
+    assert torch.equal(dequantize_part(part), want)
+    assert torch.equal(QuantWeight([part], 64).rows(0, 8), want)
+    check_matmul(QuantWeight([part], 64), torch.randn(3, 64), want)
 
 
 def test_a_native_load_holds_the_file_bytes_and_no_meta_kernels(tmp_path):

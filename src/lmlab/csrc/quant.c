@@ -15,7 +15,7 @@
  *             of groups 2c and 2c + 1 hold value j of the first in byte j's low nibble and value
  *             j of the second in its high nibble, so one unpacked register is one whole group.
  *             (A last group without a pair: byte j holds values j and j + 16, as in Q4_0.)
- *             Q4_0 (m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4.
+ *             Q4_0 (no min stored: m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4.
  *
  * Scales (and mins) are float16 where every one of a part's is a float16 value (Q8_0, Q4_0, Q4_1,
  * Q5_0 and lmlab's q8/q4 store them so: Q4_1's and Q8_0's bytes are then the file's), float32
@@ -99,6 +99,11 @@ static inline float half_to_float(qhalf h) {
 /* scale (or min) i of a part: float16 or float32 as the part holds them (H constant where inlined) */
 static inline __attribute__((always_inline)) float sc_at(const void *s, size_t i, int H) {
     return H ? half_to_float(((const qhalf *)s)[i]) : ((const float *)s)[i];
+}
+
+/* a Q4 group's min: the part's own, or -8 d where it has none (GGUF's Q4_0: w = d * (q - 8)) */
+static inline __attribute__((always_inline)) float min_at(const lmlab_qpart *p, size_t i, int H) {
+    return p->min ? sc_at(p->min, i, H) : -8.0f * sc_at(p->scale, i, H);
 }
 
 static inline qi32x16 madd(qi16x32 a, qi16x32 b) { /* lane i = a[2i] b[2i] + a[2i+1] b[2i+1] */
@@ -332,7 +337,7 @@ static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const
     for (int i = 0; i < 16; i++) sum += (w[i] & 15) * xq[i] + (w[i] >> 4) * xq[i + 16];
     const size_t at = (size_t)row * (K / 32) + g;
     const int H = (int)p->scale16;
-    return (float)sum * (sc_at(p->scale, at, H) * sx) + sc_at(p->min, at, H) * qx->xsum[(size_t)m * (K / 32) + g];
+    return (float)sum * (sc_at(p->scale, at, H) * sx) + min_at(p, at, H) * qx->xsum[(size_t)m * (K / 32) + g];
 }
 
 /* Pair c of 32-value groups (values 64c .. 64c+63) of each of the M input rows, and their scales. */
@@ -536,7 +541,8 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
             float sum = qhsum(acc[r * M + m]);
             if (NG % 2) sum += group_scalar(p, row0 + r, K, NG - 1, qx, m);
             if (p->type == LMLAB_Q4) /* the mins: sum_g m_g * sx_g * sum(qx_g); the last group's is in group_scalar */
-                sum += min_terms(p->min, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H);
+                sum += p->min ? min_terms(p->min, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H)
+                              : -8.0f * min_terms(p->scale, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H);
             y[(size_t)m * ldy + r] = sum;
         }
 }
@@ -659,7 +665,7 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
                 const size_t at = (size_t)row * NG;
                 for (int g = 0; g + 1 < NG; g += 2) { /* pairs: group g in the low nibbles, g + 1 in the high */
                     const float d0 = sc_at(p->scale, at + g, H), d1 = sc_at(p->scale, at + g + 1, H);
-                    const float m0 = sc_at(p->min, at + g, H), m1 = sc_at(p->min, at + g + 1, H);
+                    const float m0 = min_at(p, at + g, H), m1 = min_at(p, at + g + 1, H);
                     for (int j = 0; j < 32; j++) {
                         const uint8_t byte = q[g * 16 + j];
                         o[g * 32 + j] = d0 * (float)(byte & 15) + m0;
@@ -668,7 +674,7 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
                 }
                 if (NG % 2) { /* a last group alone: values j and j + 16 in byte j */
                     const int g = NG - 1;
-                    const float d0 = sc_at(p->scale, at + g, H), m0 = sc_at(p->min, at + g, H);
+                    const float d0 = sc_at(p->scale, at + g, H), m0 = min_at(p, at + g, H);
                     for (int j = 0; j < 16; j++) {
                         const uint8_t byte = q[g * 16 + j];
                         o[g * 32 + j] = d0 * (float)(byte & 15) + m0;

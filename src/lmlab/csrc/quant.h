@@ -12,7 +12,7 @@ typedef struct { /* rows of a matrix in one layout (see quant.c) */
     int64_t group;      /* values per scale: 32, or 16 (LMLAB_Q8 only) */
     const void *q;      /* Q8: int8 (rows, K); Q4: uint8 (rows, K / 2) */
     const void *scale;  /* (rows, K / group): float, or float16 where scale16 */
-    const void *min;    /* Q4: (rows, K / 32), the scales' type; Q8: NULL */
+    const void *min;    /* Q4: (rows, K / 32), the scales' type, or NULL for m = -8 d (Q4_0); Q8: NULL */
     int64_t scale16;    /* 1: scale and min are float16 (the file's own, exact); 0: float32 */
 } lmlab_qpart;
 

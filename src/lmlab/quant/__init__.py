@@ -5,7 +5,7 @@ Two layouts of lmlab's own hold every quantized matrix (``csrc/quant.c`` documen
 - ``Q8``: int8 values and one scale per group of 32 (16 for Q6_K): w = scale * q.
   Holds GGUF's Q8_0, Q5_0 (q - 16) and Q6_K (q - 32, scale d * sc), and lmlab's ``q8``.
 - ``Q4``: 4-bit values, a scale d and a min m per group of 32: w = d * q + m.
-  Holds GGUF's Q4_0 (m = -8 d), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
+  Holds GGUF's Q4_0 (m = -8 d, not stored: ``min`` is None), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
   Interleaved by pairs of groups (``pack_nibbles``): one group in the low nibbles of 32 bytes,
   the next in their high nibbles, so the kernel unpacks one whole group per register.
 
@@ -50,7 +50,7 @@ TILE_VALUES = 1 << 19  # values of W dequantized at a time for a GEMM (2 MB of f
 
 class QuantPart:
     """Rows of a matrix in one layout: q (rows, K) int8 or (rows, K / 2) uint8; scale and min
-    (rows, K / group) float16 or float32, both the same (min: Q4 only)."""
+    (rows, K / group) float16 or float32, both the same (min: Q4 only; None for Q4_0's -8 d)."""
 
     __slots__ = ("kind", "group", "q", "scale", "min", "source_type")
 
@@ -152,7 +152,9 @@ def dequantize_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> torch.T
         q = p.q[r0:r1].float()
         return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None].float()).reshape(q.shape)
     v = unpack_nibbles(p.q[r0:r1]).float()  # (n, groups, 32)
-    return (v * p.scale[r0:r1, :, None].float() + p.min[r0:r1, :, None].float()).reshape(v.shape[0], -1)
+    d = p.scale[r0:r1, :, None].float()
+    m = p.min[r0:r1, :, None].float() if p.min is not None else -8 * d
+    return (v * d + m).reshape(v.shape[0], -1)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -220,9 +222,9 @@ def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
     if type_name in ("Q4_0", "Q4_1"):
         off = 2 if type_name == "Q4_0" else 4
         d = _f16(b[:, :2])
-        m = -8 * d if type_name == "Q4_0" else _f16(b[:, 2:4])
+        m = None if type_name == "Q4_0" else _f16(b[:, 2:4]).reshape(rows, -1)  # Q4_0: m = -8 d, not stored
         q = pack_nibbles(_nibbles(b[:, off : off + 16]).reshape(rows, K // 32, 32))
-        return narrow_scales(QuantPart(Q4, 32, q, d.reshape(rows, -1), m.reshape(rows, -1), source_type=type_name))
+        return narrow_scales(QuantPart(Q4, 32, q, d.reshape(rows, -1), m, source_type=type_name))
     # Q4_K: 8 sub-blocks of 32 with 6-bit scales and mins; nibbles repacked to Q4_0's order
     sc, mn = _k_scales(b[:, 4:16])
     d = _f16(b[:, 0:2]) * sc
@@ -240,7 +242,8 @@ def to_gguf_blocks(p: QuantPart) -> tuple[np.ndarray, str]:
         return blocks.reshape(rows, -1).numpy(), "Q8_0"
     if p.kind == Q4:
         d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
-        m = p.min.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
+        mn = p.min if p.min is not None else -8 * p.scale.float()
+        m = mn.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
         v = unpack_nibbles(p.q).reshape(-1, 32)
         blocks = torch.cat([d, m, v[:, :16] | (v[:, 16:] << 4)], dim=1)
         return blocks.reshape(rows, -1).numpy(), "Q4_1"
