@@ -80,6 +80,7 @@ class QPart(ctypes.Structure):  # lmlab_qpart in csrc/quant.h
         ("scale", ctypes.c_void_p),
         ("min", ctypes.c_void_p),
         ("scale16", ctypes.c_int64),
+        ("qh", ctypes.c_void_p),
     ]
 
 

@@ -9,13 +9,14 @@
  *
  *   LMLAB_Q8: int8 quants q (N, K) and one scale per group of G = 32 or 16 values
  *             (N, K / G): w = scale * q.
- *             Q8_0 (G 32), Q5_0 (q - 16, G 32), Q6_K (q - 32, G 16, scale d * sc), lmlab's q8.
+ *             Q8_0 (G 32), Q6_K (q - 32, G 16, scale d * sc), lmlab's q8.
  *   LMLAB_Q4: 4-bit quants (N, K / 2 bytes) and, per group of 32, a scale d and a min m
  *             (N, K / 32) each: w = d * q + m. Interleaved by pairs of groups: the 32 bytes
  *             of groups 2c and 2c + 1 hold value j of the first in byte j's low nibble and value
  *             j of the second in its high nibble, so one unpacked register is one whole group.
  *             (A last group without a pair: byte j holds values j and j + 16, as in Q4_0.)
- *             Q4_0 (no min stored: m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4.
+ *             Q4_0 (no min stored: m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4;
+ *             and Q5_0, with each group's 32 fifth bits beside (qh; no min: m = -16 d).
  *
  * Scales (and mins) are float16 where every one of a part's is a float16 value (Q8_0, Q4_0, Q4_1,
  * Q5_0 and lmlab's q8/q4 store them so: Q4_1's and Q8_0's bytes are then the file's), float32
@@ -101,9 +102,18 @@ static inline __attribute__((always_inline)) float sc_at(const void *s, size_t i
     return H ? half_to_float(((const qhalf *)s)[i]) : ((const float *)s)[i];
 }
 
-/* a Q4 group's min: the part's own, or -8 d where it has none (GGUF's Q4_0: w = d * (q - 8)) */
+/* a Q4 group's min: the part's own, or where it has none -8 d (GGUF's Q4_0: w = d * (q - 8)),
+ * -16 d with fifth bits (Q5_0: w = d * (q - 16)) */
+static inline __attribute__((always_inline)) float min_factor(const lmlab_qpart *p) { return p->qh ? -16.0f : -8.0f; }
 static inline __attribute__((always_inline)) float min_at(const lmlab_qpart *p, size_t i, int H) {
-    return p->min ? sc_at(p->min, i, H) : -8.0f * sc_at(p->scale, i, H);
+    return p->min ? sc_at(p->min, i, H) : min_factor(p) * sc_at(p->scale, i, H);
+}
+
+/* group i's fifth bits (bit j: value j) */
+static inline __attribute__((always_inline)) uint32_t qh_at(const lmlab_qpart *p, size_t i) {
+    uint32_t b;
+    memcpy(&b, (const uint32_t *)p->qh + i, 4);
+    return b;
 }
 
 static inline qi32x16 madd(qi16x32 a, qi16x32 b) { /* lane i = a[2i] b[2i] + a[2i+1] b[2i+1] */
@@ -134,6 +144,15 @@ static inline qi16x32 load_x(const int16_t *p) {
     qi16x32 v;
     memcpy(&v, p, 64);
     return v;
+}
+
+/* byte j = 16 where bit j of b is set, else 0: a group's fifth bits as values to add */
+static inline qu8x32 high_bits(uint32_t b) {
+    const qu8x32 sel = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128,
+                        1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    qu8x32 by;
+    for (int j = 0; j < 32; j++) by[j] = (uint8_t)(b >> (j & ~7));
+    return (qu8x32)((by & sel) != 0) & 16;
 }
 
 typedef float qf32x8 __attribute__((vector_size(32)));
@@ -333,9 +352,11 @@ static float group_scalar(const lmlab_qpart *p, int64_t row, int K, int g, const
         return out;
     }
     const uint8_t *w = (const uint8_t *)p->q + (size_t)row * (K / 2) + (size_t)g * 16;
-    int sum = 0;
-    for (int i = 0; i < 16; i++) sum += (w[i] & 15) * xq[i] + (w[i] >> 4) * xq[i + 16];
     const size_t at = (size_t)row * (K / 32) + g;
+    const uint32_t hb = p->qh ? qh_at(p, at) : 0; /* alone, byte i holds values i and i + 16 */
+    int sum = 0;
+    for (int i = 0; i < 16; i++)
+        sum += ((w[i] & 15) | ((hb >> i & 1) << 4)) * xq[i] + ((w[i] >> 4) | ((hb >> (i + 16) & 1) << 4)) * xq[i + 16];
     const int H = (int)p->scale16;
     return (float)sum * (sc_at(p->scale, at, H) * sx) + min_at(p, at, H) * qx->xsum[(size_t)m * (K / 32) + g];
 }
@@ -383,7 +404,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                               : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         const __m512i ib = q4 ? _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1)
                               : _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-        const __m512i nib = _mm512_set1_epi8(15), top = _mm512_set1_epi8((char)0x80);
+        const __m512i nib = _mm512_set1_epi8(15), top = _mm512_set1_epi8((char)0x80), sixteen = _mm512_set1_epi8(16);
         const size_t xoff = q4 ? (size_t)K : 0;
         const int quads = pairs / 2;
         for (int q = 0; q < quads; q++) {
@@ -405,6 +426,12 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                     const __m512i v = _mm512_loadu_si512(w);
                     wa = _mm512_and_si512(v, nib);
                     wb = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    if (p->qh) { /* fifth bits: + 16 where set (groups 0 and 2 in wa, 1 and 3 in wb) */
+                        const size_t g0 = (size_t)(row0 + r) * NG + 4 * (size_t)q;
+                        const uint64_t h0 = qh_at(p, g0), h1 = qh_at(p, g0 + 1), h2 = qh_at(p, g0 + 2), h3 = qh_at(p, g0 + 3);
+                        wa = _mm512_mask_add_epi8(wa, _cvtu64_mask64(h0 | h2 << 32), wa, sixteen);
+                        wb = _mm512_mask_add_epi8(wb, _cvtu64_mask64(h1 | h3 << 32), wb, sixteen);
+                    }
                 } else {
                     const int8_t *w = (const int8_t *)p->q + (size_t)(row0 + r) * K + (size_t)q * 128;
                     __builtin_prefetch(w + (size_t)4 * R * K, 0, 3);
@@ -433,20 +460,27 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
             for (int r = 0; r < R; r++) {
                 const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)c * 32;
                 __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
+                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
 #if QVNNI == 512 /* the 32 bytes in both halves, the upper half shifted down a nibble */
                 const __m512i b2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w));
-                const qu8x64 wv = (qu8x64)_mm512_and_si512(_mm512_mask_srli_epi16(b2, 0xFFFF0000u, b2, 4),
-                                                           _mm512_set1_epi8(15));
+                __m512i wn = _mm512_and_si512(_mm512_mask_srli_epi16(b2, 0xFFFF0000u, b2, 4), _mm512_set1_epi8(15));
+                if (p->qh) /* fifth bits: + 16 where set */
+                    wn = _mm512_mask_add_epi8(wn, _cvtu64_mask64(qh_at(p, at) | (uint64_t)qh_at(p, at + 1) << 32), wn,
+                                              _mm512_set1_epi8(16));
+                const qu8x64 wv = (qu8x64)wn;
 #else
                 qu8x32 v;
                 memcpy(&v, w, 32);
-                const qu8x32 lo = v & 15, hi = v >> 4;
+                qu8x32 lo = v & 15, hi = v >> 4;
+                if (p->qh) {
+                    lo |= high_bits(qh_at(p, at));
+                    hi |= high_bits(qh_at(p, at + 1));
+                }
                 const qu8x64 wv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
                                                           17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
                                                           33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48,
                                                           49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
 #endif
-                const size_t at = (size_t)(row0 + r) * NG + 2 * c;
                 const qf32x16 dv = scale_halves(p->scale, at, H);
                 for (int m = 0; m < M; m++)
                     acc[r * M + m] += __builtin_convertvector(dpbusd(wv, xv[m]), qf32x16) * (dv * sxv[m]);
@@ -526,8 +560,13 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                 __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
                 qu8x32 v;
                 memcpy(&v, w, 32);
-                const qi16x32 wa = __builtin_convertvector(v & 15, qi16x32), wb = __builtin_convertvector(v >> 4, qi16x32);
                 const size_t at = (size_t)(row0 + r) * NG + 2 * c;
+                qu8x32 lo = v & 15, hi = v >> 4;
+                if (p->qh) { /* fifth bits: + 16 where set */
+                    lo |= high_bits(qh_at(p, at));
+                    hi |= high_bits(qh_at(p, at + 1));
+                }
+                const qi16x32 wa = __builtin_convertvector(lo, qi16x32), wb = __builtin_convertvector(hi, qi16x32);
                 const float d0 = sc_at(p->scale, at, H), d1 = sc_at(p->scale, at + 1, H);
                 for (int m = 0; m < M; m++)
                     acc[r * M + m] += __builtin_convertvector(madd(wa, xa[m]), qf32x16) * (d0 * sxa[m]) +
@@ -542,7 +581,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
             if (NG % 2) sum += group_scalar(p, row0 + r, K, NG - 1, qx, m);
             if (p->type == LMLAB_Q4) /* the mins: sum_g m_g * sx_g * sum(qx_g); the last group's is in group_scalar */
                 sum += p->min ? min_terms(p->min, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H)
-                              : -8.0f * min_terms(p->scale, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H);
+                              : min_factor(p) * min_terms(p->scale, (size_t)(row0 + r) * NG, qx->xsum + (size_t)m * NG, NG - NG % 2, H);
             y[(size_t)m * ldy + r] = sum;
         }
 }
@@ -666,19 +705,21 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
                 for (int g = 0; g + 1 < NG; g += 2) { /* pairs: group g in the low nibbles, g + 1 in the high */
                     const float d0 = sc_at(p->scale, at + g, H), d1 = sc_at(p->scale, at + g + 1, H);
                     const float m0 = min_at(p, at + g, H), m1 = min_at(p, at + g + 1, H);
+                    const uint32_t h0 = p->qh ? qh_at(p, at + g) : 0, h1 = p->qh ? qh_at(p, at + g + 1) : 0;
                     for (int j = 0; j < 32; j++) {
                         const uint8_t byte = q[g * 16 + j];
-                        o[g * 32 + j] = d0 * (float)(byte & 15) + m0;
-                        o[g * 32 + 32 + j] = d1 * (float)(byte >> 4) + m1;
+                        o[g * 32 + j] = d0 * (float)((byte & 15) | (h0 >> j & 1) << 4) + m0;
+                        o[g * 32 + 32 + j] = d1 * (float)((byte >> 4) | (h1 >> j & 1) << 4) + m1;
                     }
                 }
                 if (NG % 2) { /* a last group alone: values j and j + 16 in byte j */
                     const int g = NG - 1;
                     const float d0 = sc_at(p->scale, at + g, H), m0 = min_at(p, at + g, H);
+                    const uint32_t h = p->qh ? qh_at(p, at + g) : 0;
                     for (int j = 0; j < 16; j++) {
                         const uint8_t byte = q[g * 16 + j];
-                        o[g * 32 + j] = d0 * (float)(byte & 15) + m0;
-                        o[g * 32 + j + 16] = d0 * (float)(byte >> 4) + m0;
+                        o[g * 32 + j] = d0 * (float)((byte & 15) | (h >> j & 1) << 4) + m0;
+                        o[g * 32 + j + 16] = d0 * (float)((byte >> 4) | (h >> (j + 16) & 1) << 4) + m0;
                     }
                 }
             }

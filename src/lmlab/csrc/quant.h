@@ -12,8 +12,10 @@ typedef struct { /* rows of a matrix in one layout (see quant.c) */
     int64_t group;      /* values per scale: 32, or 16 (LMLAB_Q8 only) */
     const void *q;      /* Q8: int8 (rows, K); Q4: uint8 (rows, K / 2) */
     const void *scale;  /* (rows, K / group): float, or float16 where scale16 */
-    const void *min;    /* Q4: (rows, K / 32), the scales' type, or NULL for m = -8 d (Q4_0); Q8: NULL */
+    const void *min;    /* Q4: (rows, K / 32), the scales' type, or NULL for m = -8 d (Q4_0; -16 d with qh); Q8: NULL */
     int64_t scale16;    /* 1: scale and min are float16 (the file's own, exact); 0: float32 */
+    const void *qh;     /* Q4 only, or NULL: uint32 (rows, K / 32), bit j the fifth bit of the
+                           group's value j (GGUF's Q5_0: 0..31, min NULL for m = -16 d) */
 } lmlab_qpart;
 
 typedef struct { /* a quantized weight matrix (N, K): its parts stacked by rows */

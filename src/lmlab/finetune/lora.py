@@ -226,9 +226,7 @@ class LoRALinear(nn.Module):
             a = torch.empty(r, in_features, dtype=torch.float32, device=device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT initialises lora_A
             self.lora_A[p.short] = nn.Parameter(a)
-            self.lora_B[p.short] = nn.Parameter(
-                torch.zeros(p.stop - p.start, r, dtype=torch.float32, device=device)
-            )
+            self.lora_B[p.short] = nn.Parameter(torch.zeros(p.stop - p.start, r, dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property

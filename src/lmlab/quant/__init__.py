@@ -5,7 +5,8 @@ Two layouts of lmlab's own hold every quantized matrix (``csrc/quant.c`` documen
 - ``Q8``: int8 values and one scale per group of 32 (16 for Q6_K): w = scale * q.
   Holds GGUF's Q8_0, Q5_0 (q - 16) and Q6_K (q - 32, scale d * sc), and lmlab's ``q8``.
 - ``Q4``: 4-bit values, a scale d and a min m per group of 32: w = d * q + m.
-  Holds GGUF's Q4_0 (m = -8 d, not stored: ``min`` is None), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
+  Holds GGUF's Q4_0 (m = -8 d, not stored: ``min`` is None), Q5_0 (a fifth bit per value in
+  ``qh``, a 32-bit word per group; m = -16 d, not stored), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
   Interleaved by pairs of groups (``pack_nibbles``): one group in the low nibbles of 32 bytes,
   the next in their high nibbles, so the kernel unpacks one whole group per register.
 
@@ -52,11 +53,12 @@ class QuantPart:
     """Rows of a matrix in one layout: q (rows, K) int8 or (rows, K / 2) uint8; scale and min
     (rows, K / group) float16 or float32, both the same (min: Q4 only; None for Q4_0's -8 d)."""
 
-    __slots__ = ("kind", "group", "q", "scale", "min", "source_type")
+    __slots__ = ("kind", "group", "q", "scale", "min", "source_type", "qh")
 
-    def __init__(self, kind, group, q, scale, min=None, source_type=""):
+    def __init__(self, kind, group, q, scale, min=None, source_type="", qh=None):
         self.kind, self.group, self.q, self.scale, self.min = kind, group, q, scale, min
         self.source_type = source_type  # the GGUF type it came from, or lmlab's q8/q4
+        self.qh = qh  # Q4 only: int32 (rows, K / 32) fifth bits (Q5_0), or None
 
     @property
     def rows(self) -> int:
@@ -64,7 +66,7 @@ class QuantPart:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min, self.qh) if t is not None)
 
 
 class QuantWeight:
@@ -98,6 +100,7 @@ class QuantWeight:
                     scale=p.scale.data_ptr(),
                     min=p.min.data_ptr() if p.min is not None else None,
                     scale16=int(p.scale.dtype == torch.float16),
+                    qh=p.qh.data_ptr() if p.qh is not None else None,
                 )
             self._struct = s
         return self._struct
@@ -151,9 +154,13 @@ def dequantize_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> torch.T
     if p.kind == Q8:
         q = p.q[r0:r1].float()
         return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None].float()).reshape(q.shape)
-    v = unpack_nibbles(p.q[r0:r1]).float()  # (n, groups, 32)
+    v = unpack_nibbles(p.q[r0:r1])  # (n, groups, 32)
+    if p.qh is not None:  # fifth bits
+        bits = (p.qh[r0:r1, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        v = v.to(torch.int32) | (bits << 4)
+    v = v.float()
     d = p.scale[r0:r1, :, None].float()
-    m = p.min[r0:r1, :, None].float() if p.min is not None else -8 * d
+    m = p.min[r0:r1, :, None].float() if p.min is not None else (-16 if p.qh is not None else -8) * d
     return (v * d + m).reshape(v.shape[0], -1)
 
 
@@ -193,7 +200,7 @@ def narrow_scales(p: QuantPart) -> QuantPart:
 
 def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
     """GGUF blocks (rows, bytes per row) uint8 -> a part with exactly the same values."""
-    from lmlab.loading.gguf import GGML_TYPES, _bits, _k_low4, _k_scales, _nibbles
+    from lmlab.loading.gguf import GGML_TYPES, _k_low4, _k_scales, _nibbles
 
     sizes = {name: (be, bb) for name, be, bb in GGML_TYPES.values()}
     if type_name not in GGUF_TYPES:
@@ -208,9 +215,10 @@ def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
     if type_name == "Q8_0":
         q = b[:, 2:].view(torch.int8).reshape(rows, K)  # a copy: the quants without the scales between them
         return QuantPart(Q8, 32, q, _half(b[:, :2]).reshape(rows, -1), source_type=type_name)
-    if type_name == "Q5_0":
-        q = (_nibbles(b[:, 6:22]) | (_bits(b[:, 2:6]) << 4)).view(torch.int8) - 16
-        return QuantPart(Q8, 32, q.reshape(rows, K), _half(b[:, :2]).reshape(rows, -1), source_type=type_name)
+    if type_name == "Q5_0":  # the low four bits as Q4's nibbles, the fifth as a word per group; m = -16 d
+        q = pack_nibbles(_nibbles(b[:, 6:22]).reshape(rows, K // 32, 32))
+        qh = b[:, 2:6].contiguous().view(torch.int32).reshape(rows, -1)  # little-endian: bit j is value j's
+        return QuantPart(Q4, 32, q, _half(b[:, :2]).reshape(rows, -1), None, type_name, qh.clone())
     if type_name == "Q6_K":
         ql = b[:, 0:128].reshape(-1, 2, 1, 64)
         low = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
@@ -240,7 +248,7 @@ def to_gguf_blocks(p: QuantPart) -> tuple[np.ndarray, str]:
         d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)
         blocks = torch.cat([d.reshape(-1, 2), p.q.reshape(-1, 32).view(torch.uint8)], dim=1)
         return blocks.reshape(rows, -1).numpy(), "Q8_0"
-    if p.kind == Q4:
+    if p.kind == Q4 and p.qh is None:
         d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
         mn = p.min if p.min is not None else -8 * p.scale.float()
         m = mn.reshape(-1, 1).to(torch.float16).view(torch.uint8).reshape(-1, 2)
@@ -321,6 +329,8 @@ def _register(module: nn.Module, qweight: QuantWeight) -> None:
         module.register_buffer(f"scale{i}", p.scale, persistent=True)
         if p.min is not None:
             module.register_buffer(f"min{i}", p.min, persistent=True)
+        if p.qh is not None:
+            module.register_buffer(f"qh{i}", p.qh, persistent=True)
 
 
 class QuantLinear(nn.Module):

@@ -162,16 +162,16 @@ def _pack_in_chunks(source, name: str, shape) -> QuantPart:
     first = pack_gguf(*source.raw(name, 0, CHUNK_ROWS))
     full = [
         torch.empty((rows, *t.shape[1:]), dtype=t.dtype) if t is not None else None
-        for t in (first.q, first.scale, first.min)
+        for t in (first.q, first.scale, first.min, first.qh)
     ]
     for r0 in range(0, rows, CHUNK_ROWS):
         part = first if r0 == 0 else pack_gguf(*source.raw(name, r0, r0 + CHUNK_ROWS))
         if part.scale.dtype != full[1].dtype:  # float16 scales so far, float32 ones here: widen (exact)
-            full[1:] = [t.float() if t is not None else None for t in full[1:]]
-        for dst, src in zip(full, (part.q, part.scale, part.min)):
+            full[1:3] = [t.float() if t is not None else None for t in full[1:3]]
+        for dst, src in zip(full, (part.q, part.scale, part.min, part.qh)):
             if dst is not None:
                 dst[r0 : r0 + src.shape[0]] = src
-    return QuantPart(first.kind, first.group, full[0], full[1], full[2], source_type=first.source_type)
+    return QuantPart(first.kind, first.group, full[0], full[1], full[2], first.source_type, full[3])
 
 
 def float_tensors_quantized(cfg: ModelConfig, tensors, kind: str):

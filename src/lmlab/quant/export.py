@@ -22,9 +22,10 @@ FILE_TYPES = {"q8": 7, "q4": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0, _MOSTLY_
 
 
 def _rows(p: QuantPart, r0: int, r1: int) -> QuantPart:
-    return QuantPart(
-        p.kind, p.group, p.q[r0:r1], p.scale[r0:r1], p.min[r0:r1] if p.min is not None else None, p.source_type
-    )
+    def rows(t):
+        return t[r0:r1] if t is not None else None
+
+    return QuantPart(p.kind, p.group, p.q[r0:r1], p.scale[r0:r1], rows(p.min), p.source_type, rows(p.qh))
 
 
 def _interleave_rotary(blocks: np.ndarray, heads: int) -> np.ndarray:
