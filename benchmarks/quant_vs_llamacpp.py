@@ -28,8 +28,9 @@ Parts (``--parts``, comma-separated; default all but big):
   dequantized, saved as a HF folder), then the written file through ``llama-simple`` and lmlab.
 - hooks: generation on the file's own blocks with a no-op hook on every block's ``resid_post``
   against none (the issue's bar: at most 15% slower).
-- memory: peak RSS of a native load plus a short generation, in a fresh process, over the
-  process's RSS after importing what a load imports, against the file's tensor bytes plus the KV cache (bar: 1.3x).
+- memory: peak RSS of a native load, and of the load plus a short generation, in a fresh process,
+  over the process's RSS after importing what a load imports, against the file's tensor bytes
+  plus the KV cache (bar: 1.3x).
 - quality: each variant's next-token distributions against float32 (the file dequantized) on
   ``json/decoder.py``: perplexity, mean KL(fp32 || variant) in nats, top-1 agreement.
 - big: a random Llama-shaped model of ~1.1B parameters (TinyLlama's shapes) written as Q4_0 and
@@ -352,11 +353,12 @@ def rss(field="VmRSS:"):
 base = rss()
 torch.set_num_threads(int(sys.argv[2]))
 lm = lmlab.load(sys.argv[1])
+load_peak = rss("VmHWM:")
 r = lm.generate("The capital of France is", max_new_tokens=32, temperature=0, ignore_eos=True)
 # VmHWM, this process image's own peak: ru_maxrss keeps the peak of the forked parent from before
 # exec (a parent holding five loaded models made this child report 2-5 GB)
 peak = rss("VmHWM:")
-print(json.dumps({"base": base, "peak": peak, "kv": r.timings["kv_cache_bytes"],
+print(json.dumps({"base": base, "load_peak": load_peak, "peak": peak, "kv": r.timings["kv_cache_bytes"],
                   "file": GGUFSource(lm.resolved.path).weight_bytes_on_disk()}))
 """
 
@@ -367,11 +369,12 @@ def part_memory(name, threads):
         print(f"\n{name}: memory run failed: {out.stderr[-400:]}")
         return
     m = json.loads(out.stdout.strip().splitlines()[-1])
-    over = m["peak"] - m["base"]
+    load, over = m["load_peak"] - m["base"], m["peak"] - m["base"]
     bar = m["file"] + m["kv"]
     print(
-        f"\n{name}: peak RSS over the imports (a load's libraries included) {over / 2**20:.0f} MiB for "
-        f"{m['file'] / 2**20:.0f} MiB of file tensors + {m['kv'] / 2**20:.1f} MiB KV: {over / bar:.2f}x (bar: 1.3x)"
+        f"\n{name}: peak RSS over the imports (a load's libraries included), for {m['file'] / 2**20:.0f} MiB of "
+        f"file tensors + {m['kv'] / 2**20:.1f} MiB KV (bar: 1.3x): the load {load / 2**20:.0f} MiB, "
+        f"{load / bar:.2f}x; the load and 32 generated tokens {over / 2**20:.0f} MiB, {over / bar:.2f}x"
     )
 
 
