@@ -133,3 +133,24 @@ def test_keep_freed_memory_reuses_large_blocks():
         inside = faults()
     outside = faults()
     assert inside * 4 < outside, (inside, outside)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_rms_norm_function_equals_f_rms_norm(weight_grad):
+    """model.RMSNormFunction (training's RMSNorm) against autograd through F.rms_norm: the output
+    and the gradients of x and w within 1e-5 of the largest value; and gradcheck in float64."""
+    from lmlab.model import RMSNormFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 96, generator=g, requires_grad=True)
+    w = (torch.randn(96, generator=g) + 1).requires_grad_(weight_grad)
+    dy = torch.randn(2, 7, 96, generator=g)
+    want = F.rms_norm(x, (96,), w, 1e-6)
+    got = RMSNormFunction.apply(x, w, 1e-6)
+    _close(got, want)
+    inputs = (x, w) if weight_grad else (x,)
+    for a, b in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+        _close(a, b)
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_(weight_grad)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (xd, wd))

@@ -70,11 +70,40 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
         # x * rsqrt(mean(x^2) + eps), in float32; F.rms_norm is that formula in one kernel
+        train = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.weight_offset:  # gemma: (1 + w), applied in float32
-            return F.rms_norm(x.float(), (x.shape[-1],), self.weight_offset + self.weight.float(), self.eps).type_as(x)
+            w = self.weight_offset + self.weight.float()
+            if train:
+                return RMSNormFunction.apply(x.float(), w, self.eps).type_as(x)
+            return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
         if x.dtype == torch.float32:
+            if train:
+                return RMSNormFunction.apply(x, self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).type_as(x)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out, for training in float32: x * r * w, r = rsqrt(mean(x^2)
+    + eps). Autograd through F.rms_norm on the CPU takes about a dozen passes over x in backward;
+    this takes five, and the forward's sum of squares is one pass (SmolLM2's (512, 576) norm:
+    forward + backward 0.80 vs 1.30 ms at two threads). Equal to F.rms_norm to float rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, w, r)
+        return x * r * w
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w, r = ctx.saved_tensors
+        gw, xh = g * w, x * r  # d out / d xh, and the normalised x
+        # d xh / d x: (gw - xh * mean(gw * xh)) * r
+        dot = torch.linalg.vecdot(gw, xh, dim=-1).unsqueeze(-1).div_(x.shape[-1])
+        dx = torch.addcmul(gw, xh, dot, value=-1).mul_(r) if ctx.needs_input_grad[0] else None
+        dw = (g * xh).sum(tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 # ----------------------------------------------------------------------------- RoPE

@@ -237,16 +237,27 @@ class LoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked(self, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B): every part's A stacked (R, in), and B as one (out, R) matrix holding scale_p · B_p
-        in part p's rows and rank columns, zeros elsewhere (R = the ranks summed)."""
-        A = torch.cat([self.lora_A[p.short] for p in self.parts])  # (R, in)
+        in part p's rows and rank columns, zeros elsewhere (R = the ranks summed). With
+        ``scaled=False`` B holds the B_p as they are (the caller applies the one shared scale)."""
+        A = (
+            torch.cat([self.lora_A[p.short] for p in self.parts])
+            if len(self.parts) > 1
+            else self.lora_A[self.parts[0].short]
+        )
+        Bs = [self.lora_B[p.short] * self.scales[p.short] if scaled else self.lora_B[p.short] for p in self.parts]
+        if (
+            self.parts[0].start == 0
+            and self.parts[-1].stop == self.out_features
+            and all(a.stop == b.start for a, b in zip(self.parts, self.parts[1:]))
+        ):  # the parts tile the output rows (q, k, v; gate, up; one whole matrix): block-diagonal
+            return A, Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs)
         R = A.shape[0]
         blocks, row, col = [], 0, 0
-        for p in self.parts:  # in row order
+        for p, b in zip(self.parts, Bs):  # in row order
             if p.start > row:
                 blocks.append(A.new_zeros(p.start - row, R))  # rows of an untargeted part
-            b = self.lora_B[p.short] * self.scales[p.short]  # (rows_p, r_p)
             blocks.append(F.pad(b, (col, R - col - b.shape[1])))
             col, row = col + b.shape[1], p.stop
         if row < self.out_features:
@@ -254,12 +265,22 @@ class LoRALinear(nn.Module):
         return A, torch.cat(blocks)  # (R, in), (out, R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
-        A, B = self.stacked()  # (R, in), (out, R): every part in one matmul each
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., R)
-        if h.dtype == y.dtype:  # y + h @ B.T in one op: no delta tensor, no sum afterwards
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t()).view(y.shape)
-        return y + F.linear(h, B).to(y.dtype)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, in): y below is then a tensor of its own, not a view
+        y = self.base(x)  # (N, out)
+        scales = {self.scales[p.short] for p in self.parts}
+        one = len(scales) == 1  # every part's scale the same (the usual): it rides on the matmul
+        A, B = self.stacked(scaled=not one)  # (R, in), (out, R): every part in one matmul each
+        alpha = scales.pop() if one else 1.0
+        h = F.linear(self.dropout(x).to(A.dtype), A)  # (N, R)
+        if h.dtype == y.dtype and y._base is None:
+            # y += alpha · h @ B.T in place: no delta tensor, and no copy of y into a new output as
+            # an out-of-place addmm makes (the base's backward does not read its output; an
+            # in-place op on a view would copy the whole gradient in backward instead)
+            y.addmm_(h, B.t().to(y.dtype), alpha=alpha)  # (autocast does not cast an in-place op's inputs)
+        else:
+            y = y + (F.linear(h, B) * alpha).to(y.dtype)
+        return y.view(*lead, y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a weight (out, in), float32: what ``merge`` adds to the base weight."""
