@@ -70,7 +70,9 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
         # x * rsqrt(mean(x^2) + eps), in float32; F.rms_norm is that formula in one kernel
-        train = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        # training (train mode, autograd on): the gradient written out; elsewhere F.rms_norm, so a
+        # forward with autograd on for a look inside (unembed, attribution) equals the model's own
+        train = self.training and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.weight_offset:  # gemma: (1 + w), applied in float32
             w = self.weight_offset + self.weight.float()
             if train:
