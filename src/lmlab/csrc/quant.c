@@ -150,8 +150,11 @@ static inline qi16x32 load_x(const int16_t *p) {
 static inline qu8x32 high_bits(uint32_t b) {
     const qu8x32 sel = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128,
                         1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-    qu8x32 by;
-    for (int j = 0; j < 32; j++) by[j] = (uint8_t)(b >> (j & ~7));
+    typedef uint8_t qu8x4 __attribute__((vector_size(4)));
+    qu8x4 v;
+    memcpy(&v, &b, 4);
+    const qu8x32 by = __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                              3, 3, 3, 3, 3, 3, 3, 3); /* byte j = byte j / 8 of b (one shuffle) */
     return (qu8x32)((by & sel) != 0) & 16;
 }
 
