@@ -473,6 +473,60 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_the_portable_c_loop_computes_the_same(tmp_path):
+    """quant.c's plain C loops (what an Arm CPU runs, NEON vectorized by the compiler): quant.c
+    alone built for baseline x86-64 (no AVX2, so none of the x86 intrinsics), then the matmul
+    and the dequantizer of every type through it. lmlab's native step itself needs AVX2, AVX-512
+    or NEON, so this builds the quantized kernels only."""
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("baseline x86-64 build: not an x86 CPU")
+    cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib_path = tmp_path / "quant_portable.so"
+    src = Path(native.__file__).with_name("csrc") / "quant.c"
+    out = subprocess.run(
+        [
+            cc,
+            "-O2",
+            "-march=x86-64",
+            "-std=gnu11",
+            "-shared",
+            "-fPIC",
+            "-Wno-psabi",
+            str(src),
+            "-o",
+            str(lib_path),
+            "-lm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lib = ctypes.CDLL(str(lib_path))
+    for name in ("lmlab_qlinear", "lmlab_q_dequant_rows", "lmlab_q_isa"):
+        getattr(lib, name).argtypes = getattr(native._lib, name).argtypes
+        getattr(lib, name).restype = getattr(native._lib, name).restype
+    assert lib.lmlab_q_isa() == b"int8 dot: portable C"
+    saved = native._lib
+    native._lib = lib  # native_linear and QuantWeight.rows call through native._lib
+    try:
+        for t in GGUF_TYPES:
+            for K in [768] if t.endswith("_K") else [160, 224]:
+                raw = random_blocks(t, 21, K)
+                qw = QuantWeight([pack_gguf(raw, t)], K)
+                want = dequantize(raw, t).reshape(21, K)
+                assert torch.equal(qw.rows(0, 21), want)
+                for rows in (1, 3, 9):
+                    check_matmul(qw, torch.randn(rows, K), want)
+    finally:
+        native._lib = saved
+
+
 # ----------------------------------------------------------------------------- lmlab quantize
 
 
