@@ -495,50 +495,33 @@ def _merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[fl
     """SentencePiece BPE as merges: every way to write a token as two tokens, best token first.
 
     Order: token score (high first), then the longer left piece, then the longer right piece,
-    then vocabulary order; the same order transformers' GGUF loader produces.
+    then vocabulary order; the same order transformers' GGUF loader produces. The candidates are
+    held as (distinct spelling, cut) int arrays while they are ranked, not as tuples per merge.
     """
-    spelled, cuts = _merge_order(tokens, vocab, scores)
-    return [(spelled[u][:k], spelled[u][k:]) for u, k in zip(cuts[0], cuts[1])]
-
-
-def _merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
-    """SentencePiece BPE as merges: every way to write a token as two tokens, best token first.
-
-    Order: token score (high first), then the longer left piece, then the longer right piece,
-    then vocabulary order; the same order transformers' GGUF loader produces.
-    """
-    spelled, (us, ks) = _merge_order(tokens, vocab, scores)
-    return [(spelled[u][:k], spelled[u][k:]) for u, k in zip(us, ks)]
-
-
-def _merge_order(tokens: list[str], vocab: dict[str, int], scores: list[float]):
-    """The merges in rank order as (the distinct spellings, (spelling index, cut) arrays):
-    merge j joins ``spelled[u][:k]`` and ``spelled[u][k:]`` for u, k = cuts[0][j], cuts[1][j]."""
     from array import array
 
     import numpy as np
 
     score_of = dict(zip(tokens, scores))  # a duplicated spelling keeps its last score
     spelled = list(dict.fromkeys(tokens))
-    us, ks = array("i"), array("i")
+    us, ks = array("i"), array("i")  # merge j joins spelled[us[j]][:ks[j]] and spelled[us[j]][ks[j]:]
     for order, t in enumerate(spelled):
         for k in range(len(t) - 1, 0, -1):
             if t[:k] in vocab and t[k:] in vocab:
                 us.append(order)
                 ks.append(k)
-    if not us:
-        return spelled, (us, ks)
-    u = np.frombuffer(us, dtype=np.int32)
-    k = np.frombuffer(ks, dtype=np.int32)
-    score = np.array([score_of[t] for t in spelled], dtype=np.float64)[u]
-    n = np.array([len(t) for t in spelled], dtype=np.int64)[u]
-    # Generation order is token order then longer-left first; with scores falling along the
-    # vocabulary (the usual case, and Gemma's) that already is the ranking.
-    same = np.diff(score) == 0
-    if not (np.all(np.diff(score) <= 0) and np.all(np.diff(u)[same] == 0)):
-        idx = np.lexsort((u, -(n - k), -k, -score))
-        return spelled, (u[idx].tolist(), k[idx].tolist())
-    return spelled, (us, ks)
+    if us:
+        u = np.frombuffer(us, dtype=np.int32)
+        k = np.frombuffer(ks, dtype=np.int32)
+        score = np.array([score_of[t] for t in spelled], dtype=np.float64)[u]
+        n = np.array([len(t) for t in spelled], dtype=np.int64)[u]
+        # Generation order is token order then longer-left first; with scores falling along the
+        # vocabulary (the usual case, and Gemma's) that already is the ranking.
+        same = np.diff(score) == 0
+        if not (np.all(np.diff(score) <= 0) and np.all(np.diff(u)[same] == 0)):
+            idx = np.lexsort((u, -(n - k), -k, -score))
+            us, ks = u[idx].tolist(), k[idx].tolist()
+    return [(spelled[i][:c], spelled[i][c:]) for i, c in zip(us, ks)]
 
 
 def _add_special_tokens(backend, tokens: list[str], types: list[int]) -> None:
