@@ -158,6 +158,20 @@ static inline qu8x32 high_bits(uint32_t b) {
     return (qu8x32)((by & sel) != 0) & 16;
 }
 
+/* Q4 pair at w (groups at, at + 1 of part p): the first group's values in lo, the second's in
+ * hi, each with its fifth bit where the part has them (Q5_0) */
+static inline __attribute__((always_inline)) void q4_pair(const lmlab_qpart *p, const uint8_t *w, size_t at,
+                                                          qu8x32 *lo, qu8x32 *hi) {
+    qu8x32 v;
+    memcpy(&v, w, 32);
+    *lo = v & 15;
+    *hi = v >> 4;
+    if (p->qh) { /* fifth bits: + 16 where set */
+        *lo |= high_bits(qh_at(p, at));
+        *hi |= high_bits(qh_at(p, at + 1));
+    }
+}
+
 typedef float qf32x8 __attribute__((vector_size(32)));
 typedef float qf32x4 __attribute__((vector_size(16)));
 
@@ -272,17 +286,22 @@ static inline __attribute__((always_inline)) qf32x16 scale_halves(const void *s,
 #endif
 }
 
-/* scales s[at .. at + 3] spread as lanes 0-3, 4-7, 8-11, 12-15 (groups of 16 in 64 values) */
-static inline __attribute__((always_inline)) qf32x16 scale_quarters(const void *s, size_t at, int H) {
 #if QVNNI == 512
-    __m128 v;
+/* scales s[at .. at + 3] (float16 where H, else float32) as four floats */
+static inline __attribute__((always_inline)) __m128 scales4(const void *s, size_t at, int H) {
     if (H) {
         int64_t bits;
         memcpy(&bits, (const qhalf *)s + at, 8);
-        v = _mm_cvtph_ps(_mm_cvtsi64_si128(bits));
-    } else {
-        v = _mm_loadu_ps((const float *)s + at);
+        return _mm_cvtph_ps(_mm_cvtsi64_si128(bits));
     }
+    return _mm_loadu_ps((const float *)s + at);
+}
+#endif
+
+/* scales s[at .. at + 3] spread as lanes 0-3, 4-7, 8-11, 12-15 (groups of 16 in 64 values) */
+static inline __attribute__((always_inline)) qf32x16 scale_quarters(const void *s, size_t at, int H) {
+#if QVNNI == 512
+    const __m128 v = scales4(s, at, H);
     const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     return (qf32x16)_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
 #else
@@ -443,8 +462,7 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                     wb = _mm512_xor_si512(_mm512_loadu_si512(w + 64), top);
                 }
                 const size_t at = (size_t)(row0 + r) * NG + 4 * (size_t)q;
-                const __m128 d4 = H ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const qhalf *)p->scale + at)))
-                                    : _mm_loadu_ps((const float *)p->scale + at);
+                const __m128 d4 = scales4(p->scale, at, H);
                 for (int m = 0; m < M; m++) {
                     const __m512 s = _mm512_castps128_ps512(_mm_mul_ps(d4, s4[m]));
                     const __m512 da = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(na[m], wa, xa[m]));
@@ -472,13 +490,8 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
                                               _mm512_set1_epi8(16));
                 const qu8x64 wv = (qu8x64)wn;
 #else
-                qu8x32 v;
-                memcpy(&v, w, 32);
-                qu8x32 lo = v & 15, hi = v >> 4;
-                if (p->qh) {
-                    lo |= high_bits(qh_at(p, at));
-                    hi |= high_bits(qh_at(p, at + 1));
-                }
+                qu8x32 lo, hi;
+                q4_pair(p, w, at, &lo, &hi);
                 const qu8x64 wv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
                                                           17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
                                                           33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48,
@@ -561,14 +574,9 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
             for (int r = 0; r < R; r++) {
                 const uint8_t *w = (const uint8_t *)p->q + (size_t)(row0 + r) * (K / 2) + (size_t)c * 32;
                 __builtin_prefetch(w + (size_t)4 * R * (K / 2), 0, 3);
-                qu8x32 v;
-                memcpy(&v, w, 32);
                 const size_t at = (size_t)(row0 + r) * NG + 2 * c;
-                qu8x32 lo = v & 15, hi = v >> 4;
-                if (p->qh) { /* fifth bits: + 16 where set */
-                    lo |= high_bits(qh_at(p, at));
-                    hi |= high_bits(qh_at(p, at + 1));
-                }
+                qu8x32 lo, hi;
+                q4_pair(p, w, at, &lo, &hi);
                 const qi16x32 wa = __builtin_convertvector(lo, qi16x32), wb = __builtin_convertvector(hi, qi16x32);
                 const float d0 = sc_at(p->scale, at, H), d1 = sc_at(p->scale, at + 1, H);
                 for (int m = 0; m < M; m++)
