@@ -412,34 +412,16 @@ def test_a_full_disk_leaves_no_half_written_adapter(base, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- LoRA learns, on SmolLM2
 
-WORDS = (
-    "apple river stone cloud green tiger piano silver garden rocket candle window dragon summer forest bottle "
-    "marble yellow castle pencil orange spider island mirror jacket violin copper meadow harbor lantern falcon "
-    "velvet canyon pepper walnut saddle"
-).split()
-
 
 def test_lora_learns_a_fixed_answer_format_on_smollm2(tmp_path, home):
     """A made-up answer format (the word in double angle brackets): none of the held-out words is
     answered so before, nearly all are after a few LoRA steps on the others."""
+    from answer_format import answer_format_task
     from bundled import smollm2_gguf_path
-    from lmlab.finetune import FinetuneConfig, finetune
+    from lmlab.finetune import finetune
 
     lm = lmlab.load(smollm2_gguf_path(), dtype="float32", prepack=False)
-    rows = [{"prompt": f"Word: {w}\nAnswer:", "completion": f" <<{w}>>"} for w in WORDS]
-    data = write_rows(tmp_path / "task.jsonl", rows)
-    fc = FinetuneConfig(
-        model="smollm2-135m",
-        data=str(data),
-        lora="r=8,alpha=16,targets=all",
-        steps=6,
-        batch_size=8,
-        lr=4e-3,
-        val_fraction=0.25,
-        samples=0,
-        eval_every=100,
-        out=str(tmp_path / "o"),
-    )
+    rows, data, fc = answer_format_task(tmp_path, "smollm2-135m")
     from lmlab.finetune.data import load_examples, split
 
     _, held = split(load_examples(data, lm.tokenizer), fc.val_fraction, fc.seed)

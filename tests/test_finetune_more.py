@@ -325,39 +325,18 @@ def test_a_config_a_folder_cannot_hold_is_refused_in_one_sentence(family_dirs):
 
 # ----------------------------------------------------------------------------- QLoRA on the bundled SmolLM2
 
-WORDS = (
-    "apple river stone cloud green tiger piano silver garden rocket candle window dragon summer forest bottle "
-    "marble yellow castle pencil orange spider island mirror jacket violin copper meadow harbor lantern falcon "
-    "velvet canyon pepper walnut saddle"
-).split()
-
 
 def test_qlora_on_smollm2_own_q4_1_blocks_learns_and_the_adapter_works_on_the_float_base(tmp_path):
     """LoRA over the GGUF file's own blocks (Q4_1, kept quantized): a made-up answer format is
     learnt, and the adapter, applied to the float (dequantized) model, answers the held-out
     words in that format too."""
+    from answer_format import answer_format_task
     from bundled import smollm2_gguf_path
-    from lmlab.finetune import FinetuneConfig, finetune
+    from lmlab.finetune import finetune
     from lmlab.finetune.data import load_examples, split
 
     path = str(smollm2_gguf_path())
-    rows = [{"prompt": f"Word: {w}\nAnswer:", "completion": f" <<{w}>>"} for w in WORDS]
-    data = tmp_path / "task.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fc = FinetuneConfig(
-        model=path,
-        data=str(data),
-        quant="native",
-        lora="r=8,alpha=16,targets=all",
-        steps=6,
-        batch_size=8,
-        lr=4e-3,
-        val_fraction=0.25,
-        samples=0,
-        eval_every=100,
-        out=str(tmp_path / "o"),
-        save_adapter=str(tmp_path / "ad"),
-    )
+    rows, data, fc = answer_format_task(tmp_path, path, quant="native", save_adapter=str(tmp_path / "ad"))
     summary = finetune(fc, record=False, log=lambda m: None)
     # the base does not know the format (held-out loss ~4.7 nats per token; the float base answers
     # 0 of these 9 so: test_finetune.py), and learns it
