@@ -88,6 +88,19 @@ def check_matmul(qw: QuantWeight, x: torch.Tensor, w: torch.Tensor):
     assert ((got - exact).abs() <= bound + 1e-4 * (1 + exact.abs().max().item())).all()
 
 
+def check_every_type():
+    """Every GGUF type on 21 random rows (K with four, two and one groups of 32 left over): the
+    dequantizer bit for bit, and the matmul of 1, 3 and 9 rows (the builds other than this one's)."""
+    for t in GGUF_TYPES:
+        for K in [768] if t.endswith("_K") else [160, 224]:
+            raw = random_blocks(t, 21, K)
+            qw = QuantWeight([pack_gguf(raw, t)], K)
+            want = dequantize(raw, t).reshape(21, K)
+            assert torch.equal(qw.rows(0, 21), want)
+            for rows in (1, 3, 9):
+                check_matmul(qw, torch.randn(rows, K), want)
+
+
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
 def test_repacked_blocks_keep_every_value(type_name):
     K = 512 if type_name.endswith("_K") else 96
@@ -458,14 +471,8 @@ import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 import torch
 from lmlab import native
 assert native.status().startswith("on") and {kernel!r} in native.status(), native.status()
-from test_quant import random_blocks, check_matmul
-from lmlab.quant import QuantWeight, pack_gguf, GGUF_TYPES
-from lmlab.loading.gguf import dequantize
-for t in GGUF_TYPES:
-    for K in [768] if t.endswith("_K") else [160, 224]:
-        raw = random_blocks(t, 21, K)
-        for rows in (1, 3, 9):
-            check_matmul(QuantWeight([pack_gguf(raw, t)], K), torch.randn(rows, K), dequantize(raw, t))
+from test_quant import check_every_type
+check_every_type()
 print("ok")
 """
     env = {**os.environ, "LMLAB_HOME": str(tmp_path), "LMLAB_NATIVE_MARCH": march}
@@ -515,14 +522,7 @@ def test_the_portable_c_loop_computes_the_same(tmp_path):
     saved = native._lib
     native._lib = lib  # native_linear and QuantWeight.rows call through native._lib
     try:
-        for t in GGUF_TYPES:
-            for K in [768] if t.endswith("_K") else [160, 224]:
-                raw = random_blocks(t, 21, K)
-                qw = QuantWeight([pack_gguf(raw, t)], K)
-                want = dequantize(raw, t).reshape(21, K)
-                assert torch.equal(qw.rows(0, 21), want)
-                for rows in (1, 3, 9):
-                    check_matmul(qw, torch.randn(rows, K), want)
+        check_every_type()
     finally:
         native._lib = saved
 
