@@ -31,13 +31,16 @@ from lmlab.errors import LmlabError
 from lmlab.loading.gguf import GGML_TYPES, dequantize
 from lmlab.quant import (
     GGUF_TYPES,
+    Q4,
     QuantWeight,
     dequantize_part,
     pack_gguf,
     quant_linear,
     quantize,
     quantize_activations,
+    tile_part,
     to_gguf_blocks,
+    untile_part,
 )
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native code {native.status()}")
@@ -90,13 +93,23 @@ def check_matmul(qw: QuantWeight, x: torch.Tensor, w: torch.Tensor):
 
 def check_every_type():
     """Every GGUF type on 21 random rows (K with four, two and one groups of 32 left over): the
-    dequantizer bit for bit, and the matmul of 1, 3 and 9 rows (the builds other than this one's)."""
+    dequantizer bit for bit, and the matmul of 1, 3 and 9 rows (the builds other than this one's).
+    The Q4 types also tiled (``tile_part``), 32 rows below 5 plain ones, so the threads' shares
+    (multiples of 16 rows) cut the tiled blocks."""
     for t in GGUF_TYPES:
         for K in [768] if t.endswith("_K") else [160, 224]:
             raw = random_blocks(t, 21, K)
             qw = QuantWeight([pack_gguf(raw, t)], K)
             want = dequantize(raw, t).reshape(21, K)
             assert torch.equal(qw.rows(0, 21), want)
+            for rows in (1, 3, 9):
+                check_matmul(qw, torch.randn(rows, K), want)
+            if qw.parts[0].kind != Q4:
+                continue
+            raw = random_blocks(t, 37, K, seed=1)
+            qw = QuantWeight([pack_gguf(raw[:5], t), tile_part(pack_gguf(raw[5:], t))], K)
+            want = dequantize(raw, t).reshape(37, K)
+            assert torch.equal(qw.rows(0, 37), want) and torch.equal(qw.rows(9, 30), want[9:30])
             for rows in (1, 3, 9):
                 check_matmul(qw, torch.randn(rows, K), want)
 
@@ -111,6 +124,54 @@ def test_repacked_blocks_keep_every_value(type_name):
     qw = QuantWeight([part], K)
     assert torch.equal(qw.rows(0, 7), want)  # the C dequantizer (prefill's tiles, embedding rows)
     assert torch.equal(qw.rows(2, 5), want[2:5])
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K"])
+def test_tiled_parts_keep_every_value(type_name):
+    """tile_part moves a Q4 part's bytes into blocks of 16 rows and untile_part moves them back:
+    every tensor equal again, and the dequantizers (torch's and C's) give the file's values from
+    the tiled part, for whole blocks and for rows that cut them."""
+    K = 512 if type_name.endswith("_K") else 224
+    raw = random_blocks(type_name, 48, K, seed=3)
+    plain = pack_gguf(raw, type_name)
+    tiled = tile_part(plain)
+    assert tiled.tile == 16 and tiled.q.shape == plain.q.shape and not torch.equal(tiled.q, plain.q)
+    back = untile_part(tiled)
+    for a, b in [(back.q, plain.q), (back.scale, plain.scale), (back.min, plain.min), (back.qh, plain.qh)]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    cut = untile_part(tiled, 7, 35)
+    assert torch.equal(cut.q, plain.q[7:35]) and torch.equal(cut.scale, plain.scale[7:35])
+    want = dequantize(raw, type_name)
+    assert torch.equal(dequantize_part(tiled), want) and torch.equal(dequantize_part(tiled, 7, 35), want[7:35])
+    qw = QuantWeight([tiled], K)
+    assert torch.equal(qw.rows(0, 48), want) and torch.equal(qw.rows(7, 35), want[7:35])
+    with pytest.raises(ValueError):
+        tile_part(pack_gguf(raw[:20], type_name))  # not whole blocks of 16
+
+
+def test_a_native_load_tiles_where_the_kernel_wants_tiles(monkeypatch):
+    """The Q4 parts of a native load are tiled on an AVX512-VNNI build (LMLAB_QTILE=1 forces it
+    elsewhere, 0 keeps them plain). Prefill dequantizes both to the same floats: equal logits.
+    The native steps sum in other orders: within the int8 rounding steps that allows (see below)."""
+    from bundled import smollm2_gguf_path
+    from lmlab.quant import QuantLinear
+
+    def tiles(lm):
+        parts = [p for m in lm.model.modules() if isinstance(m, QuantLinear) for p in m.qweight.parts]
+        return {p.tile for p in parts if p.kind == Q4}  # Q8 parts are never tiled
+
+    assert native.q_tiles() == (16 if "AVX512-VNNI" in native.status() else 0)
+    monkeypatch.setenv("LMLAB_QTILE", "0")
+    plain = lmlab.load(smollm2_gguf_path())
+    monkeypatch.setenv("LMLAB_QTILE", "1")
+    tiled = lmlab.load(smollm2_gguf_path())
+    assert tiles(plain) == {0} and tiles(tiled) == {16}
+    ids = torch.tensor([plain.encode("The capital of France is")])
+    with torch.inference_mode():
+        assert torch.equal(plain.model(ids), tiled.model(ids))
+    a, b = _steps(plain, ids, 3, use_native=True), _steps(tiled, ids, 3, use_native=True)
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert (a - b).abs().max().item() < 0.1 * (1 + a.abs().max().item())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])

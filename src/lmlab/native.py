@@ -81,6 +81,7 @@ class QPart(ctypes.Structure):  # lmlab_qpart in csrc/quant.h
         ("min", ctypes.c_void_p),
         ("scale16", ctypes.c_int64),
         ("qh", ctypes.c_void_p),
+        ("tile", ctypes.c_int64),
     ]
 
 
@@ -143,6 +144,16 @@ def status() -> str:
 
 def available() -> bool:
     return bool(_load())
+
+
+def q_tiles() -> int:
+    """Rows per block lmlab.quant tiles Q4 parts in: 16 where the built kernel is faster on tiles
+    (AVX512-VNNI), else 0. LMLAB_QTILE=0 or 1 forces plain or tiled parts (any build computes both)."""
+    lib = _usable()
+    forced = os.environ.get("LMLAB_QTILE", "").strip()
+    if forced in ("0", "1"):
+        return 16 * int(forced)
+    return lib.lmlab_q_tiles() if lib is not None else 0
 
 
 def _build(cc: str, out: Path) -> str | None:
@@ -229,6 +240,7 @@ def _load():
     lib.lmlab_q_dequant_rows.argtypes = [qm, i, ctypes.c_int64, ctypes.c_int64, vp]
     lib.lmlab_q_dequant_rows.restype = None
     lib.lmlab_q_parts_max.restype = i
+    lib.lmlab_q_tiles.restype = i
     lib.lmlab_q_isa.restype = ctypes.c_char_p
     _lib = lib
     if lib.lmlab_q_parts_max() != QPARTS:
@@ -376,6 +388,43 @@ def _quant_self_check() -> str | None:
         err = (y - want).abs().max().item()
         if rc != 0 or err > 1e-4 * (1 + want.abs().max().item()):
             return f"quantized matmul {'+'.join(layouts)} {rows}x{K}: rc {rc}, max error {err:.3g}"
+    return _tiled_self_check(g)
+
+
+def _tiled_self_check(g: torch.Generator) -> str | None:
+    """A tiled Q4 part (lmlab.quant.tile_part: with a min, and with fifth bits and none) against
+    the plain part it came from, through lmlab_qlinear; both below an 8-row Q8 part, so the threads'
+    shares (multiples of 16 rows) cut the tiled part's blocks."""
+    from lmlab.quant import Q4, Q8, QuantPart, QuantWeight, tile_part
+
+    top = QuantPart(
+        Q8, 32, torch.randint(-128, 128, (8, 96), generator=g, dtype=torch.int8), torch.rand(8, 3, generator=g)
+    )
+
+    for fifth in (False, True):
+        n, K = 48, 96
+        q = torch.randint(0, 256, (n, K // 2), generator=g, dtype=torch.uint8)
+        d = torch.rand(n, K // 32, generator=g).half()
+        mn = None if fifth else torch.randn(n, K // 32, generator=g).half()
+        qh = (
+            torch.randint(-(2**31), 2**31, (n, K // 32), generator=g, dtype=torch.int64).to(torch.int32)
+            if fifth
+            else None
+        )
+        plain = QuantWeight([top, QuantPart(Q4, 32, q, d, mn, "self-check", qh)], K)
+        tiled = QuantWeight([top, tile_part(plain.parts[1])], K)
+        x = torch.randn(3, K, generator=g)
+        ys = []
+        for w in (plain, tiled):
+            y = torch.empty(3, n + 8)
+            rc = _lib.lmlab_qlinear(x.data_ptr(), 3, K, ctypes.byref(w.struct), n + 8, None, y.data_ptr(), 3)
+            if rc:
+                return f"tiled quantized matmul: rc {rc}"
+            ys.append(y)
+        err = (ys[0] - ys[1]).abs().max().item()
+        if err > 1e-4 * (1 + ys[0].abs().max().item()):
+            what = " with fifth bits" if fifth else ""
+            return f"tiled quantized matmul{what}: max difference {err:.3g} from the plain layout"
     return None
 
 

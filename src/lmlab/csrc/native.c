@@ -421,11 +421,12 @@ static void mv_range(const float *x, const uint16_t *x_bf16, int M, int K, const
     }
 }
 
-/* this thread's share [n0, n1) of N outputs, in multiples of 8 so tiles stay whole */
+/* this thread's share [n0, n1) of N outputs, in multiples of 16 so tiles (and a tiled quantized
+ * part's blocks of 16 rows) stay whole */
 static inline void split(int N, int t, int T, int *n0, int *n1) {
-    int chunks = (N + 7) / 8;
-    *n0 = (int)((long)chunks * t / T) * 8;
-    *n1 = (int)((long)chunks * (t + 1) / T) * 8;
+    int chunks = (N + 15) / 16;
+    *n0 = (int)((long)chunks * t / T) * 16;
+    *n1 = (int)((long)chunks * (t + 1) / T) * 16;
     if (*n1 > N) *n1 = N;
     if (*n0 > N) *n0 = N;
 }

@@ -17,6 +17,8 @@
  *             (A last group without a pair: byte j holds values j and j + 16, as in Q4_0.)
  *             Q4_0 (no min stored: m = -8 d), Q4_1, Q4_K (d = d * sc, m = -dmin * min), lmlab's q4;
  *             and Q5_0, with each group's 32 fifth bits beside (qh; no min: m = -16 d).
+ *             Or tiled (lmlab_qpart.tile = 16, AVX512-VNNI builds): rows in blocks of 16, a
+ *             group's values of the 16 rows side by side ("tiled Q4" below).
  *
  * Scales (and mins) are float16 where every one of a part's is a float16 value (Q8_0, Q4_0, Q4_1,
  * Q5_0 and lmlab's q8/q4 store them so: Q4_1's and Q8_0's bytes are then the file's), float32
@@ -597,6 +599,152 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
         }
 }
 
+/* ------------------------------------------------------------------------ tiled Q4 */
+
+/* A tiled Q4 part (tile = LMLAB_QTILE = 16): its rows in blocks of 16, and in a block, group g of
+ * all 16 rows in 256 bytes: byte 64 j + 4 r + i holds row r's value 8 j + i in its low nibble
+ * and value 8 j + 4 + i in its high one (j < 4, i < 4). So lane r of a 64-byte register is row
+ * r, and one vpdpbusd against x's four values 8 j .. 8 j + 3 (or 8 j + 4 ..), broadcast to every
+ * lane, adds four products to each of the 16 rows: a group's eight add into one int32 register,
+ * then one conversion and one fma serve all 16 rows (the pair layout needs them per row and a
+ * horizontal sum at the end). A block is one stream of bytes, group after group.
+ * The scales and mins go by (block, group, row): a group's 16 side by side. Q5_0's fifth bits
+ * are 8 masks of 64 bits per block and group: bit 4 r + i of mask 2 j + h is the fifth bit of
+ * row r's value 8 j + 4 h + i, one mask per register of nibbles.
+ * Only AVX512-VNNI builds tile (lmlab.quant asks lmlab_q_tiles); the others compute a tiled part
+ * correctly with the portable loop below, which the tests run on every build. */
+
+/* row r's value k of one block's group (blk: its 256 bytes, masks: its fifth bits or NULL) */
+static inline int tiled_value(const uint8_t *blk, const uint64_t *masks, int r, int k) {
+    const int j = k / 8, h = (k % 8) / 4, i = k % 4;
+    const uint8_t byte = blk[64 * j + 4 * r + i];
+    int v = h ? byte >> 4 : byte & 15;
+    if (masks) {
+        uint64_t mk;
+        memcpy(&mk, masks + 2 * j + h, 8);
+        v |= (int)(mk >> (4 * r + i) & 1) << 4;
+    }
+    return v;
+}
+
+static inline const uint8_t *tiled_group(const lmlab_qpart *p, size_t at) { return (const uint8_t *)p->q + at * 256; }
+static inline const uint64_t *tiled_masks(const lmlab_qpart *p, size_t at) {
+    return p->qh ? (const uint64_t *)p->qh + at * 8 : NULL;
+}
+
+/* y[m * ldy + r] = dot(row 16 b + r, x row m) for the 16 rows of block b: the plain loop */
+static void qtiled_portable(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M, float *y, int ldy) {
+    const int K = qx->K, NG = K / 32, H = (int)p->scale16;
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < LMLAB_QTILE; r++) {
+            float out = 0;
+            for (int g = 0; g < NG; g++) {
+                const size_t at = (size_t)b * NG + g, s = at * LMLAB_QTILE + r;
+#ifdef QVNNI
+                const int8_t *xq = x8_row(qx, m) + (size_t)g * 32;
+#else
+                const int16_t *xq = qx->x16 + (size_t)m * K + (size_t)g * 32;
+#endif
+                int sum = 0;
+                for (int k = 0; k < 32; k++) sum += tiled_value(tiled_group(p, at), tiled_masks(p, at), r, k) * xq[k];
+                out += (float)sum * (sc_at(p->scale, s, H) * qx->sx[(size_t)m * NG + g]) +
+                       min_at(p, s, H) * qx->xsum[(size_t)m * NG + g];
+            }
+            y[(size_t)m * ldy + r] = out;
+        }
+}
+
+#if QVNNI == 512
+static inline __attribute__((always_inline)) __m512 tiled_scales(const void *s, size_t at, int H) {
+    return H ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)s + at * LMLAB_QTILE)))
+             : _mm512_loadu_ps((const float *)s + at * LMLAB_QTILE);
+}
+
+/* the same with vpdpbusd: M rows of x (M, H constants where inlined) */
+static inline __attribute__((always_inline)) void qtiled(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M,
+                                                         float *y, int ldy, int H) {
+    const int K = qx->K, NG = K / 32;
+    const __m512i nib = _mm512_set1_epi8(15), sixteen = _mm512_set1_epi8(16);
+    const __m512 mf = _mm512_set1_ps(min_factor(p));
+    __m512 acc[QMAXT];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < NG; g++) {
+        const size_t at = (size_t)b * NG + g;
+        const uint8_t *w = tiled_group(p, at);
+        for (int j = 0; j < 4; j++) __builtin_prefetch(w + 8 * 256 + 64 * j, 0, 3); /* 8 groups ahead */
+        __m512i lo[4], hi[4];
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512(w + 64 * j);
+            lo[j] = _mm512_and_si512(v, nib);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+        if (p->qh) { /* fifth bits: + 16 where set */
+            uint64_t mk[8];
+            memcpy(mk, tiled_masks(p, at), 64);
+            for (int j = 0; j < 4; j++) {
+                lo[j] = _mm512_mask_add_epi8(lo[j], _cvtu64_mask64(mk[2 * j]), lo[j], sixteen);
+                hi[j] = _mm512_mask_add_epi8(hi[j], _cvtu64_mask64(mk[2 * j + 1]), hi[j], sixteen);
+            }
+        }
+        const __m512 d = tiled_scales(p->scale, at, H);
+        const __m512 mn = p->min ? tiled_scales(p->min, at, H) : _mm512_mul_ps(d, mf);
+        for (int m = 0; m < M; m++) {
+            int32_t x4[8]; /* x's 32 values of group g as eight words of four */
+            memcpy(x4, x8_row(qx, m) + (size_t)g * 32, 32);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(x4[0]));
+            dot = _mm512_dpbusd_epi32(dot, hi[0], _mm512_set1_epi32(x4[1]));
+            for (int j = 1; j < 4; j++) {
+                dot = _mm512_dpbusd_epi32(dot, lo[j], _mm512_set1_epi32(x4[2 * j]));
+                dot = _mm512_dpbusd_epi32(dot, hi[j], _mm512_set1_epi32(x4[2 * j + 1]));
+            }
+            const float *sx = qx->sx + (size_t)m * NG, *xs = qx->xsum + (size_t)m * NG;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(sx[g])), acc[m]);
+            acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[g]), acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(y + (size_t)m * ldy, acc[m]);
+}
+#endif
+
+/* block b of a tiled part against M rows of x */
+static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M, float *y, int ldy) {
+#if QVNNI == 512
+#define QTCALL(MM)                                  \
+    if (p->scale16) qtiled(p, b, qx, MM, y, ldy, 1); \
+    else qtiled(p, b, qx, MM, y, ldy, 0);
+    switch (M) {
+    case 1: QTCALL(1); break;
+    case 2: QTCALL(2); break;
+    case 3: QTCALL(3); break;
+    case 4: QTCALL(4); break;
+    case 5: QTCALL(5); break;
+    case 6: QTCALL(6); break;
+    case 7: QTCALL(7); break;
+    default: QTCALL(8); break;
+    }
+#undef QTCALL
+#else
+    qtiled_portable(p, b, qx, M, y, ldy);
+#endif
+}
+
+/* rows [r0, r1) of a tiled part: whole blocks straight into y, a block cut by the range through
+ * a scratch tile */
+static void qtiled_range(const lmlab_qpart *p, int64_t r0, int64_t r1, const lmlab_qx *qx, int M, float *y, int ldy) {
+    float tmp[QMAXT * LMLAB_QTILE];
+    for (int64_t r = r0; r < r1;) {
+        const int64_t b = r / LMLAB_QTILE, lo = b * LMLAB_QTILE, hi = lo + LMLAB_QTILE, e = hi < r1 ? hi : r1;
+        if (r == lo && hi <= r1) {
+            qtiled_block(p, b, qx, M, y + (r - r0), ldy);
+        } else {
+            qtiled_block(p, b, qx, M, tmp, LMLAB_QTILE);
+            for (int m = 0; m < M; m++)
+                for (int64_t i = r; i < e; i++) y[(size_t)m * ldy + (i - r0)] = tmp[m * LMLAB_QTILE + (i - lo)];
+        }
+        r = e;
+    }
+}
+
 #define QROWS(M) ((M) >= 4 ? 1 : 4 / (M))
 
 /* rows [r0, r1) of one part against up to QMAXT rows of x */
@@ -608,6 +756,10 @@ static void qpart_range(const lmlab_qpart *p, int64_t r0, int64_t r1, const lmla
     sub.sx += (size_t)m0 * (K / 32);
     sub.xsum += (size_t)m0 * (K / 32);
     y += (size_t)m0 * ldy;
+    if (p->tile) {
+        qtiled_range(p, r0, r1, &sub, M, y, ldy);
+        return;
+    }
     int64_t r = r0;
 #define QCALL(MM)                                                                                           \
     if (p->scale16) {                                                                                       \
@@ -667,6 +819,7 @@ int lmlab_qlinear(const float *x, int M, int K, const lmlab_qmat *w, int N, cons
         lmlab_q_quantize_x(x, M, K, &qx);
         if (threads < 1) threads = 1;
         if (threads > (N + 15) / 16) threads = (N + 15) / 16;
+        /* shares in multiples of 16 rows: a tiled part's blocks stay whole */
 #pragma omp parallel num_threads(threads)
         {
 #ifdef _OPENMP
@@ -674,8 +827,8 @@ int lmlab_qlinear(const float *x, int M, int K, const lmlab_qmat *w, int N, cons
 #else
             const int t = 0, T = 1;
 #endif
-            const int64_t chunks = (N + 7) / 8;
-            int64_t n0 = chunks * t / T * 8, n1 = chunks * (t + 1) / T * 8;
+            const int64_t chunks = (N + 15) / 16;
+            int64_t n0 = chunks * t / T * 16, n1 = chunks * (t + 1) / T * 16;
             if (n1 > N) n1 = N;
             if (n0 < n1) {
                 lmlab_q_matmul_range(w, &qx, n0, n1, y, N);
@@ -702,7 +855,16 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
             const int64_t row = r - start;
             const int H = (int)p->scale16;
             float *o = out + (size_t)(r - r0) * K;
-            if (p->type == LMLAB_Q8) {
+            if (p->tile) {
+                const int NG = K / 32, rr = (int)(row % LMLAB_QTILE);
+                for (int g = 0; g < NG; g++) {
+                    const size_t at = (size_t)(row / LMLAB_QTILE) * NG + g, s = at * LMLAB_QTILE + rr;
+                    const float d = sc_at(p->scale, s, H), mn = min_at(p, s, H);
+                    const uint8_t *blk = tiled_group(p, at);
+                    const uint64_t *mk = tiled_masks(p, at);
+                    for (int k = 0; k < 32; k++) o[g * 32 + k] = d * (float)tiled_value(blk, mk, rr, k) + mn;
+                }
+            } else if (p->type == LMLAB_Q8) {
                 const int8_t *q = (const int8_t *)p->q + (size_t)row * K;
                 const int G = (int)p->group;
                 for (int g = 0; g < K / G; g++) {
@@ -740,6 +902,16 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
 }
 
 int lmlab_q_parts_max(void) { return LMLAB_QPARTS; }
+
+/* rows per block lmlab.quant tiles Q4 parts in for this build: LMLAB_QTILE where the tiled
+ * kernel is the fast one (AVX512-VNNI), else 0 (a tiled part still computes right) */
+int lmlab_q_tiles(void) {
+#if QVNNI == 512
+    return LMLAB_QTILE;
+#else
+    return 0;
+#endif
+}
 
 /* the integer dot product this build runs, for lmlab bench --machine and native.status() */
 const char *lmlab_q_isa(void) {

@@ -9,6 +9,8 @@ Two layouts of lmlab's own hold every quantized matrix (``csrc/quant.c`` documen
   ``qh``, a 32-bit word per group; m = -16 d, not stored), Q4_1 and Q4_K (d * sc, -dmin * min), and lmlab's ``q4``.
   Interleaved by pairs of groups (``pack_nibbles``): one group in the low nibbles of 32 bytes,
   the next in their high nibbles, so the kernel unpacks one whole group per register.
+  Or tiled (``tile_part``, where the native kernel is built for AVX512-VNNI): rows in blocks of
+  16, each group's values of the 16 rows side by side, so one integer dot product serves 16 rows.
 
 Repacking moves bytes; scales (and mins) stay float16 where every one of a part's is a float16
 value (Q8_0, Q4_0, Q4_1, Q5_0, q8, q4: so Q4_1 and Q8_0 take the file's bytes) and are float32
@@ -51,14 +53,19 @@ TILE_VALUES = 1 << 19  # values of W dequantized at a time for a GEMM (2 MB of f
 
 class QuantPart:
     """Rows of a matrix in one layout: q (rows, K) int8 or (rows, K / 2) uint8; scale and min
-    (rows, K / group) float16 or float32, both the same (min: Q4 only; None for Q4_0's -8 d)."""
+    (rows, K / group) float16 or float32, both the same (min: Q4 only; None for Q4_0's -8 d).
 
-    __slots__ = ("kind", "group", "q", "scale", "min", "source_type", "qh")
+    ``tile``: 0, or ``TILE`` (Q4 only) where the rows are tiled in blocks of 16: the tensors keep
+    their shapes, but a block's bytes are in ``tile_part``'s order, so rows can be sliced only at
+    block boundaries; ``untile_part`` gives the plain layout back."""
 
-    def __init__(self, kind, group, q, scale, min=None, source_type="", qh=None):
+    __slots__ = ("kind", "group", "q", "scale", "min", "source_type", "qh", "tile")
+
+    def __init__(self, kind, group, q, scale, min=None, source_type="", qh=None, tile=0):
         self.kind, self.group, self.q, self.scale, self.min = kind, group, q, scale, min
         self.source_type = source_type  # the GGUF type it came from, or lmlab's q8/q4
         self.qh = qh  # Q4 only: int32 (rows, K / 32) fifth bits (Q5_0), or None
+        self.tile = tile
 
     @property
     def rows(self) -> int:
@@ -101,6 +108,7 @@ class QuantWeight:
                     min=p.min.data_ptr() if p.min is not None else None,
                     scale16=int(p.scale.dtype == torch.float16),
                     qh=p.qh.data_ptr() if p.qh is not None else None,
+                    tile=p.tile,
                 )
             self._struct = s
         return self._struct
@@ -148,9 +156,74 @@ def unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return v
 
 
+# ----------------------------------------------------------------------------- tiled Q4
+
+TILE = 16  # rows per block of a tiled Q4 part (LMLAB_QTILE in csrc/quant.h)
+
+
+def _bits_to_words(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) 0/1 -> (...,) int64 with bit i = bits[..., i] (width 64 wraps into the sign: exact bits)."""
+    return (bits.to(torch.int64) << torch.arange(width, dtype=torch.int64)).sum(-1)
+
+
+def _words_to_bits(words: torch.Tensor, width: int) -> torch.Tensor:
+    return (words.to(torch.int64)[..., None] >> torch.arange(width, dtype=torch.int64)) & 1
+
+
+def tile_part(p: QuantPart) -> QuantPart:
+    """A plain Q4 part (rows a multiple of 16) -> the same values tiled (``csrc/quant.c``, "tiled
+    Q4"): in block b, group g's 256 bytes hold at 64 j + 4 r + i row r's value 8 j + i (low
+    nibble) and 8 j + 4 + i (high); scales, mins and fifth bits go by (block, group, row)."""
+    if p.tile or p.kind != Q4 or p.rows % TILE:
+        raise ValueError("tile_part takes a plain Q4 part whose rows are a multiple of 16")
+    n, G = p.scale.shape
+    B = n // TILE
+    v = unpack_nibbles(p.q).view(B, TILE, G, 4, 2, 4)  # (b, r, g, j, h, i): value 8 j + 4 h + i
+    v = v.permute(0, 2, 3, 1, 5, 4)  # (b, g, j, r, i, h)
+    q = (v[..., 0] | (v[..., 1] << 4)).reshape(n, -1).contiguous()
+
+    def by_block(t):
+        return t.view(B, TILE, G).transpose(1, 2).reshape(n, G).contiguous() if t is not None else None
+
+    qh = None
+    if p.qh is not None:  # mask 2 j + h, bit 4 r + i: row r's fifth bit of value 8 j + 4 h + i
+        bits = _words_to_bits(p.qh, 32).view(B, TILE, G, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
+        qh = _bits_to_words(bits.reshape(B, G, 8, 64), 64).contiguous().view(torch.int32).reshape(n, G)
+    return QuantPart(p.kind, p.group, q, by_block(p.scale), by_block(p.min), p.source_type, qh, TILE)
+
+
+def untile_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> QuantPart:
+    """Rows [r0, r1) of a part in the plain layout (a tiled part's blocks untiled; a plain part's
+    rows sliced)."""
+    r1 = p.rows if r1 is None else r1
+    if not p.tile:
+
+        def rows(t):
+            return t[r0:r1] if t is not None else None
+
+        return QuantPart(p.kind, p.group, p.q[r0:r1], p.scale[r0:r1], rows(p.min), p.source_type, rows(p.qh))
+    a, b = r0 // TILE * TILE, -(-r1 // TILE) * TILE  # the whole blocks that hold the rows
+    n, G, B = b - a, p.scale.shape[1], (b - a) // TILE
+    t = p.q[a:b].reshape(B, G, 4, TILE, 4)  # (b, g, j, r, i) bytes
+    v = torch.stack([t & 15, t >> 4], dim=-1)  # (b, g, j, r, i, h)
+    q = pack_nibbles(v.permute(0, 3, 1, 2, 5, 4).reshape(n, G, 32))
+
+    def by_row(x):
+        return x[a:b].view(B, G, TILE).transpose(1, 2).reshape(n, G)[r0 - a : r1 - a] if x is not None else None
+
+    qh = None
+    if p.qh is not None:
+        masks = p.qh[a:b].reshape(-1).view(torch.int64).view(B, G, 8)
+        bits = _words_to_bits(masks, 64).view(B, G, 4, 2, TILE, 4).permute(0, 4, 1, 2, 3, 5)  # (b, r, g, j, h, i)
+        qh = _bits_to_words(bits.reshape(n, G, 32), 32).to(torch.int32)[r0 - a : r1 - a]
+    return QuantPart(p.kind, p.group, q[r0 - a : r1 - a], by_row(p.scale), by_row(p.min), p.source_type, qh)
+
+
 def dequantize_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> torch.Tensor:
     """The reference: rows [r0, r1) of a part as float32, in torch (the C code must agree)."""
     r1 = p.rows if r1 is None else r1
+    if p.tile:
+        p, r0, r1 = untile_part(p, r0, r1), 0, r1 - r0
     if p.kind == Q8:
         q = p.q[r0:r1].float()
         return (q.view(q.shape[0], -1, p.group) * p.scale[r0:r1, :, None].float()).reshape(q.shape)
@@ -243,6 +316,7 @@ def pack_gguf(raw: torch.Tensor, type_name: str) -> QuantPart:
 
 def to_gguf_blocks(p: QuantPart) -> tuple[np.ndarray, str]:
     """A part of lmlab's own q8 / q4 -> GGUF blocks (Q8_0 / Q4_1) with the same values."""
+    p = untile_part(p) if p.tile else p
     rows = p.rows
     if p.kind == Q8 and p.group == 32:
         d = p.scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)
@@ -458,6 +532,9 @@ __all__ = [
     "pack_nibbles",
     "unpack_nibbles",
     "dequantize_part",
+    "TILE",
+    "tile_part",
+    "untile_part",
     "narrow_scales",
     "to_gguf_blocks",
     "quant_linear",

@@ -16,10 +16,22 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lmlab import native
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.host import give_back_freed_memory
-from lmlab.quant import GGUF_TYPES, QuantEmbedding, QuantLinear, QuantPart, QuantWeight, pack_gguf, quantize
+from lmlab.quant import (
+    GGUF_TYPES,
+    Q4,
+    TILE,
+    QuantEmbedding,
+    QuantLinear,
+    QuantPart,
+    QuantWeight,
+    pack_gguf,
+    quantize,
+    tile_part,
+)
 
 # lmlab's matrices that may be quantized: every Linear of the blocks, the head and the token embedding
 _SLOTS = re.compile(r"^(tok_embed|lm_head|blocks\.\d+\.(attn\.qkv|attn\.o|mlp\.up|mlp\.down))\.weight$")
@@ -153,32 +165,38 @@ class DequantizedWarning(UserWarning):
 CHUNK_ROWS = 4096  # rows of a big tensor (an embedding table) read and repacked at a time
 
 
+def _tiled(part: QuantPart, tile: int) -> QuantPart:
+    """The part tiled (``tile_part``) where this build's kernel wants tiles and the part allows it."""
+    return tile_part(part) if tile and part.kind == Q4 and part.rows % tile == 0 else part
+
+
 def _pack_in_chunks(source, name: str, shape) -> QuantPart:
-    """One tensor's blocks repacked, CHUNK_ROWS rows at a time into the final tensors, so a load
-    holds the file's bytes of one chunk beside the result, never a second whole copy."""
+    """One tensor's blocks repacked (and tiled), CHUNK_ROWS rows at a time into the final tensors,
+    so a load holds the file's bytes of one chunk beside the result, never a second whole copy."""
     rows = shape[0]
+    tile = native.q_tiles() if rows % TILE == 0 else 0  # CHUNK_ROWS is a multiple of TILE
     if rows <= CHUNK_ROWS:
-        return pack_gguf(*source.raw(name))
-    first = pack_gguf(*source.raw(name, 0, CHUNK_ROWS))
+        return _tiled(pack_gguf(*source.raw(name)), tile)
+    first = _tiled(pack_gguf(*source.raw(name, 0, CHUNK_ROWS)), tile)
     full = [
         torch.empty((rows, *t.shape[1:]), dtype=t.dtype) if t is not None else None
         for t in (first.q, first.scale, first.min, first.qh)
     ]
     for r0 in range(0, rows, CHUNK_ROWS):
-        part = first if r0 == 0 else pack_gguf(*source.raw(name, r0, r0 + CHUNK_ROWS))
+        part = first if r0 == 0 else _tiled(pack_gguf(*source.raw(name, r0, r0 + CHUNK_ROWS)), tile)
         if part.scale.dtype != full[1].dtype:  # float16 scales so far, float32 ones here: widen (exact)
             full[1:3] = [t.float() if t is not None else None for t in full[1:3]]
         for dst, src in zip(full, (part.q, part.scale, part.min, part.qh)):
             if dst is not None:
                 dst[r0 : r0 + src.shape[0]] = src
-    return QuantPart(first.kind, first.group, full[0], full[1], full[2], first.source_type, full[3])
+    return QuantPart(first.kind, first.group, full[0], full[1], full[2], first.source_type, full[3], first.tile)
 
 
 def float_tensors_quantized(cfg: ModelConfig, tensors, kind: str):
     """The float (lmlab name, tensor) pairs with every matrix slot quantized to ``kind``."""
     for name, t in tensors:
         if _slot(name) and t.dim() == 2:
-            yield name, QuantWeight([quantize(t, kind)], t.shape[1])
+            yield name, QuantWeight([_tiled(quantize(t, kind), native.q_tiles())], t.shape[1])
         else:
             yield name, t
 

@@ -15,17 +15,10 @@ import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.quant import QuantLinear, QuantPart, to_gguf_blocks
+from lmlab.quant import QuantLinear, QuantPart, to_gguf_blocks, untile_part
 
 ARCH_OF_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 FILE_TYPES = {"q8": 7, "q4": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0, _MOSTLY_Q4_1
-
-
-def _rows(p: QuantPart, r0: int, r1: int) -> QuantPart:
-    def rows(t):
-        return t[r0:r1] if t is not None else None
-
-    return QuantPart(p.kind, p.group, p.q[r0:r1], p.scale[r0:r1], rows(p.min), p.source_type, rows(p.qh))
 
 
 def _interleave_rotary(blocks: np.ndarray, heads: int) -> np.ndarray:
@@ -85,9 +78,9 @@ def write_gguf(lm, path, kind: str) -> int:
         plain(p + "attn_norm.weight", blk.attn_norm.weight)
         qkv = only_part(blk.attn.qkv)
         llama = arch == "llama"
-        quant(p + "attn_q.weight", _rows(qkv, 0, H * D), H if llama else 0)
-        quant(p + "attn_k.weight", _rows(qkv, H * D, (H + K) * D), K if llama else 0)
-        quant(p + "attn_v.weight", _rows(qkv, (H + K) * D, (H + 2 * K) * D))
+        quant(p + "attn_q.weight", untile_part(qkv, 0, H * D), H if llama else 0)
+        quant(p + "attn_k.weight", untile_part(qkv, H * D, (H + K) * D), K if llama else 0)
+        quant(p + "attn_v.weight", untile_part(qkv, (H + K) * D, (H + 2 * K) * D))
         if blk.attn.qkv.bias is not None:
             b = blk.attn.qkv.bias
             plain(p + "attn_q.bias", b[: H * D])
@@ -99,8 +92,8 @@ def write_gguf(lm, path, kind: str) -> int:
             plain(p + "attn_k_norm.weight", blk.attn.k_norm.weight)
         plain(p + "ffn_norm.weight", blk.mlp_norm.weight)
         up = only_part(blk.mlp.up)
-        quant(p + "ffn_gate.weight", _rows(up, 0, F))
-        quant(p + "ffn_up.weight", _rows(up, F, 2 * F))
+        quant(p + "ffn_gate.weight", untile_part(up, 0, F))
+        quant(p + "ffn_up.weight", untile_part(up, F, 2 * F))
         quant(p + "ffn_down.weight", only_part(blk.mlp.down))
     plain("output_norm.weight", model.final_norm.weight)
     if not cfg.tie_embeddings:
