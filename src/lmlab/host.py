@@ -5,6 +5,8 @@
 - ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
+- ``c_compiler()``, ``compile_library(...)``: the system's C compiler, and a shared library built
+  with it (lmlab.native's decoding kernels, lmlab.spm's tokenizer).
 - ``keep_freed_memory()``: while training, freed memory stays in the process for the next step;
   ``give_back_freed_memory()``: the heap's free pages go back to the OS (after a load's temporaries).
 
@@ -28,6 +30,37 @@ FALSE = ("0", "false", "no", "off")
 
 # The instruction-set extensions that decide matmul speed on a CPU: the ones host_details lists.
 MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def c_compiler() -> str | None:
+    """The C compiler lmlab builds its native code with: ``$CC``, else cc, gcc or clang on PATH."""
+    import shutil
+
+    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def compile_library(cc: str, flag_sets: list[list[str]], sources: list, out: Path, libs=()) -> str | None:
+    """Compile ``sources`` into the shared library ``out`` with the first of ``flag_sets`` that
+    builds; None on success, else the compiler's complaint (its first line). The file appears
+    whole or not at all (a concurrent process may be building the same one)."""
+    import subprocess
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        for flags in flag_sets:
+            proc = subprocess.run(
+                [cc, *flags, *map(str, sources), "-o", tmp, *libs], capture_output=True, text=True, timeout=120
+            )
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return None
+        return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[0]
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -25,16 +25,14 @@ import ctypes
 import hashlib
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lmlab.host import cpu_signature, env_flag, lmlab_home
+from lmlab.host import c_compiler, compile_library, cpu_signature, env_flag, lmlab_home
 
 MAX_ROWS = (
     4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
@@ -157,25 +155,10 @@ def q_tiles() -> int:
 
 
 def _build(cc: str, out: Path) -> str | None:
-    """Compile SOURCE to ``out``; None on success, else the compiler's complaint (first line)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        for extra in (["-fopenmp"], []):  # without OpenMP (e.g. Apple's clang) it runs on one thread
-            proc = subprocess.run(
-                [cc, *FLAGS, *extra, str(SOURCE), str(QUANT_SOURCES[0]), "-o", tmp, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if proc.returncode == 0:
-                os.replace(tmp, out)  # atomic: a concurrent process sees the whole file or none
-                return None
-        return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[0]
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Compile SOURCE and the quant sources to ``out``; None on success, else the compiler's
+    complaint. Without OpenMP (e.g. Apple's clang) it runs on one thread."""
+    sources = [SOURCE, QUANT_SOURCES[0]]
+    return compile_library(cc, [[*FLAGS, "-fopenmp"], FLAGS], sources, out, libs=["-lm"])
 
 
 def _load():
@@ -186,7 +169,7 @@ def _load():
     if not enabled_by_env():
         _status = "off (LMLAB_NATIVE=0)"
         return _lib
-    cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = c_compiler()
     if cc is None:
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
@@ -392,39 +375,37 @@ def _quant_self_check() -> str | None:
 
 
 def _tiled_self_check(g: torch.Generator) -> str | None:
-    """A tiled Q4 part (lmlab.quant.tile_part: with a min, and with fifth bits and none) against
-    the plain part it came from, through lmlab_qlinear; both below an 8-row Q8 part, so the threads'
+    """A tiled Q4 part (LMLAB_QTILE: with a min, and with fifth bits and none) through
+    lmlab_qlinear against F.linear on the rows lmlab_q_dequant_rows reads from it (the plain C
+    loop; the tests hold that to the file's values). Below an 8-row Q8 part, so the threads'
     shares (multiples of 16 rows) cut the tiled part's blocks."""
-    from lmlab.quant import Q4, Q8, QuantPart, QuantWeight, tile_part
-
-    top = QuantPart(
-        Q8, 32, torch.randint(-128, 128, (8, 96), generator=g, dtype=torch.int8), torch.rand(8, 3, generator=g)
-    )
-
+    n, K = 48, 96
+    top_q = torch.randint(-128, 128, (8, K), generator=g, dtype=torch.int8)
+    top_d = torch.rand(8, K // 32, generator=g)
     for fifth in (False, True):
-        n, K = 48, 96
         q = torch.randint(0, 256, (n, K // 2), generator=g, dtype=torch.uint8)
         d = torch.rand(n, K // 32, generator=g).half()
         mn = None if fifth else torch.randn(n, K // 32, generator=g).half()
-        qh = (
-            torch.randint(-(2**31), 2**31, (n, K // 32), generator=g, dtype=torch.int64).to(torch.int32)
-            if fifth
-            else None
-        )
-        plain = QuantWeight([top, QuantPart(Q4, 32, q, d, mn, "self-check", qh)], K)
-        tiled = QuantWeight([top, tile_part(plain.parts[1])], K)
+        qh = torch.randint(0, 2**31, (n, K // 32), generator=g, dtype=torch.int64).to(torch.int32)
+        qm = QMat(n_parts=2)
+        qm.parts[0] = QPart(1, 8, 32, top_q.data_ptr(), top_d.data_ptr(), None, 0)
+        qm.parts[1] = QPart(
+            2, n, 32, q.data_ptr(), d.data_ptr(), mn.data_ptr() if mn is not None else None, 1,
+            qh.data_ptr() if fifth else None, 16,
+        )  # fmt: skip
+        w = torch.empty(n + 8, K)
+        _lib.lmlab_q_dequant_rows(ctypes.byref(qm), K, 0, n + 8, w.data_ptr())
         x = torch.randn(3, K, generator=g)
-        ys = []
-        for w in (plain, tiled):
-            y = torch.empty(3, n + 8)
-            rc = _lib.lmlab_qlinear(x.data_ptr(), 3, K, ctypes.byref(w.struct), n + 8, None, y.data_ptr(), 3)
-            if rc:
-                return f"tiled quantized matmul: rc {rc}"
-            ys.append(y)
-        err = (ys[0] - ys[1]).abs().max().item()
-        if err > 1e-4 * (1 + ys[0].abs().max().item()):
+        y = torch.empty(3, n + 8)
+        rc = _lib.lmlab_qlinear(x.data_ptr(), 3, K, ctypes.byref(qm), n + 8, None, y.data_ptr(), 3)
+        gx = x.view(3, -1, 32)
+        sx = gx.abs().amax(-1, keepdim=True) / 127
+        xq = (torch.round(gx * torch.where(sx == 0, torch.zeros_like(sx), 1 / sx)) * sx).view(3, K)
+        want = F.linear(xq, w)
+        err = (y - want).abs().max().item()
+        if rc != 0 or err > 1e-4 * (1 + want.abs().max().item()):
             what = " with fifth bits" if fifth else ""
-            return f"tiled quantized matmul{what}: max difference {err:.3g} from the plain layout"
+            return f"tiled quantized matmul{what}: rc {rc}, max error {err:.3g}"
     return None
 
 

@@ -1,13 +1,16 @@
 """One Tokenizer for every source: a HF folder's tokenizer.json, or a GGUF file's vocabulary.
 
-Both become a ``tokenizers.Tokenizer`` (HF's Rust library), so encoding is the same fast code
+The backend is a ``tokenizers.Tokenizer`` (HF's Rust library), so encoding is the same fast code
 whatever the source. From a GGUF file the tokenizer is rebuilt from metadata:
 
 - ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with the file's merges; the pre-tokenizer
   regex is chosen by ``tokenizer.ggml.pre`` as llama.cpp does.
-- ``tokenizer.ggml.model == "llama"``: SentencePiece BPE with scores. ``tokenizers`` needs merges,
-  so they are derived from the vocabulary: every split of a token into two tokens is a merge,
-  ranked by the token's score (Gemma: by its position in the vocabulary).
+- ``tokenizer.ggml.model == "llama"``: SentencePiece BPE with scores. The backend is
+  ``lmlab.spm.SentencePieceBPE`` (C; Gemma 3: ~6 MiB, not ~70), which joins the best-ranked pair of
+  pieces until none joins. ``tokenizers`` needs merges instead, so where no C compiler is found,
+  and for writing tokenizer.json (``Tokenizer.tokenizers_backend``), they are derived from the
+  vocabulary: every split of a token into two tokens is a merge, ranked by the token's score
+  (Gemma: by its position in the vocabulary). Both give the same ids.
 - Control tokens (token type 3) become special added tokens and user-defined ones (type 4) plain
   added tokens, so ``<|im_start|>`` in text is one token, as in transformers and llama.cpp.
 
@@ -190,6 +193,12 @@ class Tokenizer:
             return piece.replace("\u2581", " ")
         return self.backend.decode([i])
 
+    def tokenizers_backend(self):
+        """The backend as a ``tokenizers.Tokenizer``, for writing tokenizer.json: a GGUF SentencePiece
+        vocabulary's compact backend (``lmlab.spm``) builds the full object on each call."""
+        to_tokenizers = getattr(self.backend, "to_tokenizers", None)
+        return to_tokenizers() if to_tokenizers is not None else self.backend
+
     def incremental_decoder(self, skip_special: bool = False) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special=skip_special)
 
@@ -321,15 +330,18 @@ class Tokenizer:
         if model == "gpt2":
             backend = _byte_level_bpe(src, list(tokens), types)
             kind = "byte_level"
+            _add_special_tokens(backend, tokens, types)
         elif model == "llama":
-            backend = _sentencepiece_bpe(src, list(tokens), types)
             kind = "sentencepiece"
+            backend = _compact_sentencepiece(src, tokens, types)  # its added tokens included
+            if backend is None:  # no C compiler: the tokenizers backend, ~10x the memory
+                backend = _sentencepiece_bpe(src, list(tokens), types)
+                _add_special_tokens(backend, tokens, types)
         else:
             raise LmlabError(
                 f"{src.path} uses a {model!r} tokenizer, which lmlab cannot rebuild from GGUF; "
                 "supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece)."
             )
-        _add_special_tokens(backend, tokens, types)
         return cls(
             backend,
             kind=kind,
@@ -442,86 +454,50 @@ def _byte_level_bpe(src, tokens: list[str], types: list[int]):
     return backend
 
 
-def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, normalizers, pre_tokenizers
-
+def _sentencepiece_spec(src, tokens) -> dict:
+    """What a GGUF "llama" vocabulary says, with Gemma's rules applied: the pieces (whitespace-run
+    tokens respelled with "▁"), scores (None: vocabulary order), the unknown piece, the prefix space."""
     md = src.metadata
     gemma = src.arch.startswith("gemma")
     # Gemma's GGUF writes its whitespace-run tokens with real spaces; the model matches "▁" runs.
-    tokens = [t.replace(" ", "\u2581") if " " in t and not t.strip() else t for t in tokens]
-    if gemma:  # Gemma's scores do not follow its merge order; its vocabulary order does
-        scores = [-float(i) for i in range(len(tokens))]
-    else:
+    pieces = [t.replace(" ", "\u2581") if " " in t and not t.strip() else t for t in tokens]
+    scores = None  # Gemma's scores do not follow its merge order; its vocabulary order does
+    if not gemma:
         raw = src.array("tokenizer.ggml.scores")
-        scores = (
-            [float(s) for s in raw]
-            if raw is not None and len(raw) == len(tokens)
-            else [-float(i) for i in range(len(tokens))]
-        )
-    vocab = {t: i for i, t in enumerate(tokens)}
+        scores = raw if raw is not None and len(raw) == len(pieces) else None
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    unk = pieces[unk_id] if gemma and isinstance(unk_id, int) and 0 <= unk_id < len(pieces) else None
+    prefix_space = bool(md.get("tokenizer.ggml.add_space_prefix", not gemma)) and not gemma
+    return {"pieces": pieces, "scores": scores, "unk": unk, "prefix_space": prefix_space, "gemma": gemma}
+
+
+def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
+    """The ``tokenizers`` backend of a GGUF "llama" vocabulary (without its added tokens): the
+    fallback where ``lmlab.spm`` cannot be compiled, and the object tokenizer.json is written from."""
     try:
-        model = models.BPE(
-            vocab,
-            _merges_from_vocab(tokens, vocab, scores),
-            dropout=None,
-            unk_token=unk if gemma else None,
-            fuse_unk=True,
-            byte_fallback=True,
-        )
-    except Exception as e:  # noqa: BLE001
+        from lmlab.spm import sentencepiece_bpe_backend
+
+        return sentencepiece_bpe_backend(**_sentencepiece_spec(src, tokens))
+    except ValueError as e:
         raise LmlabError(
             f"{src.path} has an inconsistent SentencePiece vocabulary ({str(e)[:100]}); re-download it."
         ) from None
-    backend = Backend(model)
-    del model, vocab
-    prefix_space = md.get("tokenizer.ggml.add_space_prefix", not gemma)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if gemma:
-        backend.normalizer = normalizers.Replace(" ", "\u2581")
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first" if prefix_space else "never", split=False
-        )
-        if prefix_space:
-            steps.append(decoders.Strip(content=" ", left=1))
-    backend.decoder = decoders.Sequence(steps)
-    return backend
 
 
-def _merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
-    """SentencePiece BPE as merges: every way to write a token as two tokens, best token first.
 
-    Order: token score (high first), then the longer left piece, then the longer right piece,
-    then vocabulary order; the same order transformers' GGUF loader produces. The candidates are
-    held as (distinct spelling, cut) int arrays while they are ranked, not as tuples per merge.
-    """
-    from array import array
+def _compact_sentencepiece(src, tokens, types):
+    """The compact C backend (``lmlab.spm``) of a GGUF "llama" vocabulary, or None where it cannot be built."""
+    from lmlab import spm
 
-    import numpy as np
+    if not spm.available():
+        return None
+    added = [(t, True) for t, k in zip(tokens, types) if k == _CONTROL]
+    added += [(t, False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    try:
+        return spm.SentencePieceBPE(**_sentencepiece_spec(src, tokens), added=added)
+    except (RuntimeError, MemoryError, ValueError):
+        return None
 
-    score_of = dict(zip(tokens, scores))  # a duplicated spelling keeps its last score
-    spelled = list(dict.fromkeys(tokens))
-    us, ks = array("i"), array("i")  # merge j joins spelled[us[j]][:ks[j]] and spelled[us[j]][ks[j]:]
-    for order, t in enumerate(spelled):
-        for k in range(len(t) - 1, 0, -1):
-            if t[:k] in vocab and t[k:] in vocab:
-                us.append(order)
-                ks.append(k)
-    if us:
-        u = np.frombuffer(us, dtype=np.int32)
-        k = np.frombuffer(ks, dtype=np.int32)
-        score = np.array([score_of[t] for t in spelled], dtype=np.float64)[u]
-        n = np.array([len(t) for t in spelled], dtype=np.int64)[u]
-        # Generation order is token order then longer-left first; with scores falling along the
-        # vocabulary (the usual case, and Gemma's) that already is the ranking.
-        same = np.diff(score) == 0
-        if not (np.all(np.diff(score) <= 0) and np.all(np.diff(u)[same] == 0)):
-            idx = np.lexsort((u, -(n - k), -k, -score))
-            us, ks = u[idx].tolist(), k[idx].tolist()
-    return [(spelled[i][:c], spelled[i][c:]) for i, c in zip(us, ks)]
 
 
 def _add_special_tokens(backend, tokens: list[str], types: list[int]) -> None:

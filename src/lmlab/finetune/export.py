@@ -226,7 +226,7 @@ def _tokenizer_files(lm) -> tuple[object, dict]:
 
     tok = lm.tokenizer
     eos = tok.eos_ids[0] if tok.eos_ids else None
-    writer = TrainTokenizer(tok.backend, "model", lm.name, eos_id=eos, bos_id=tok.bos_id)
+    writer = TrainTokenizer(tok.tokenizers_backend(), "model", lm.name, eos_id=eos, bos_id=tok.bos_id)
     cfg = json.loads(writer.hf_files(lm.config.max_seq_len)["tokenizer_config.json"])
     cfg["add_bos_token"] = bool(tok.add_bos)
     if tok.chat_template:

@@ -177,4 +177,4 @@ def _model_tokenizer(spec: str) -> TrainTokenizer:
     else:
         raise LmlabError(f"--tokenizer {spec}: a nanoGPT checkpoint has no tokenizer of its own; use --tokenizer gpt2.")
     eos = tok.eos_ids[0] if tok.eos_ids else None
-    return TrainTokenizer(tok.backend, "model", spec, eos_id=eos, bos_id=tok.bos_id)
+    return TrainTokenizer(tok.tokenizers_backend(), "model", spec, eos_id=eos, bos_id=tok.bos_id)
