@@ -161,13 +161,15 @@ def unpack_nibbles(q: torch.Tensor) -> torch.Tensor:
 TILE = 16  # rows per block of a tiled Q4 part (LMLAB_QTILE in csrc/quant.h)
 
 
-def _bits_to_words(bits: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., width) 0/1 -> (...,) int64 with bit i = bits[..., i] (width 64 wraps into the sign: exact bits)."""
-    return (bits.to(torch.int64) << torch.arange(width, dtype=torch.int64)).sum(-1)
+def _bits(words: torch.Tensor) -> np.ndarray:
+    """Little-endian words (any int dtype) -> their bits, one uint8 each, lowest first: (..., 8 * bytes)."""
+    w = words.contiguous()
+    return np.unpackbits(w.numpy().view(np.uint8), bitorder="little").reshape(*w.shape[:-1], -1)
 
 
-def _words_to_bits(words: torch.Tensor, width: int) -> torch.Tensor:
-    return (words.to(torch.int64)[..., None] >> torch.arange(width, dtype=torch.int64)) & 1
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    """``_bits`` undone: (..., 8 k) bits -> (..., k) bytes (view them as the words they were)."""
+    return np.packbits(np.ascontiguousarray(bits), axis=-1, bitorder="little")
 
 
 def tile_part(p: QuantPart) -> QuantPart:
@@ -187,8 +189,8 @@ def tile_part(p: QuantPart) -> QuantPart:
 
     qh = None
     if p.qh is not None:  # mask 2 j + h, bit 4 r + i: row r's fifth bit of value 8 j + 4 h + i
-        bits = _words_to_bits(p.qh, 32).view(B, TILE, G, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
-        qh = _bits_to_words(bits.reshape(B, G, 8, 64), 64).contiguous().view(torch.int32).reshape(n, G)
+        bits = _bits(p.qh).reshape(B, TILE, G, 4, 2, 4).transpose(0, 2, 3, 4, 1, 5)  # (b, g, j, h, r, i)
+        qh = torch.from_numpy(_pack_bits(bits.reshape(n, -1)).view(np.int32))
     return QuantPart(p.kind, p.group, q, by_block(p.scale), by_block(p.min), p.source_type, qh, TILE)
 
 
@@ -213,9 +215,8 @@ def untile_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> QuantPart:
 
     qh = None
     if p.qh is not None:
-        masks = p.qh[a:b].reshape(-1).view(torch.int64).view(B, G, 8)
-        bits = _words_to_bits(masks, 64).view(B, G, 4, 2, TILE, 4).permute(0, 4, 1, 2, 3, 5)  # (b, r, g, j, h, i)
-        qh = _bits_to_words(bits.reshape(n, G, 32), 32).to(torch.int32)[r0 - a : r1 - a]
+        bits = _bits(p.qh[a:b]).reshape(B, G, 4, 2, TILE, 4).transpose(0, 4, 1, 2, 3, 5)  # (b, r, g, j, h, i)
+        qh = torch.from_numpy(_pack_bits(bits.reshape(n, -1)).view(np.int32))[r0 - a : r1 - a]
     return QuantPart(p.kind, p.group, q[r0 - a : r1 - a], by_row(p.scale), by_row(p.min), p.source_type, qh)
 
 
