@@ -704,6 +704,27 @@ static inline __attribute__((always_inline)) void qtiled(const lmlab_qpart *p, i
     }
     for (int m = 0; m < M; m++) _mm512_storeu_ps(y + (size_t)m * ldy, acc[m]);
 }
+
+/* row rr's 32 values of one block's group (its bytes blk, fifth-bit masks mk or NULL) as floats
+ * d * v + mn (exact products: d has at most 17 significant bits, v 5) */
+static inline void tiled_row_values(const uint8_t *blk, const uint64_t *mk, int rr, float d, float mn, float *og) {
+    uint32_t w[4];
+    for (int j = 0; j < 4; j++) memcpy(&w[j], blk + 64 * j + 4 * rr, 4);
+    const __m128i v = _mm_loadu_si128((const __m128i *)w), nib = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+    __m512i a = _mm512_cvtepu8_epi32(_mm_unpacklo_epi32(lo, hi)); /* values 0..15: j 0 low, j 0 high, j 1 ... */
+    __m512i b = _mm512_cvtepu8_epi32(_mm_unpackhi_epi32(lo, hi)); /* values 16..31 */
+    if (mk) {
+        uint32_t bits = 0; /* bit k: value k's fifth bit */
+        for (int j = 0; j < 4; j++)
+            bits |= (uint32_t)(mk[2 * j] >> (4 * rr) & 15) << (8 * j) | (uint32_t)(mk[2 * j + 1] >> (4 * rr) & 15) << (8 * j + 4);
+        a = _mm512_mask_add_epi32(a, (__mmask16)(bits & 0xFFFF), a, _mm512_set1_epi32(16));
+        b = _mm512_mask_add_epi32(b, (__mmask16)(bits >> 16), b, _mm512_set1_epi32(16));
+    }
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(mn);
+    _mm512_storeu_ps(og, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), dv, mv));
+    _mm512_storeu_ps(og + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), dv, mv));
+}
 #endif
 
 /* block b of a tiled part against M rows of x */
@@ -855,14 +876,27 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
             const int64_t row = r - start;
             const int H = (int)p->scale16;
             float *o = out + (size_t)(r - r0) * K;
-            if (p->tile) {
+            if (p->tile) { /* the row's 4 bytes of each 64 of a group: values 8 j + i and 8 j + 4 + i */
                 const int NG = K / 32, rr = (int)(row % LMLAB_QTILE);
                 for (int g = 0; g < NG; g++) {
                     const size_t at = (size_t)(row / LMLAB_QTILE) * NG + g, s = at * LMLAB_QTILE + rr;
                     const float d = sc_at(p->scale, s, H), mn = min_at(p, s, H);
                     const uint8_t *blk = tiled_group(p, at);
-                    const uint64_t *mk = tiled_masks(p, at);
-                    for (int k = 0; k < 32; k++) o[g * 32 + k] = d * (float)tiled_value(blk, mk, rr, k) + mn;
+                    uint64_t mk[8] = {0};
+                    if (p->qh) memcpy(mk, tiled_masks(p, at), 64);
+                    float *og = o + g * 32;
+#if QVNNI == 512
+                    tiled_row_values(blk, p->qh ? mk : NULL, rr, d, mn, og);
+                    continue;
+#endif
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t *b4 = blk + 64 * j + 4 * rr;
+                        const uint32_t hlo = (uint32_t)(mk[2 * j] >> (4 * rr)), hhi = (uint32_t)(mk[2 * j + 1] >> (4 * rr));
+                        for (int i = 0; i < 4; i++) {
+                            og[8 * j + i] = d * (float)((b4[i] & 15) | (hlo >> i & 1) << 4) + mn;
+                            og[8 * j + 4 + i] = d * (float)((b4[i] >> 4) | (hhi >> i & 1) << 4) + mn;
+                        }
+                    }
                 }
             } else if (p->type == LMLAB_Q8) {
                 const int8_t *q = (const int8_t *)p->q + (size_t)row * K;
