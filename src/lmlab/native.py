@@ -580,6 +580,16 @@ def _hook_stops(model) -> list[int] | None:
     """The layer boundaries (0..L) where a decoding step stops to call the registered hooks on the
     residual stream: boundary b is after block b - 1's resid_post and at block b's resid_pre.
     None when a hook sits where only model.py reaches (inside a block, the final norm, the logits)."""
+    key = tuple(model.hooks)  # names with hooks; a step asks several times, so the answer is kept
+    cached = model.__dict__.get("_lmlab_hook_stops")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    stops = _stops_of(model)
+    model.__dict__["_lmlab_hook_stops"] = (key, stops)
+    return stops
+
+
+def _stops_of(model) -> list[int] | None:
     stops = set()
     for name in model.hooks:
         m = _STEP_HOOKS.match(name)
@@ -654,40 +664,34 @@ def decode_step(
     L = model.cfg.n_layers
     logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
 
-    def layers(l0: int, l1: int, x_in: torch.Tensor, x_out: torch.Tensor | None) -> int:
-        return lib.lmlab_decode_layers(
-            plan.struct_ref,
-            plan.state,
-            B,
-            x_in.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            cache.max_len,
-            cache.length,
-            first.data_ptr() if first is not None else None,
-            cos.data_ptr() if cos is not None else None,
-            sin.data_ptr() if sin is not None else None,
-            l0,
-            l1,
-            x_out.data_ptr() if x_out is not None else None,
-            logits.data_ptr() if x_out is None else None,
-            torch.get_num_threads(),
-        )
+    call = lib.lmlab_decode_layers
+    model_args = (plan.struct_ref, plan.state, B)  # what every layer range of this step shares
+    cache_args = (
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.max_len,
+        cache.length,
+        first.data_ptr() if first is not None else None,
+        cos.data_ptr() if cos is not None else None,
+        sin.data_ptr() if sin is not None else None,
+    )
+    threads = torch.get_num_threads()
 
     with plan.lock:
         l0 = 0
+        hooks = model.hooks
         for b in stops:  # the hooks' boundaries: run the layers up to one, then its hooks (Block.forward's order)
             if b > l0:
                 out = torch.empty(B, 1, model.cfg.d_model)  # a new tensor each time: a hook may keep it
-                if layers(l0, b, x, out) != 0:
+                if call(*model_args, x.data_ptr(), *cache_args, l0, b, out.data_ptr(), None, threads) != 0:
                     return None
                 x, l0 = out, b
-            if b > 0:
-                x = ctx(f"blocks.{b - 1}.resid_post", x)
-            if b < L:
-                x = ctx(f"blocks.{b}.resid_pre", x)
-            x = x.detach().to(torch.float32).contiguous()
-        if layers(l0, L, x, None) != 0:
+            for name in (f"blocks.{b - 1}.resid_post" if b > 0 else None, f"blocks.{b}.resid_pre" if b < L else None):
+                if name in hooks:
+                    x = ctx(name, x)
+            if x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.detach().to(torch.float32).contiguous()
+        if call(*model_args, x.data_ptr(), *cache_args, l0, L, None, logits.data_ptr(), threads) != 0:
             return None
     cache.advance(1)
     return logits
