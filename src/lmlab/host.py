@@ -5,8 +5,9 @@
 - ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
-- ``c_compiler()``, ``compile_library(...)``: the system's C compiler, and a shared library built
-  with it (lmlab.native's decoding kernels, lmlab.spm's tokenizer).
+- ``c_compiler()``, ``compile_library(...)``, ``cached_library(...)``: the system's C compiler, a
+  shared library built with it, and one kept built under lmlab_home() (lmlab.native's decoding
+  kernels, lmlab.spm's tokenizer).
 - ``keep_freed_memory()``: while training, freed memory stays in the process for the next step;
   ``give_back_freed_memory()``: the heap's free pages go back to the OS (after a load's temporaries).
 
@@ -61,6 +62,23 @@ def compile_library(cc: str, flag_sets: list[list[str]], sources: list, out: Pat
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cached_library(stem: str, key: bytes, build) -> tuple:
+    """(the loaded library, None), or (None, why not): ``lmlab_home()/native/{stem}-{hash of key}.so``,
+    built first by ``build(path)`` (None on success, else the complaint) where it is missing."""
+    import hashlib
+    import subprocess
+
+    path = lmlab_home() / "native" / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            err = build(path)
+            if err:
+                return None, f"the build failed ({err})"
+        return ctypes.CDLL(str(path)), None
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load {path} ({e})"
 
 
 def env_flag(name: str, default: bool = False) -> bool:

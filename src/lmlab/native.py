@@ -22,17 +22,15 @@ its other matmul routes; nothing else changes. ``LMLAB_NATIVE=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
-import subprocess
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lmlab.host import c_compiler, compile_library, cpu_signature, env_flag, lmlab_home
+from lmlab.host import c_compiler, cached_library, compile_library, cpu_signature, env_flag
 
 MAX_ROWS = (
     4  # rows of x ``linear`` takes; at 8 rows oneDNN on a prepacked weight is as fast (benchmarks/linear_routes.py)
@@ -154,11 +152,10 @@ def q_tiles() -> int:
     return lib.lmlab_q_tiles() if lib is not None else 0
 
 
-def _build(cc: str, out: Path) -> str | None:
-    """Compile SOURCE and the quant sources to ``out``; None on success, else the compiler's
-    complaint. Without OpenMP (e.g. Apple's clang) it runs on one thread."""
-    sources = [SOURCE, QUANT_SOURCES[0]]
-    return compile_library(cc, [[*FLAGS, "-fopenmp"], FLAGS], sources, out, libs=["-lm"])
+def _build_at(cc: str):
+    """What builds the library at a path: SOURCE and the quant sources (None on success, else the
+    compiler's complaint). Without OpenMP (e.g. Apple's clang) it runs on one thread."""
+    return lambda out: compile_library(cc, [[*FLAGS, "-fopenmp"], FLAGS], [SOURCE, QUANT_SOURCES[0]], out, libs=["-lm"])
 
 
 def _load():
@@ -174,17 +171,11 @@ def _load():
         _status = "off: no C compiler found (install gcc to build the fast decoding kernel)"
         return _lib
     sources = SOURCE.read_bytes() + b"".join(p.read_bytes() for p in QUANT_SOURCES)
-    key = hashlib.sha256(sources + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode()).hexdigest()[:16]
-    path = lmlab_home() / "native" / f"native-{key}.so"
-    try:
-        if not path.exists():
-            err = _build(cc, path)
-            if err:
-                _status = f"off: the build failed ({err})"
-                return _lib
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        _status = f"off: could not build or load {path} ({e})"
+    lib, why = cached_library(
+        "native", sources + " ".join([cc, *FLAGS]).encode() + cpu_signature().encode(), _build_at(cc)
+    )
+    if lib is None:
+        _status = f"off: {why}"
         return _lib
     isa = lib.lmlab_isa()
     if not isa:
@@ -241,7 +232,7 @@ def _load():
         _status = f"off: ACT_CODES and enum lmlab_act in csrc/native.c disagree on {', '.join(wrong)} (make them agree)"
         return _lib
     _single_thread = not lib.lmlab_openmp()
-    _status = f"on ({path.name}, {ISA_NAMES.get(isa, isa)}, {lib.lmlab_q_isa().decode()}" + (
+    _status = f"on ({Path(lib._name).name}, {ISA_NAMES.get(isa, isa)}, {lib.lmlab_q_isa().decode()}" + (
         ", one thread: built without OpenMP, so used only when torch runs one thread)" if _single_thread else ")"
     )
     return _lib

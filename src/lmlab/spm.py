@@ -18,15 +18,13 @@ and flags. Where there is no compiler or the build fails, ``status()`` says why 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import platform
-import subprocess
 import threading
 from array import array
 from pathlib import Path
 from typing import NamedTuple
 
-from lmlab.host import c_compiler, compile_library, lmlab_home
+from lmlab.host import c_compiler, cached_library, compile_library
 
 SOURCE = Path(__file__).with_name("csrc") / "spm.c"
 FLAGS = ["-O2", "-std=gnu11", "-shared", "-fPIC"]
@@ -49,17 +47,10 @@ def _load():
         if cc is None:
             _status = "off: no C compiler found (install gcc for the compact SentencePiece tokenizer)"
             return _lib
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine()]).encode()).hexdigest()[:16]
-        path = lmlab_home() / "native" / f"spm-{key}.so"
-        try:
-            if not path.exists():
-                err = compile_library(cc, [FLAGS], [SOURCE], path)
-                if err:
-                    _status = f"off: the build failed ({err})"
-                    return _lib
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as e:
-            _status = f"off: could not build or load {path} ({e})"
+        key = SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine()]).encode()
+        lib, why = cached_library("spm", key, lambda path: compile_library(cc, [FLAGS], [SOURCE], path))
+        if lib is None:
+            _status = f"off: {why}"
             return _lib
         vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         lib.spm_new.argtypes = [i32, vp, vp, vp, i32]
@@ -84,7 +75,7 @@ def _load():
         lib.spm_encode.restype = i64
         lib.spm_decode.argtypes = [vp, vp, i64, i32, vp, i64]
         lib.spm_decode.restype = i64
-        _lib, _status = lib, f"on ({path.name})"
+        _lib, _status = lib, f"on ({Path(lib._name).name})"
         return _lib
 
 
