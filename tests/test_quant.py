@@ -31,7 +31,6 @@ from lmlab.errors import LmlabError
 from lmlab.loading.gguf import GGML_TYPES, dequantize
 from lmlab.quant import (
     GGUF_TYPES,
-    Q4,
     QuantWeight,
     dequantize_part,
     pack_gguf,
@@ -94,7 +93,7 @@ def check_matmul(qw: QuantWeight, x: torch.Tensor, w: torch.Tensor):
 def check_every_type():
     """Every GGUF type on 21 random rows (K with four, two and one groups of 32 left over): the
     dequantizer bit for bit, and the matmul of 1, 3 and 9 rows (the builds other than this one's).
-    The Q4 types also tiled (``tile_part``), 32 rows below 5 plain ones, so the threads' shares
+    The types with groups of 32 also tiled (``tile_part``), 32 rows below 5 plain ones, so the threads' shares
     (multiples of 16 rows) cut the tiled blocks."""
     for t in GGUF_TYPES:
         for K in [768] if t.endswith("_K") else [160, 224]:
@@ -104,7 +103,7 @@ def check_every_type():
             assert torch.equal(qw.rows(0, 21), want)
             for rows in (1, 3, 9):
                 check_matmul(qw, torch.randn(rows, K), want)
-            if qw.parts[0].kind != Q4:
+            if qw.parts[0].group != 32:  # Q6_K's groups of 16 stay plain
                 continue
             raw = random_blocks(t, 37, K, seed=1)
             qw = QuantWeight([pack_gguf(raw[:5], t), tile_part(pack_gguf(raw[5:], t))], K)
@@ -126,9 +125,9 @@ def test_repacked_blocks_keep_every_value(type_name):
     assert torch.equal(qw.rows(2, 5), want[2:5])
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q8_0"])
 def test_tiled_parts_keep_every_value(type_name):
-    """tile_part moves a Q4 part's bytes into blocks of 16 rows and untile_part moves them back:
+    """tile_part moves a part's bytes into blocks of 16 rows and untile_part moves them back:
     every tensor equal again, and the dequantizers (torch's and C's) give the file's values from
     the tiled part, for whole blocks and for rows that cut them."""
     K = 512 if type_name.endswith("_K") else 224
@@ -147,10 +146,12 @@ def test_tiled_parts_keep_every_value(type_name):
     assert torch.equal(qw.rows(0, 48), want) and torch.equal(qw.rows(7, 35), want[7:35])
     with pytest.raises(ValueError):
         tile_part(pack_gguf(raw[:20], type_name))  # not whole blocks of 16
+    with pytest.raises(ValueError):
+        tile_part(pack_gguf(random_blocks("Q6_K", 16, 256), "Q6_K"))  # groups of 16
 
 
 def test_a_native_load_tiles_where_the_kernel_wants_tiles(monkeypatch):
-    """The Q4 parts of a native load are tiled on an AVX512-VNNI build (LMLAB_QTILE=1 forces it
+    """The Q4 and Q8_0 parts of a native load are tiled on an AVX512-VNNI build (LMLAB_QTILE=1 forces it
     elsewhere, 0 keeps them plain). Prefill dequantizes both to the same floats: equal logits.
     The native steps sum in other orders: within the int8 rounding steps that allows (see below)."""
     from bundled import smollm2_gguf_path
@@ -158,7 +159,7 @@ def test_a_native_load_tiles_where_the_kernel_wants_tiles(monkeypatch):
 
     def tiles(lm):
         parts = [p for m in lm.model.modules() if isinstance(m, QuantLinear) for p in m.qweight.parts]
-        return {p.tile for p in parts if p.kind == Q4}  # Q8 parts are never tiled
+        return {p.tile for p in parts if p.group == 32}  # Q6_K's groups of 16 stay plain
 
     assert native.q_tiles() == (16 if "AVX512-VNNI" in native.status() else 0)
     monkeypatch.setenv("LMLAB_QTILE", "0")

@@ -366,23 +366,24 @@ def _quant_self_check() -> str | None:
 
 
 def _tiled_self_check(g: torch.Generator) -> str | None:
-    """A tiled Q4 part (LMLAB_QTILE: with a min, and with fifth bits and none) through
+    """A tiled part (LMLAB_QTILE: Q4 with a min, Q4 with fifth bits and none, Q8) through
     lmlab_qlinear against F.linear on the rows lmlab_q_dequant_rows reads from it (the plain C
     loop; the tests hold that to the file's values). Below an 8-row Q8 part, so the threads'
     shares (multiples of 16 rows) cut the tiled part's blocks."""
     n, K = 48, 96
     top_q = torch.randint(-128, 128, (8, K), generator=g, dtype=torch.int8)
     top_d = torch.rand(8, K // 32, generator=g)
-    for fifth in (False, True):
-        q = torch.randint(0, 256, (n, K // 2), generator=g, dtype=torch.uint8)
+    for kind in ("q4", "q5", "q8"):
+        fifth = kind == "q5"
+        q = torch.randint(0, 256, (n, K if kind == "q8" else K // 2), generator=g, dtype=torch.uint8)
         d = torch.rand(n, K // 32, generator=g).half()
         mn = None if fifth else torch.randn(n, K // 32, generator=g).half()
         qh = torch.randint(0, 2**31, (n, K // 32), generator=g, dtype=torch.int64).to(torch.int32)
         qm = QMat(n_parts=2)
         qm.parts[0] = QPart(1, 8, 32, top_q.data_ptr(), top_d.data_ptr(), None, 0)
         qm.parts[1] = QPart(
-            2, n, 32, q.data_ptr(), d.data_ptr(), mn.data_ptr() if mn is not None else None, 1,
-            qh.data_ptr() if fifth else None, 16,
+            1 if kind == "q8" else 2, n, 32, q.data_ptr(), d.data_ptr(),
+            mn.data_ptr() if mn is not None and kind == "q4" else None, 1, qh.data_ptr() if fifth else None, 16,
         )  # fmt: skip
         w = torch.empty(n + 8, K)
         _lib.lmlab_q_dequant_rows(ctypes.byref(qm), K, 0, n + 8, w.data_ptr())
@@ -395,8 +396,7 @@ def _tiled_self_check(g: torch.Generator) -> str | None:
         want = F.linear(xq, w)
         err = (y - want).abs().max().item()
         if rc != 0 or err > 1e-4 * (1 + want.abs().max().item()):
-            what = " with fifth bits" if fifth else ""
-            return f"tiled quantized matmul{what}: rc {rc}, max error {err:.3g}"
+            return f"tiled quantized matmul ({kind}): rc {rc}, max error {err:.3g}"
     return None
 
 

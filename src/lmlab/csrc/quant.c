@@ -627,7 +627,13 @@ static inline int tiled_value(const uint8_t *blk, const uint64_t *masks, int r, 
     return v;
 }
 
-static inline const uint8_t *tiled_group(const lmlab_qpart *p, size_t at) { return (const uint8_t *)p->q + at * 256; }
+static inline const uint8_t *tiled_group(const lmlab_qpart *p, size_t at) {
+    return (const uint8_t *)p->q + at * (p->type == LMLAB_Q8 ? 512 : 256);
+}
+
+/* a tiled Q8 part: group g's 512 bytes of a block hold at 64 j + 4 r + i row r's value 4 j + i
+ * plus 128 (j < 8): unsigned, as vpdpbusd wants, and the sum starts at -128 times x's sum */
+static inline int tiled8_value(const uint8_t *blk, int r, int k) { return (int)blk[64 * (k / 4) + 4 * r + k % 4] - 128; }
 static inline const uint64_t *tiled_masks(const lmlab_qpart *p, size_t at) {
     return p->qh ? (const uint64_t *)p->qh + at * 8 : NULL;
 }
@@ -646,9 +652,11 @@ static void qtiled_portable(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx,
                 const int16_t *xq = qx->x16 + (size_t)m * K + (size_t)g * 32;
 #endif
                 int sum = 0;
-                for (int k = 0; k < 32; k++) sum += tiled_value(tiled_group(p, at), tiled_masks(p, at), r, k) * xq[k];
-                out += (float)sum * (sc_at(p->scale, s, H) * qx->sx[(size_t)m * NG + g]) +
-                       min_at(p, s, H) * qx->xsum[(size_t)m * NG + g];
+                for (int k = 0; k < 32; k++)
+                    sum += (p->type == LMLAB_Q8 ? tiled8_value(tiled_group(p, at), r, k)
+                                                : tiled_value(tiled_group(p, at), tiled_masks(p, at), r, k)) * xq[k];
+                out += (float)sum * (sc_at(p->scale, s, H) * qx->sx[(size_t)m * NG + g]);
+                if (p->type == LMLAB_Q4) out += min_at(p, s, H) * qx->xsum[(size_t)m * NG + g];
             }
             y[(size_t)m * ldy + r] = out;
         }
@@ -705,6 +713,45 @@ static inline __attribute__((always_inline)) void qtiled(const lmlab_qpart *p, i
     for (int m = 0; m < M; m++) _mm512_storeu_ps(y + (size_t)m * ldy, acc[m]);
 }
 
+/* the same for a tiled Q8 part: a group's 8 registers against x's 8 words of four, the sum
+ * started at xneg = -128 times the sum of x's group (the +128 of the stored bytes) */
+static inline __attribute__((always_inline)) void qtiled8(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M,
+                                                          const int32_t *xneg, float *y, int ldy, int H) {
+    const int K = qx->K, NG = K / 32;
+    __m512 acc[QMAXT];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < NG; g++) {
+        const size_t at = (size_t)b * NG + g;
+        const uint8_t *w = tiled_group(p, at);
+        __m512i v[8];
+        for (int j = 0; j < 8; j++) {
+            __builtin_prefetch(w + 4 * 512 + 64 * j, 0, 3); /* 4 groups ahead */
+            v[j] = _mm512_loadu_si512(w + 64 * j);
+        }
+        const __m512 d = tiled_scales(p->scale, at, H);
+        for (int m = 0; m < M; m++) {
+            int32_t x4[8];
+            memcpy(x4, x8_row(qx, m) + (size_t)g * 32, 32);
+            __m512i dot = _mm512_set1_epi32(xneg[(size_t)m * NG + g]);
+            for (int j = 0; j < 8; j++) dot = _mm512_dpbusd_epi32(dot, v[j], _mm512_set1_epi32(x4[j]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(qx->sx[(size_t)m * NG + g])), acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(y + (size_t)m * ldy, acc[m]);
+}
+
+/* row rr's 32 values of one block's Q8 group as floats d * v */
+static inline void tiled8_row_values(const uint8_t *blk, int rr, float d, float *og) {
+    uint32_t w[8];
+    for (int j = 0; j < 8; j++) memcpy(&w[j], blk + 64 * j + 4 * rr, 4);
+    const __m512i off = _mm512_set1_epi32(128);
+    const __m512 dv = _mm512_set1_ps(d);
+    for (int h = 0; h < 2; h++) {
+        const __m512i a = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + 4 * h))), off);
+        _mm512_storeu_ps(og + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(a), dv));
+    }
+}
+
 /* row rr's 32 values of one block's group (its bytes blk, fifth-bit masks mk or NULL) as floats
  * d * v + mn (exact products: d has at most 17 significant bits, v 5) */
 static inline void tiled_row_values(const uint8_t *blk, const uint64_t *mk, int rr, float d, float mn, float *og) {
@@ -728,10 +775,14 @@ static inline void tiled_row_values(const uint8_t *blk, const uint64_t *mk, int 
 #endif
 
 /* block b of a tiled part against M rows of x */
-static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M, float *y, int ldy) {
+static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, int M, const int32_t *xneg, float *y,
+                         int ldy) {
 #if QVNNI == 512
-#define QTCALL(MM)                                  \
-    if (p->scale16) qtiled(p, b, qx, MM, y, ldy, 1); \
+#define QTCALL(MM)                                                     \
+    if (p->type == LMLAB_Q8) {                                         \
+        if (p->scale16) qtiled8(p, b, qx, MM, xneg, y, ldy, 1);        \
+        else qtiled8(p, b, qx, MM, xneg, y, ldy, 0);                   \
+    } else if (p->scale16) qtiled(p, b, qx, MM, y, ldy, 1);            \
     else qtiled(p, b, qx, MM, y, ldy, 0);
     switch (M) {
     case 1: QTCALL(1); break;
@@ -745,6 +796,7 @@ static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, in
     }
 #undef QTCALL
 #else
+    (void)xneg;
     qtiled_portable(p, b, qx, M, y, ldy);
 #endif
 }
@@ -753,12 +805,26 @@ static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, in
  * a scratch tile */
 static void qtiled_range(const lmlab_qpart *p, int64_t r0, int64_t r1, const lmlab_qx *qx, int M, float *y, int ldy) {
     float tmp[QMAXT * LMLAB_QTILE];
+    const int NG = qx->K / 32;
+    int32_t xneg[p->type == LMLAB_Q8 ? M * NG : 1]; /* Q8: -128 times each group's sum of x */
+    if (p->type == LMLAB_Q8)
+        for (int m = 0; m < M; m++)
+            for (int g = 0; g < NG; g++) {
+                int sum = 0;
+#ifdef QVNNI
+                const int8_t *xq = x8_row(qx, m) + (size_t)g * 32;
+#else
+                const int16_t *xq = qx->x16 + (size_t)m * qx->K + (size_t)g * 32;
+#endif
+                for (int k = 0; k < 32; k++) sum += xq[k];
+                xneg[m * NG + g] = -128 * sum;
+            }
     for (int64_t r = r0; r < r1;) {
         const int64_t b = r / LMLAB_QTILE, lo = b * LMLAB_QTILE, hi = lo + LMLAB_QTILE, e = hi < r1 ? hi : r1;
         if (r == lo && hi <= r1) {
-            qtiled_block(p, b, qx, M, y + (r - r0), ldy);
+            qtiled_block(p, b, qx, M, xneg, y + (r - r0), ldy);
         } else {
-            qtiled_block(p, b, qx, M, tmp, LMLAB_QTILE);
+            qtiled_block(p, b, qx, M, xneg, tmp, LMLAB_QTILE);
             for (int m = 0; m < M; m++)
                 for (int64_t i = r; i < e; i++) y[(size_t)m * ldy + (i - r0)] = tmp[m * LMLAB_QTILE + (i - lo)];
         }
@@ -880,8 +946,17 @@ void lmlab_q_dequant_rows(const lmlab_qmat *w, int K, int64_t r0, int64_t r1, fl
                 const int NG = K / 32, rr = (int)(row % LMLAB_QTILE);
                 for (int g = 0; g < NG; g++) {
                     const size_t at = (size_t)(row / LMLAB_QTILE) * NG + g, s = at * LMLAB_QTILE + rr;
-                    const float d = sc_at(p->scale, s, H), mn = min_at(p, s, H);
                     const uint8_t *blk = tiled_group(p, at);
+                    if (p->type == LMLAB_Q8) {
+                        const float d = sc_at(p->scale, s, H);
+#if QVNNI == 512
+                        tiled8_row_values(blk, rr, d, o + g * 32);
+#else
+                        for (int k = 0; k < 32; k++) o[g * 32 + k] = d * (float)tiled8_value(blk, rr, k);
+#endif
+                        continue;
+                    }
+                    const float d = sc_at(p->scale, s, H), mn = min_at(p, s, H);
                     uint64_t mk[8] = {0};
                     if (p->qh) memcpy(mk, tiled_masks(p, at), 64);
                     float *og = o + g * 32;

@@ -16,10 +16,10 @@ typedef struct { /* rows of a matrix in one layout (see quant.c) */
     int64_t scale16;    /* 1: scale and min are float16 (the file's own, exact); 0: float32 */
     const void *qh;     /* Q4 only, or NULL: uint32 (rows, K / 32), bit j the fifth bit of the
                            group's value j (GGUF's Q5_0: 0..31, min NULL for m = -16 d) */
-    int64_t tile;       /* Q4 only: 0, or 16 for rows in blocks of 16 (LMLAB_QTILE, quant.c) */
+    int64_t tile;       /* 0, or 16 for rows in blocks of 16 (LMLAB_QTILE, quant.c; Q4, or Q8 with group 32) */
 } lmlab_qpart;
 
-#define LMLAB_QTILE 16 /* rows per block of a tiled Q4 part */
+#define LMLAB_QTILE 16 /* rows per block of a tiled part */
 
 typedef struct { /* a quantized weight matrix (N, K): its parts stacked by rows */
     int64_t n_parts;

@@ -173,16 +173,21 @@ def _pack_bits(bits: np.ndarray) -> np.ndarray:
 
 
 def tile_part(p: QuantPart) -> QuantPart:
-    """A plain Q4 part (rows a multiple of 16) -> the same values tiled (``csrc/quant.c``, "tiled
-    Q4"): in block b, group g's 256 bytes hold at 64 j + 4 r + i row r's value 8 j + i (low
-    nibble) and 8 j + 4 + i (high); scales, mins and fifth bits go by (block, group, row)."""
-    if p.tile or p.kind != Q4 or p.rows % TILE:
-        raise ValueError("tile_part takes a plain Q4 part whose rows are a multiple of 16")
+    """A plain Q4 part, or Q8 with groups of 32 (rows a multiple of 16) -> the same values tiled
+    (``csrc/quant.c``, "tiled Q4"): in block b, group g's bytes hold at 64 j + 4 r + i row r's
+    value 8 j + i (low nibble) and 8 j + 4 + i (high) for Q4, value 4 j + i plus 128 for Q8;
+    scales, mins and fifth bits go by (block, group, row)."""
+    if p.tile or p.rows % TILE or not (p.kind == Q4 or (p.kind == Q8 and p.group == 32)):
+        raise ValueError("tile_part takes a plain Q4 part, or Q8 with groups of 32, whose rows are a multiple of 16")
     n, G = p.scale.shape
     B = n // TILE
-    v = unpack_nibbles(p.q).view(B, TILE, G, 4, 2, 4)  # (b, r, g, j, h, i): value 8 j + 4 h + i
-    v = v.permute(0, 2, 3, 1, 5, 4)  # (b, g, j, r, i, h)
-    q = (v[..., 0] | (v[..., 1] << 4)).reshape(n, -1).contiguous()
+    if p.kind == Q8:  # (b, r, g, j, i) -> (b, g, j, r, i), + 128
+        q = (p.q.view(torch.uint8).view(B, TILE, G, 8, 4).permute(0, 2, 3, 1, 4) ^ 0x80).reshape(n, -1)
+        q = q.contiguous().view(torch.int8)
+    else:
+        v = unpack_nibbles(p.q).view(B, TILE, G, 4, 2, 4)  # (b, r, g, j, h, i): value 8 j + 4 h + i
+        v = v.permute(0, 2, 3, 1, 5, 4)  # (b, g, j, r, i, h)
+        q = (v[..., 0] | (v[..., 1] << 4)).reshape(n, -1).contiguous()
 
     def by_block(t):
         return t.view(B, TILE, G).transpose(1, 2).reshape(n, G).contiguous() if t is not None else None
@@ -206,9 +211,13 @@ def untile_part(p: QuantPart, r0: int = 0, r1: int | None = None) -> QuantPart:
         return QuantPart(p.kind, p.group, p.q[r0:r1], p.scale[r0:r1], rows(p.min), p.source_type, rows(p.qh))
     a, b = r0 // TILE * TILE, -(-r1 // TILE) * TILE  # the whole blocks that hold the rows
     n, G, B = b - a, p.scale.shape[1], (b - a) // TILE
-    t = p.q[a:b].reshape(B, G, 4, TILE, 4)  # (b, g, j, r, i) bytes
-    v = torch.stack([t & 15, t >> 4], dim=-1)  # (b, g, j, r, i, h)
-    q = pack_nibbles(v.permute(0, 3, 1, 2, 5, 4).reshape(n, G, 32))
+    if p.kind == Q8:
+        t = p.q[a:b].view(torch.uint8).reshape(B, G, 8, TILE, 4) ^ 0x80  # (b, g, j, r, i)
+        q = t.permute(0, 3, 1, 2, 4).reshape(n, -1).contiguous().view(torch.int8)
+    else:
+        t = p.q[a:b].reshape(B, G, 4, TILE, 4)  # (b, g, j, r, i) bytes
+        v = torch.stack([t & 15, t >> 4], dim=-1)  # (b, g, j, r, i, h)
+        q = pack_nibbles(v.permute(0, 3, 1, 2, 5, 4).reshape(n, G, 32))
 
     def by_row(x):
         return x[a:b].view(B, G, TILE).transpose(1, 2).reshape(n, G)[r0 - a : r1 - a] if x is not None else None

@@ -23,6 +23,7 @@ from lmlab.host import give_back_freed_memory
 from lmlab.quant import (
     GGUF_TYPES,
     Q4,
+    Q8,
     TILE,
     QuantEmbedding,
     QuantLinear,
@@ -167,7 +168,8 @@ CHUNK_ROWS = 4096  # rows of a big tensor (an embedding table) read and repacked
 
 def _tiled(part: QuantPart, tile: int) -> QuantPart:
     """The part tiled (``tile_part``) where this build's kernel wants tiles and the part allows it."""
-    return tile_part(part) if tile and part.kind == Q4 and part.rows % tile == 0 else part
+    tileable = part.kind == Q4 or (part.kind == Q8 and part.group == 32)
+    return tile_part(part) if tile and tileable and part.rows % tile == 0 else part
 
 
 def _pack_in_chunks(source, name: str, shape) -> QuantPart:
