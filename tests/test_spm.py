@@ -181,7 +181,7 @@ def test_random_vocabularies_match_tokenizers_backend(seed):
     added = [("<s>", True), ("<ctl>", True), ("ab", False), ("<s>", False)]
     compact = spm.SentencePieceBPE(pieces, scores, unk=unk, prefix_space=prefix_space, gemma=gemma, added=added)
     reference = spm.sentencepiece_bpe_backend(pieces, scores, unk=unk, prefix_space=prefix_space, gemma=gemma)
-    spm._add_tokens(reference, [(t, s) for t, s in added if t in pieces])  # _add_special_tokens' filter
+    spm.add_tokens(reference, [(t, s) for t, s in added if t in pieces])  # _add_special_tokens' filter
     texts = [
         "".join(rng.choice(alphabet + [" ", "  ", "x", "ü", "<s>", "ab", "<ctl>"]) for _ in range(rng.randint(0, 40)))
         for _ in range(300)

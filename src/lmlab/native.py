@@ -143,7 +143,7 @@ def available() -> bool:
 
 
 def q_tiles() -> int:
-    """Rows per block lmlab.quant tiles Q4 parts in: 16 where the built kernel is faster on tiles
+    """Rows per block lmlab.quant tiles Q4 and Q8_0 parts in: 16 where the built kernel is faster on tiles
     (AVX512-VNNI), else 0. LMLAB_QTILE=0 or 1 forces plain or tiled parts (any build computes both)."""
     lib = _usable()
     forced = os.environ.get("LMLAB_QTILE", "").strip()

@@ -251,7 +251,7 @@ class SentencePieceBPE:
             pieces, scores, unk=self.unk, prefix_space=self.prefix_space, gemma=self.gemma
         )
         del pieces
-        _add_tokens(backend, [(self.id_to_token(i), bool(s)) for i, s in zip(self._added_ids, self._added_special)])
+        add_tokens(backend, [(self.id_to_token(i), bool(s)) for i, s in zip(self._added_ids, self._added_special)])
         return backend
 
     def to_str(self, pretty: bool = False) -> str:
@@ -327,8 +327,8 @@ def merges_from_vocab(tokens: list[str], vocab: dict[str, int], scores: list[flo
     return [(spelled[i][:c], spelled[i][c:]) for i, c in zip(us, ks)]
 
 
-def _add_tokens(backend, added) -> None:
-    """Add (content, special) tokens to a ``tokenizers`` backend as ``_add_special_tokens`` does:
+def add_tokens(backend, added) -> None:
+    """Add (content, special) tokens to a ``tokenizers`` backend (``tokenizer._add_special_tokens`` calls it):
     the special ones first, all ``AddedToken(normalized=False)``."""
     from tokenizers import AddedToken
 

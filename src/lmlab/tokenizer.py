@@ -484,38 +484,32 @@ def _sentencepiece_bpe(src, tokens: list[str], types: list[int]):
         ) from None
 
 
-
 def _compact_sentencepiece(src, tokens, types):
     """The compact C backend (``lmlab.spm``) of a GGUF "llama" vocabulary, or None where it cannot be built."""
     from lmlab import spm
 
     if not spm.available():
         return None
-    added = [(t, True) for t, k in zip(tokens, types) if k == _CONTROL]
-    added += [(t, False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
     try:
-        return spm.SentencePieceBPE(**_sentencepiece_spec(src, tokens), added=added)
+        return spm.SentencePieceBPE(**_sentencepiece_spec(src, tokens), added=_added_tokens(tokens, types))
     except (RuntimeError, MemoryError, ValueError):
         return None
 
 
+def _added_tokens(tokens: list[str], types: list[int]) -> list[tuple[str, bool]]:
+    """(content, special) of the tokens added before the model: control ones (special) first, then
+    user-defined ones."""
+    return [(t, True) for t, k in zip(tokens, types) if k == _CONTROL] + [
+        (t, False) for t, k in zip(tokens, types) if k == _USER_DEFINED
+    ]
+
 
 def _add_special_tokens(backend, tokens: list[str], types: list[int]) -> None:
-    from tokenizers import AddedToken
+    """The control and user-defined tokens the ``tokenizers`` backend's vocabulary has, added to it."""
+    from lmlab.spm import add_tokens
 
     vocab = backend.get_vocab()
-    control = [
-        AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL and t in vocab
-    ]
-    user = [
-        AddedToken(t, special=False, normalized=False)
-        for t, k in zip(tokens, types)
-        if k == _USER_DEFINED and t in vocab
-    ]
-    if control:
-        backend.add_special_tokens(control)
-    if user:
-        backend.add_tokens(user)
+    add_tokens(backend, [(t, special) for t, special in _added_tokens(tokens, types) if t in vocab])
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -599,6 +599,20 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
         }
 }
 
+/* CALL(MM) with MM the constant 1..8 that equals M (more rows: 8), so each inlined kernel is
+ * compiled for its own number of x rows */
+#define QPER_M(CALL)                                                                           \
+    switch (M) {                                                                               \
+    case 1: CALL(1); break;                                                                    \
+    case 2: CALL(2); break;                                                                    \
+    case 3: CALL(3); break;                                                                    \
+    case 4: CALL(4); break;                                                                    \
+    case 5: CALL(5); break;                                                                    \
+    case 6: CALL(6); break;                                                                    \
+    case 7: CALL(7); break;                                                                    \
+    default: CALL(8); break;                                                                   \
+    }
+
 /* ------------------------------------------------------------------------ tiled Q4 */
 
 /* A tiled Q4 part (tile = LMLAB_QTILE = 16): its rows in blocks of 16, and in a block, group g of
@@ -784,16 +798,7 @@ static void qtiled_block(const lmlab_qpart *p, int64_t b, const lmlab_qx *qx, in
         else qtiled8(p, b, qx, MM, xneg, y, ldy, 0);                   \
     } else if (p->scale16) qtiled(p, b, qx, MM, y, ldy, 1);            \
     else qtiled(p, b, qx, MM, y, ldy, 0);
-    switch (M) {
-    case 1: QTCALL(1); break;
-    case 2: QTCALL(2); break;
-    case 3: QTCALL(3); break;
-    case 4: QTCALL(4); break;
-    case 5: QTCALL(5); break;
-    case 6: QTCALL(6); break;
-    case 7: QTCALL(7); break;
-    default: QTCALL(8); break;
-    }
+    QPER_M(QTCALL)
 #undef QTCALL
 #else
     (void)xneg;
@@ -856,16 +861,7 @@ static void qpart_range(const lmlab_qpart *p, int64_t r0, int64_t r1, const lmla
         for (; r + QROWS(MM) <= r1; r += QROWS(MM)) qtile(p, r, QROWS(MM), &sub, MM, y + (r - r0), ldy, 0); \
         for (; r < r1; r++) qtile(p, r, 1, &sub, MM, y + (r - r0), ldy, 0);                                 \
     }
-    switch (M) {
-    case 1: QCALL(1); break;
-    case 2: QCALL(2); break;
-    case 3: QCALL(3); break;
-    case 4: QCALL(4); break;
-    case 5: QCALL(5); break;
-    case 6: QCALL(6); break;
-    case 7: QCALL(7); break;
-    default: QCALL(8); break;
-    }
+    QPER_M(QCALL)
 #undef QCALL
 }
 

@@ -172,12 +172,17 @@ def _pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.packbits(np.ascontiguousarray(bits), axis=-1, bitorder="little")
 
 
+def tileable(p: QuantPart) -> bool:
+    """Whether ``tile_part`` takes the part: plain, Q4 or Q8 with groups of 32, rows whole blocks of 16."""
+    return not p.tile and p.rows % TILE == 0 and (p.kind == Q4 or (p.kind == Q8 and p.group == 32))
+
+
 def tile_part(p: QuantPart) -> QuantPart:
     """A plain Q4 part, or Q8 with groups of 32 (rows a multiple of 16) -> the same values tiled
     (``csrc/quant.c``, "tiled Q4"): in block b, group g's bytes hold at 64 j + 4 r + i row r's
     value 8 j + i (low nibble) and 8 j + 4 + i (high) for Q4, value 4 j + i plus 128 for Q8;
     scales, mins and fifth bits go by (block, group, row)."""
-    if p.tile or p.rows % TILE or not (p.kind == Q4 or (p.kind == Q8 and p.group == 32)):
+    if not tileable(p):
         raise ValueError("tile_part takes a plain Q4 part, or Q8 with groups of 32, whose rows are a multiple of 16")
     n, G = p.scale.shape
     B = n // TILE
@@ -543,6 +548,7 @@ __all__ = [
     "unpack_nibbles",
     "dequantize_part",
     "TILE",
+    "tileable",
     "tile_part",
     "untile_part",
     "narrow_scales",

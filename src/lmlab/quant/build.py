@@ -22,8 +22,6 @@ from lmlab.errors import LmlabError
 from lmlab.host import give_back_freed_memory
 from lmlab.quant import (
     GGUF_TYPES,
-    Q4,
-    Q8,
     TILE,
     QuantEmbedding,
     QuantLinear,
@@ -32,6 +30,7 @@ from lmlab.quant import (
     pack_gguf,
     quantize,
     tile_part,
+    tileable,
 )
 
 # lmlab's matrices that may be quantized: every Linear of the blocks, the head and the token embedding
@@ -168,8 +167,7 @@ CHUNK_ROWS = 4096  # rows of a big tensor (an embedding table) read and repacked
 
 def _tiled(part: QuantPart, tile: int) -> QuantPart:
     """The part tiled (``tile_part``) where this build's kernel wants tiles and the part allows it."""
-    tileable = part.kind == Q4 or (part.kind == Q8 and part.group == 32)
-    return tile_part(part) if tile and tileable and part.rows % tile == 0 else part
+    return tile_part(part) if tile and tileable(part) else part
 
 
 def _pack_in_chunks(source, name: str, shape) -> QuantPart:
