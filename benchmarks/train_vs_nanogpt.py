@@ -1,15 +1,19 @@
 """lmlab's trainer against a plain PyTorch loop written the way nanoGPT's train.py is, in one run.
 
-Part 1, speed: the same model (lmlab's Transformer, GPT-2 shape), the same shapes, batch,
+Part 1, speed: the same model (lmlab's Transformer, GPT-2 and Llama shapes), the same shapes, batch,
 precision (float32), initialisation and batches, trained N steps by each side, each side in its
 own process, the two taking turns a few steps at a time (``alternate.py``: the machine is
 shared, so load falls on both alike; its own process lets each run as its tool runs it). The
 plain loop is nanoGPT's: ``get_batch`` re-opens the memory map and stacks numpy slices each
 step; AdamW as nanoGPT builds it on a CPU (decay on matrices only, ``fused`` only on CUDA, so
 torch's per-parameter loop); the loss read back every step (``log_interval=1`` in the baby
-config); clipping at 1.0. lmlab's side is ``lmlab.train.loop.train_step`` on the pieces
-``lmlab.train.train`` builds, inside ``keep_freed_memory`` as ``train`` runs it: fused AdamW,
-batches from one memory map by index, the loss read back once per chunk. Both wall-clock
+config); clipping at 1.0; the model computed by PyTorch's own operations (model.py's lines,
+``lmlab.fused`` off: layer or RMS norm, GELU or SwiGLU, RoPE and their gradients as autograd
+takes them, which is what nanoGPT's model.py runs). lmlab's side is
+``lmlab.train.loop.train_step`` on the pieces ``lmlab.train.train`` builds, inside
+``keep_freed_memory`` as ``train`` runs it: fused AdamW, training's fused norm, activation and
+RoPE (``lmlab.fused``), batches from one memory map by index, the loss read back once per
+chunk. Both wall-clock
 tokens/s and the ratio of CPU seconds are printed (the CPU ratio is the steadier one on a
 busy machine).
 
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from alternate import Alternating, hold
+from lmlab import fused
 from lmlab.bench.machine import machine_limits
 from lmlab.host import cpu_model, keep_freed_memory
 from lmlab.model import Transformer
@@ -57,9 +62,10 @@ from lmlab.train.loop import (
 )
 
 SHAPES = {
-    # name: (n_layers, d_model, n_heads, block, batch)
-    "nanogpt-baby 0.8M": (4, 128, 4, 64, 12),
-    "10M (6x384, block 256)": (6, 384, 6, 256, 8),
+    # name: (arch, n_layers, d_model, n_heads, block, batch)
+    "nanogpt-baby 0.8M": ("gpt2", 4, 128, 4, 64, 12),
+    "10M (6x384, block 256)": ("gpt2", 6, 384, 6, 256, 8),
+    "llama 10M (6x384, 256)": ("llama", 6, 384, 6, 256, 8),
 }
 
 
@@ -163,10 +169,10 @@ class LmlabTrainer:
 
 
 def _config(text: Path, shape: str, steps: int, compiled: bool) -> TrainConfig:
-    L, C, H, T, B = SHAPES[shape]
+    arch, L, C, H, T, B = SHAPES[shape]
     return TrainConfig(
         data=str(text),
-        arch="gpt2",
+        arch=arch,
         n_layers=L,
         d_model=C,
         n_heads=H,
@@ -185,6 +191,7 @@ def build_nano(args):
     """The nanoGPT-style loop, in its own process: plain PyTorch, nothing tuned."""
     tc, threads = args
     torch.set_num_threads(threads)
+    fused.on = False  # PyTorch's own operations, as nanoGPT's model.py
     data = prepare(tc.data, tc.tokenizer)
     loop = NanoGPTLoop(tc, data.folder, data.vocab_size)
     return loop.step
@@ -207,7 +214,7 @@ def speed(
     """Each side in its own process, ``chunk`` steps of one then ``chunk`` of the other, until each
     has run ``steps`` timed steps after one untimed (``benchmarks/alternate.py``)."""
     rows = []
-    for name, (L, C, H, T, B) in SHAPES.items():
+    for name, (_, L, C, H, T, B) in SHAPES.items():
         if shape not in ("all", name):
             continue
         tc = _config(text, name, steps, compiled)
@@ -231,8 +238,10 @@ def speed(
 
 
 def share(text: Path, reps: int = 10) -> None:
-    """How much of the nanoGPT-style step is the model's forward and backward, which are the same
-    operations on both sides: the most any loop can gain over it is step / (forward + backward)."""
+    """How much of the nanoGPT-style step is the model's forward and backward in PyTorch's own
+    operations: the most a loop can gain over it without computing the model faster is
+    step / (forward + backward)."""
+    fused.on = False
     print("\nthe model's forward + backward against the whole plain step (CPU seconds, best of 3 x 10):")
     for name in SHAPES:
         tc = _config(text, name, 100, False)

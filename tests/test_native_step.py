@@ -185,7 +185,8 @@ def test_what_the_native_step_does_not_take_falls_back(folders, monkeypatch):
 
 
 def test_the_portable_avx2_build_computes_the_same(folders, tmp_path):
-    """The vector code as an AVX2-only CPU (most laptops) compiles it, run on this machine."""
+    """The vector code as an AVX2-only CPU (most laptops) compiles it, run on this machine: the decoding
+    step, and training's fused RMSNorm, activation and RoPE (test_fused)."""
     import os
     import subprocess
     import sys
@@ -198,7 +199,11 @@ import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 import lmlab, torch
 from lmlab import native
 from test_native_step import run_steps, prompts_of
+from test_fused import check_activations, check_rmsnorm, check_rope
 assert native.status().startswith("on") and "AVX2" in native.status(), native.status()
+check_activations()  # training's fused steps, in the AVX2 build's vectors
+check_rmsnorm()
+check_rope()
 for family, folder in {{"llama": {str(folders("llama"))!r}, "gemma3": {str(folders("gemma3"))!r}}}.items():
     for dtype in ("float32", "bfloat16"):
         lm = lmlab.load(folder, dtype=dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab import fused
 from lmlab.config import ModelConfig
 
 # name pattern -> (shape, what it is). The table in docs/hooks.md is generated from this.
@@ -76,13 +77,21 @@ class Norm(nn.Module):
         if self.weight_offset:  # gemma: (1 + w), applied in float32
             w = self.weight_offset + self.weight.float()
             if train:
-                return RMSNormFunction.apply(x.float(), w, self.eps).type_as(x)
+                return rms_norm_train(x.float(), w, self.eps).type_as(x)
             return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
         if x.dtype == torch.float32:
             if train:
-                return RMSNormFunction.apply(x, self.weight, self.eps)
+                return rms_norm_train(x, self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).type_as(x)
+
+
+def rms_norm_train(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Training's RMSNorm in float32: lmlab.fused's one pass each way where it applies, else the
+    gradient written out below."""
+    if fused.applies(x) and w.dtype == torch.float32 and w.device.type == "cpu":
+        return fused.rms_norm(x, w, eps)
+    return RMSNormFunction.apply(x, w, eps)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -193,8 +202,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D): q heads, k heads, v heads
-        q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D)
+        if rope is not None and not cfg.qk_norm and self.training and fused.applies(qkv):
+            # training: the rotation below in one pass, whose backward also gathers q, k and v's gradients
+            q, k, v = fused.rope_qkv(qkv, *rope, (H, K, K))
+            rope = None
+        else:
+            qkv = qkv.transpose(1, 2)  # (B, H + 2K, T, D): q heads, k heads, v heads
+            q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -259,11 +274,14 @@ class MLP(nn.Module):
         # gated: gate and up stacked in one matrix (gate rows first)
         self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
-        self.act = ACTIVATIONS[cfg.act]
+        self.act, self.act_name = ACTIVATIONS[cfg.act], cfg.act
+        self.fused_act = cfg.act in fused.ACTS
         self.names = (f"blocks.{layer}.mlp.pre", f"blocks.{layer}.mlp.post")
 
     def forward(self, x, hook) -> torch.Tensor:
         h = self.up(x)  # (B, T, F) or (B, T, 2F)
+        if self.fused_act and self.training and hook is None and fused.applies(h):
+            return self.down(fused.activation(h, self.act_name, self.gated))  # training: the lines below in one pass
         if self.gated:
             gate, up = h.split(self.d_ff, dim=-1)
             if hook is not None:
@@ -384,7 +402,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        hook = HookContext(self.hooks, input_ids, positions) if self.hooks else None
+        hook = self.hook_context(input_ids, positions)
 
         x = self.embed(input_ids, positions, hook)  # (B, T, C)
         ropes = self.rope_tables(positions, x.dtype)
@@ -396,6 +414,10 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.head(x, hook)
+
+    def hook_context(self, input_ids: torch.Tensor, positions: torch.Tensor) -> HookContext | None:
+        """The hooks of a forward pass over input_ids at positions (both (B, T)); None without hooks."""
+        return HookContext(self.hooks, input_ids, positions) if self.hooks else None
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor, hook: HookContext | None = None) -> torch.Tensor:
         """The residual stream's start (B, T, C): token embeddings, plus learned positions (gpt2)."""

@@ -142,6 +142,11 @@ def available() -> bool:
     return bool(_load())
 
 
+def serves() -> bool:
+    """Whether the library runs now: built, and able to use torch's thread count."""
+    return _usable() is not None
+
+
 def q_tiles() -> int:
     """Rows per block lmlab.quant tiles Q4 and Q8_0 parts in: 16 where the built kernel is faster on tiles
     (AVX512-VNNI), else 0. LMLAB_QTILE=0 or 1 forces plain or tiled parts (any build computes both)."""
@@ -216,6 +221,16 @@ def _load():
     lib.lmlab_q_parts_max.restype = i
     lib.lmlab_q_tiles.restype = i
     lib.lmlab_q_isa.restype = ctypes.c_char_p
+    i64 = ctypes.c_int64
+    lib.lmlab_act_forward.argtypes = [vp, i64, i64, i, i, vp, i]
+    lib.lmlab_act_backward.argtypes = [vp, vp, i64, i64, i, i, vp, i]
+    lib.lmlab_rope_forward.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, i64, vp, i]
+    lib.lmlab_rope_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, i]
+    lib.lmlab_rmsnorm_forward.argtypes = [vp, i64, i64, vp, ctypes.c_float, vp, vp, i]
+    lib.lmlab_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i64, i64, vp, vp, i]
+    for f in (lib.lmlab_act_forward, lib.lmlab_act_backward, lib.lmlab_rope_forward, lib.lmlab_rope_backward):
+        f.restype = i
+    lib.lmlab_rmsnorm_forward.restype = lib.lmlab_rmsnorm_backward.restype = i
     _lib = lib
     if lib.lmlab_q_parts_max() != QPARTS:
         _lib = False
@@ -279,6 +294,120 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         torch.get_num_threads(),
     )
     return y if rc == 0 else None
+
+
+# ----------------------------------------------------------------------------- training's elementwise steps
+# lmlab.fused's autograd Functions call these; each returns None where the library can't serve
+# (not built, or a build without OpenMP while torch runs several threads), and they then run
+# model.py's PyTorch lines instead. Float32 CPU tensors only, as fused.applies() checks.
+
+
+def act_forward(h: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
+    """act(gate) * up for h = [gate | up] (..., 2F) when glu, else act(h); act: silu or gelu_tanh."""
+    lib = _usable()
+    if lib is None:
+        return None
+    h = h.contiguous()
+    F_ = h.shape[-1] // 2 if glu else h.shape[-1]
+    out = h.new_empty(*h.shape[:-1], F_)
+    rc = lib.lmlab_act_forward(
+        h.data_ptr(), h.numel() // h.shape[-1], F_, int(glu), ACT_CODES[act], out.data_ptr(), torch.get_num_threads()
+    )
+    return out if rc == 0 else None
+
+
+def act_backward(h: torch.Tensor, grad: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
+    """The gradient of ``act_forward``'s input h, given ``grad``, the gradient of its output."""
+    lib = _usable()
+    if lib is None:
+        return None
+    h, grad = h.contiguous(), grad.contiguous()
+    dh = torch.empty_like(h)
+    rc = lib.lmlab_act_backward(
+        h.data_ptr(),
+        grad.data_ptr(),
+        grad.numel() // grad.shape[-1],
+        grad.shape[-1],
+        int(glu),
+        ACT_CODES[act],
+        dh.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return dh if rc == 0 else None
+
+
+def rmsnorm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x r w, r) over x's last dimension, r = rsqrt(mean(x^2) + eps) of each row (x's shape but
+    the last dimension); w float32 (C,)."""
+    lib = _usable()
+    if lib is None:
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    out, r = torch.empty_like(x), x.new_empty(x.shape[:-1])
+    C = x.shape[-1]
+    rc = lib.lmlab_rmsnorm_forward(
+        x.data_ptr(), x.numel() // C, C, w.data_ptr(), eps, out.data_ptr(), r.data_ptr(), torch.get_num_threads()
+    )
+    return (out, r) if rc == 0 else None
+
+
+def rmsnorm_backward(x, w, r, grad, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The gradients of ``rmsnorm_forward``'s x, and of w where need_w, from ``grad``, its output's."""
+    lib = _usable()
+    if lib is None:
+        return None
+    x, w, r, grad = x.contiguous(), w.contiguous(), r.contiguous(), grad.contiguous()
+    C = x.shape[-1]
+    dx = torch.empty_like(x)
+    dw = w.new_empty(C) if need_w else None
+    rc = lib.lmlab_rmsnorm_backward(
+        x.data_ptr(), w.data_ptr(), r.data_ptr(), grad.data_ptr(), x.numel() // C, C, dx.data_ptr(),
+        dw.data_ptr() if dw is not None else None, torch.get_num_threads(),
+    )  # fmt: skip
+    return (dx, dw) if rc == 0 else None
+
+
+def _tables(cos: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """cos or sin (B or 1, 1, T, R) as (B or 1, T, R) contiguous, and its stride between rows."""
+    c = cos.reshape(cos.shape[0], T, cos.shape[-1]).contiguous()
+    return c, (c.stride(0) if c.shape[0] > 1 else 0)
+
+
+def rope_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor | None:
+    """qkv (B, T, NH, D) with its first n_rot heads turned by RoPE (model.apply_rope), the rest copied.
+    cos, sin: (B or 1, 1, T, R) as ``model.rope_cos_sin`` makes them."""
+    lib = _usable()
+    if lib is None:
+        return None
+    B, T, NH, D = qkv.shape
+    qkv = qkv.contiguous()
+    (c, cs_b), (s, _) = _tables(cos, T), _tables(sin, T)
+    out = torch.empty_like(qkv)
+    rc = lib.lmlab_rope_forward(
+        qkv.data_ptr(), B, T, NH, D, n_rot, c.shape[-1], c.data_ptr(), s.data_ptr(), cs_b, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out if rc == 0 else None
+
+
+def rope_backward(grads, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of ``rope_forward``'s qkv (B, T, NH, D) from the gradients of its q, k and v
+    heads, each (B, heads, T, D) (any strides but D's)."""
+    lib = _usable()
+    if lib is None:
+        return None
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]
+    B, _, T, D = grads[0].shape
+    heads = (ctypes.c_int64 * 3)(*(g.shape[1] for g in grads))
+    strides = (ctypes.c_int64 * 9)(*(st for g in grads for st in g.stride()[:3]))
+    ptrs = (ctypes.c_void_p * 3)(*(g.data_ptr() for g in grads))
+    (c, cs_b), (s, _) = _tables(cos, T), _tables(sin, T)
+    dx = grads[0].new_empty(B, T, sum(heads), D)
+    rc = lib.lmlab_rope_backward(
+        ptrs, strides, heads, B, T, D, c.shape[-1], c.data_ptr(), s.data_ptr(), cs_b, dx.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return dx if rc == 0 else None
 
 
 def _self_check() -> str | None:
@@ -635,9 +764,7 @@ def decode_step(
     if model.hooks:
         if not runs_hooks(model):
             return None
-        from lmlab.model import HookContext
-
-        ctx, stops = HookContext(model.hooks, input_ids, positions), _hook_stops(model)
+        ctx, stops = model.hook_context(input_ids, positions), _hook_stops(model)
     x = model.embed(input_ids, positions, ctx)  # (B, 1, C)
     if (torch.is_grad_enabled() and x.requires_grad) or x.dtype != plan.dtype or x.device.type != "cpu":
         return None

@@ -829,6 +829,248 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
                                (int)m->n_layers, NULL, logits, threads);
 }
 
+/* ------------------------------------------------------------------------ training's elementwise steps
+ *
+ * The forward and backward of three steps that autograd would otherwise take several passes over
+ * memory for, each pass a kernel of its own: the MLP's activation (a GLU's act(gate) * up, or act
+ * alone), and RoPE on the q and k heads of a qkv projection, whose backward also gathers the q, k
+ * and v gradients into the projection's layout (autograd would rotate, then concatenate). Each is
+ * one pass over its rows. lmlab/fused.py holds the autograd Functions that call them, and
+ * model.py's PyTorch lines are their reference (tests compare both, values and gradients). */
+
+static inline void store_f32(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
+
+/* act(x) and act'(x) for 16 floats: SiLU x * sigmoid(x), or GELU's tanh form
+ * 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1). */
+static inline void act16(int act, f32x16 x, f32x16 *y, f32x16 *dy) {
+    if (act == LMLAB_ACT_SILU) {
+        const f32x16 s = 1.0f / (1.0f + exp16(-x));
+        *y = x * s;
+        if (dy) *dy = s * (1.0f + x * (1.0f - s));
+        return;
+    }
+    const f32x16 x2 = x * x, u = 0.79788456080286536f * (x + 0.044715f * x2 * x);
+    const f32x16 t = 1.0f - 2.0f / (exp16(2.0f * u) + 1.0f);
+    *y = 0.5f * x * (1.0f + t);
+    if (dy) *dy = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * x2);
+}
+
+static inline void act1(int act, float x, float *y, float *dy) { /* the same for one float (tails) */
+    f32x16 v = {0}, a, d;
+    v[0] = x;
+    act16(act, v, &a, dy ? &d : NULL);
+    *y = a[0];
+    if (dy) *dy = d[0];
+}
+
+/* The MLP's activation over rows of F features. glu: h (rows, 2F) is [gate | up] and
+ * out = act(gate) * up; else h (rows, F) and out = act(h). out (rows, F). */
+int lmlab_act_forward(const float *h, int64_t rows, int64_t F, int glu, int act, float *out, int threads) {
+    if (rows < 0 || F < 1 || (act != LMLAB_ACT_SILU && act != LMLAB_ACT_GELU_TANH)) return -1;
+    const int64_t in_row = glu ? 2 * F : F;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = h + r * in_row, *u = g + F;
+        float *o = out + r * F;
+        int64_t i = 0;
+        for (; i + 16 <= F; i += 16) {
+            f32x16 y;
+            act16(act, load_f32(g + i), &y, NULL);
+            store_f32(o + i, glu ? y * load_f32(u + i) : y);
+        }
+        for (; i < F; i++) {
+            float y;
+            act1(act, g[i], &y, NULL);
+            o[i] = glu ? y * u[i] : y;
+        }
+    }
+    return 0;
+}
+
+/* Its gradient: go (rows, F), the gradient of out -> dh, the gradient of h (h's shape).
+ * glu: d gate = go * up * act'(gate), d up = go * act(gate); else dh = go * act'(h). */
+int lmlab_act_backward(const float *h, const float *go, int64_t rows, int64_t F, int glu, int act, float *dh,
+                       int threads) {
+    if (rows < 0 || F < 1 || (act != LMLAB_ACT_SILU && act != LMLAB_ACT_GELU_TANH)) return -1;
+    const int64_t in_row = glu ? 2 * F : F;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = h + r * in_row, *u = g + F, *gr = go + r * F;
+        float *dg = dh + r * in_row, *du = dg + F;
+        int64_t i = 0;
+        for (; i + 16 <= F; i += 16) {
+            f32x16 y, d, o = load_f32(gr + i);
+            act16(act, load_f32(g + i), &y, &d);
+            if (glu) {
+                const f32x16 uv = load_f32(u + i);
+                store_f32(dg + i, o * uv * d);
+                store_f32(du + i, o * y);
+            } else {
+                store_f32(dg + i, o * d);
+            }
+        }
+        for (; i < F; i++) {
+            float y, d;
+            act1(act, g[i], &y, &d);
+            if (glu) {
+                dg[i] = gr[i] * u[i] * d;
+                du[i] = gr[i] * y;
+            } else {
+                dg[i] = gr[i] * d;
+            }
+        }
+    }
+    return 0;
+}
+
+/* RMSNorm over rows of C features (model.RMSNormFunction): out = x r w, r = 1 / sqrt(mean(x^2) + eps),
+ * r (rows,) kept for the backward. */
+int lmlab_rmsnorm_forward(const float *x, int64_t rows, int64_t C, const float *w, float eps, float *out, float *r,
+                          int threads) {
+    if (rows < 0 || C < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * C;
+        float *o = out + i * C;
+        f32x16 acc = {0};
+        int64_t j = 0;
+        for (; j + 16 <= C; j += 16) {
+            const f32x16 v = load_f32(xr + j);
+            acc += v * v;
+        }
+        float ss = hsum(acc);
+        for (; j < C; j++) ss += xr[j] * xr[j];
+        const float ri = 1.0f / sqrtf(ss / (float)C + eps);
+        r[i] = ri;
+        for (j = 0; j + 16 <= C; j += 16) store_f32(o + j, load_f32(xr + j) * ri * load_f32(w + j));
+        for (; j < C; j++) o[j] = xr[j] * ri * w[j];
+    }
+    return 0;
+}
+
+/* Its gradient from g (rows, C): with n = x r and gw = g w, dx = (gw - n mean(gw n)) r; and, where
+ * dw is not NULL, dw = the sum over rows of g n (each thread sums its rows, then the threads' sums
+ * are added in order). */
+int lmlab_rmsnorm_backward(const float *x, const float *w, const float *r, const float *g, int64_t rows, int64_t C,
+                           float *dx, float *dw, int threads) {
+    if (rows < 0 || C < 1) return -1;
+    if (threads < 1) threads = 1;
+    float *part = NULL;
+    if (dw) {
+        part = calloc((size_t)threads * (size_t)C, sizeof(float));
+        if (!part) return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = part ? part + (size_t)thread_id() * (size_t)C : NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *xr = x + i * C, *gr = g + i * C;
+            const float ri = r[i];
+            f32x16 acc = {0};
+            int64_t j = 0;
+            for (; j + 16 <= C; j += 16) acc += load_f32(gr + j) * load_f32(w + j) * load_f32(xr + j);
+            float dot = hsum(acc);
+            for (; j < C; j++) dot += gr[j] * w[j] * xr[j];
+            const float m = dot * ri / (float)C; /* mean(gw n) */
+            float *d = dx + i * C;
+            for (j = 0; j + 16 <= C; j += 16) {
+                const f32x16 n = load_f32(xr + j) * ri, gv = load_f32(gr + j);
+                store_f32(d + j, (gv * load_f32(w + j) - n * m) * ri);
+                if (mine) store_f32(mine + j, load_f32(mine + j) + gv * n);
+            }
+            for (; j < C; j++) {
+                const float n = xr[j] * ri;
+                d[j] = (gr[j] * w[j] - n * m) * ri;
+                if (mine) mine[j] += gr[j] * n;
+            }
+        }
+    }
+    if (dw) {
+        for (int64_t j = 0; j < C; j++) {
+            float sum = 0.0f;
+            for (int t = 0; t < threads; t++) sum += part[(size_t)t * (size_t)C + j];
+            dw[j] = sum;
+        }
+        free(part);
+    }
+    return 0;
+}
+
+/* One head's pairs (x[j], x[j + half]), j < half: out[j] = x[j] c[j] + x[j + half] s_lo[j],
+ * out[j + half] = x[j + half] c[j + half] + x[j] s_hi[j]. */
+static inline void turn(const float *x, const float *c, const float *s_lo, const float *s_hi, int64_t half,
+                        float *out) {
+    int64_t j = 0;
+    for (; j + 16 <= half; j += 16) {
+        const f32x16 a = load_f32(x + j), b = load_f32(x + j + half);
+        store_f32(out + j, a * load_f32(c + j) + b * load_f32(s_lo + j));
+        store_f32(out + j + half, b * load_f32(c + j + half) + a * load_f32(s_hi + j));
+    }
+    for (; j < half; j++) {
+        const float a = x[j], b = x[j + half];
+        out[j] = a * c[j] + b * s_lo[j];
+        out[j + half] = b * c[j + half] + a * s_hi[j];
+    }
+}
+
+/* RoPE on a qkv projection (model.apply_rope): x (B, T, NH, D), every token's heads side by side;
+ * the first n_rot heads (q's and k's) turn over their first R features, pair j being (x[j],
+ * x[j + R/2]): out[j] = x[j] cos[j] + x[j ^ half] sin[j], sin's first half negated as
+ * rope_cos_sin makes it. Everything else is copied. cos, sin: (B or 1, T, R); cs_b, their
+ * stride between rows of the batch (0 when one table serves every row). out: x's shape. */
+int lmlab_rope_forward(const float *x, int64_t B, int64_t T, int64_t NH, int64_t D, int64_t n_rot, int64_t R,
+                       const float *cos, const float *sin, int64_t cs_b, float *out, int threads) {
+    if (B < 0 || T < 0 || R < 2 || R > D || R % 2 || n_rot > NH) return -1;
+    const int64_t half = R / 2;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        const int64_t b = bt / T, t = bt % T;
+        const float *c = cos + b * cs_b + t * R, *s = sin + b * cs_b + t * R;
+        const float *xr = x + bt * NH * D;
+        float *o = out + bt * NH * D;
+        for (int64_t n = 0; n < n_rot; n++) {
+            const float *xh = xr + n * D;
+            float *oh = o + n * D;
+            turn(xh, c, s, s + half, half, oh);
+            memcpy(oh + R, xh + R, sizeof(float) * (size_t)(D - R));
+        }
+        memcpy(o + n_rot * D, xr + n_rot * D, sizeof(float) * (size_t)((NH - n_rot) * D));
+    }
+    return 0;
+}
+
+/* Its gradient, into the projection's layout: g[0..2] the gradients of the q, k and v heads,
+ * each (B, heads, T, D) with element strides st[3 p + 0..2] for b, head, t (D contiguous);
+ * heads[p] their counts (heads[0] + heads[1] = n_rot, all three = NH). dx (B, T, NH, D):
+ * dx[j] = g[j] cos[j] + g[j ^ half] sin[j ^ half] on the rotated heads (the rotation's
+ * transpose), g itself elsewhere. */
+int lmlab_rope_backward(const float *const *g, const int64_t *st, const int64_t *heads, int64_t B, int64_t T,
+                        int64_t D, int64_t R, const float *cos, const float *sin, int64_t cs_b, float *dx,
+                        int threads) {
+    const int64_t NH = heads[0] + heads[1] + heads[2], n_rot = heads[0] + heads[1], half = R / 2;
+    if (B < 0 || T < 0 || R < 2 || R > D || R % 2) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        const int64_t b = bt / T, t = bt % T;
+        const float *c = cos + b * cs_b + t * R, *s = sin + b * cs_b + t * R;
+        float *o = dx + bt * NH * D;
+        int64_t n = 0;
+        for (int p = 0; p < 3; p++)
+            for (int64_t hh = 0; hh < heads[p]; hh++, n++) {
+                const float *gh = g[p] + b * st[3 * p] + hh * st[3 * p + 1] + t * st[3 * p + 2];
+                float *oh = o + n * D;
+                if (n >= n_rot) {
+                    memcpy(oh, gh, sizeof(float) * (size_t)D);
+                    continue;
+                }
+                turn(gh, c, s + half, s, half, oh); /* the transpose: each half takes the other's sin */
+                memcpy(oh + R, gh + R, sizeof(float) * (size_t)(D - R));
+            }
+    }
+    return 0;
+}
+
 #else
 
 int lmlab_openmp(void) { return 0; }
@@ -856,4 +1098,42 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
     return -1;
 }
 
+
+int lmlab_act_forward(const float *h, int64_t rows, int64_t F, int glu, int act, float *out, int threads) {
+    (void)h; (void)rows; (void)F; (void)glu; (void)act; (void)out; (void)threads;
+    return -1;
+}
+
+int lmlab_act_backward(const float *h, const float *go, int64_t rows, int64_t F, int glu, int act, float *dh,
+                       int threads) {
+    (void)h; (void)go; (void)rows; (void)F; (void)glu; (void)act; (void)dh; (void)threads;
+    return -1;
+}
+
+int lmlab_rope_forward(const float *x, int64_t B, int64_t T, int64_t NH, int64_t D, int64_t n_rot, int64_t R,
+                       const float *cos, const float *sin, int64_t cs_b, float *out, int threads) {
+    (void)x; (void)B; (void)T; (void)NH; (void)D; (void)n_rot; (void)R; (void)cos; (void)sin; (void)cs_b;
+    (void)out; (void)threads;
+    return -1;
+}
+
+int lmlab_rope_backward(const float *const *g, const int64_t *st, const int64_t *heads, int64_t B, int64_t T,
+                        int64_t D, int64_t R, const float *cos, const float *sin, int64_t cs_b, float *dx,
+                        int threads) {
+    (void)g; (void)st; (void)heads; (void)B; (void)T; (void)D; (void)R; (void)cos; (void)sin; (void)cs_b;
+    (void)dx; (void)threads;
+    return -1;
+}
+
+int lmlab_rmsnorm_forward(const float *x, int64_t rows, int64_t C, const float *w, float eps, float *out, float *r,
+                          int threads) {
+    (void)x; (void)rows; (void)C; (void)w; (void)eps; (void)out; (void)r; (void)threads;
+    return -1;
+}
+
+int lmlab_rmsnorm_backward(const float *x, const float *w, const float *r, const float *g, int64_t rows, int64_t C,
+                           float *dx, float *dw, int threads) {
+    (void)x; (void)w; (void)r; (void)g; (void)rows; (void)C; (void)dx; (void)dw; (void)threads;
+    return -1;
+}
 #endif

@@ -1,0 +1,116 @@
+"""Training's fused steps: RMSNorm, the MLP's activation and RoPE on q and k, forward and backward
+each in one pass over memory (``csrc/native.c``, "training's elementwise steps").
+
+Autograd runs ``F.silu(gate) * up`` as four kernels forward and back (the SiLU, the product, their
+gradients, and a concatenation of the gate's and up's gradients into the projection's output),
+and RoPE on the q and k heads as a flip, two products and a sum each way, plus a concatenation
+of the q, k and v gradients; ``model.RMSNormFunction`` takes two passes forward and five back.
+Each of those walks the whole (tokens, features) tensor. Here the
+forward is one pass, and the backward one pass that writes the input's gradient in place: for
+SmolLM2's LoRA step (4 x 128 tokens, two threads) 1.44 -> 1.30 s for the activation and RoPE.
+
+``model.py`` takes these in training (the module in train mode, autograd on, float32 on the
+CPU, the native library built); its PyTorch lines are the reference everywhere else, and the
+tests hold the two to each other, values and gradients. ``LMLAB_FUSED=0`` (or ``fused.on = False``)
+keeps training on the PyTorch lines, as ``benchmarks/train_vs_nanogpt.py``'s plain loop runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmlab import native
+from lmlab.host import env_flag
+
+ACTS = ("silu", "gelu_tanh")  # the activations the kernel computes (F.gelu's erf form is one fast kernel already)
+on = env_flag("LMLAB_FUSED", True)
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a training forward over x takes the fused steps: float32 on the CPU, autograd
+    recording, not inside torch.compile (which traces PyTorch's own operations), the library built."""
+    return (
+        on
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and native.serves()
+    )
+
+
+class _Activation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, glu: bool, act: str) -> torch.Tensor:
+        out = native.act_forward(h, glu, act)
+        if out is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused activation")
+        ctx.glu, ctx.act = glu, act
+        ctx.save_for_backward(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        dh = native.act_backward(h, grad, ctx.glu, ctx.act)
+        if dh is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused activation's gradient")
+        return dh, None, None
+
+
+def activation(h: torch.Tensor, act: str, glu: bool) -> torch.Tensor:
+    """``act(gate) * up`` for h = [gate | up] (..., 2F) when glu (model.MLP's gated form), else
+    ``act(h)``; act is one of ``ACTS``."""
+    return _Activation.apply(h, glu, act)
+
+
+class _RopeQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]):
+        out = native.rope_forward(qkv, cos, sin, heads[0] + heads[1])
+        if out is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused RoPE")
+        ctx.save_for_backward(cos, sin)
+        return tuple(out.transpose(1, 2).split(heads, dim=1))
+
+    @staticmethod
+    def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dx = native.rope_backward((gq, gk, gv), cos, sin)
+        if dx is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused RoPE's gradient")
+        return dx, None, None, None
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]):
+    """q, k, v ((B, H, T, D), (B, K, T, D), (B, K, T, D)) from a qkv projection (B, T, H + 2K, D),
+    q and k turned by RoPE (``model.apply_rope``) with cos, sin (B or 1, 1, T, R) from
+    ``model.rope_cos_sin``; heads = (H, K, K)."""
+    return _RopeQKV.apply(qkv, cos, sin, tuple(heads))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()  # the q/k norms' heads are a view; the backward reads the same copy
+        got = native.rmsnorm_forward(x, w, eps)
+        if got is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused RMSNorm")
+        out, r = got
+        ctx.save_for_backward(x, w, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w, r = ctx.saved_tensors
+        got = native.rmsnorm_backward(x, w, r, grad, ctx.needs_input_grad[1])
+        if got is None:
+            raise RuntimeError("lmlab's native library stopped serving the fused RMSNorm's gradient")
+        dx, dw = got
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``model.RMSNormFunction`` (x r w, r = rsqrt(mean(x^2) + eps)) in one pass each way; x, w float32."""
+    return _RMSNorm.apply(x, w, eps)

@@ -1,0 +1,133 @@
+"""lmlab.fused (training's RMSNorm, activation and RoPE in one pass each) against model.py's PyTorch lines.
+
+Float32. Values and gradients within 1e-5 of the reference's largest value: the kernels compute
+exp with a polynomial (csrc/native.c exp16, within 2 ulp) where PyTorch calls its own, and
+otherwise the same products in the same order. A training step of every family that takes them
+then equals the same step without them (loss and every gradient, 1e-5).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab import fused, native
+from lmlab.model import ACTIVATIONS, apply_rope, rope_cos_sin
+
+pytestmark = pytest.mark.skipif(not native.serves(), reason=f"lmlab's native library is {native.status()}")
+
+
+def _close(got, want, rel=1e-5):
+    err = (got - want).abs().max().item()
+    assert err <= rel * (1 + want.abs().max().item()), err
+
+
+def check_activations():
+    """Every activation the kernel computes, gated and not, on features that leave a tail after the
+    16-float vectors, and on values far into both flat ends (|x| up to ~30)."""
+    g = torch.Generator().manual_seed(0)
+    for act in fused.ACTS:
+        for glu in (True, False):
+            F_ = 83
+            h = (torch.randn(3, 5, 2 * F_ if glu else F_, generator=g) * 8).requires_grad_()
+            ref = ACTIVATIONS[act]
+            want = ref(h[..., :F_]) * h[..., F_:] if glu else ref(h)
+            dy = torch.randn(want.shape, generator=g)
+            got = fused.activation(h, act, glu)
+            _close(got, want)
+            _close(*[torch.autograd.grad(y, h, dy)[0] for y in (got, want)])
+
+
+def check_rope():
+    """q and k turned, v passed through, and the gradient gathered into the projection's layout:
+    full and partial rotary, GQA, one table for the batch and one per row."""
+    g = torch.Generator().manual_seed(1)
+    B, T, H, K, D = 2, 11, 6, 2, 32
+    for R, per_row in ((32, True), (16, True), (32, False)):
+        qkv = torch.randn(B, T, H + 2 * K, D, generator=g, requires_grad=True)
+        pos = torch.arange(3, 3 + T).expand(B if per_row else 1, T)
+        inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+        cos, sin = rope_cos_sin(inv, pos, torch.float32)
+        t = qkv.transpose(1, 2)
+        wq, wk = apply_rope(t[:, : H + K], cos, sin).split([H, K], dim=1)
+        want = (wq, wk, t[:, H + K :])
+        got = fused.rope_qkv(qkv, cos, sin, (H, K, K))
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            _close(a, b)
+        dys = [torch.randn(a.shape, generator=g) for a in want]
+        grads = [torch.autograd.grad(ys, qkv, dys, retain_graph=True)[0] for ys in (got, want)]
+        _close(*grads)
+        # an output left out of the loss has a zero gradient, as autograd's own ops give
+        _close(torch.autograd.grad(got[0].sum(), qkv)[0], torch.autograd.grad(want[0].sum(), qkv)[0])
+
+
+def check_rmsnorm():
+    """RMSNorm's output and the gradients of x and (where it trains) w, against F.rms_norm through
+    autograd; rows of 83 features leave a tail after the 16-float vectors."""
+    g = torch.Generator().manual_seed(3)
+    for weight_grad in (False, True):
+        x = (torch.randn(4, 9, 83, generator=g) * 3).requires_grad_()
+        w = (torch.randn(83, generator=g) + 1).requires_grad_(weight_grad)
+        want = F.rms_norm(x, (83,), w, 1e-6)
+        got = fused.rms_norm(x, w, 1e-6)
+        _close(got, want)
+        inputs = (x, w) if weight_grad else (x,)
+        dy = torch.randn(want.shape, generator=g)
+        for a, b in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+            _close(a, b)
+
+
+def test_rmsnorm_equals_f_rms_norm():
+    check_rmsnorm()
+
+
+def test_activations_equal_pytorch():
+    check_activations()
+
+
+def test_rope_equals_apply_rope():
+    check_rope()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen3"])
+def test_a_training_step_equals_the_unfused_one(tiny, family, monkeypatch):
+    """The loss and every parameter's gradient of a training forward and backward, with the fused
+    steps (as training runs) and without them (model.py's lines)."""
+    lm = tiny(family)
+    model = lm.model.float().train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = fused.applies
+    monkeypatch.setattr(fused, "applies", lambda x: calls.append(1) or real(x))
+    loss, grads = step()
+    assert calls and real(torch.zeros(1, requires_grad=True)), "the fused steps were not asked"
+    monkeypatch.setattr(fused, "applies", lambda x: False)
+    want_loss, want_grads = step()
+    model.eval()
+    _close(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        _close(grads[name], want_grads[name])
+
+
+def test_outside_training_the_pytorch_lines_run(tiny, monkeypatch):
+    """Evaluation (eval mode, or no autograd) never asks for the fused steps: what inspection and
+    generation see is model.py's own arithmetic."""
+    model = tiny("llama").model.float()
+    monkeypatch.setattr(fused, "rope_qkv", None)
+    monkeypatch.setattr(fused, "activation", None)
+    ids = torch.arange(10)[None]
+    model.eval()
+    model(ids).sum().backward()  # autograd on, eval mode: attribution's case
+    model.train()
+    with torch.no_grad():
+        model(ids)
+    model.eval()
