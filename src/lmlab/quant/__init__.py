@@ -113,9 +113,9 @@ class QuantWeight:
             self._struct = s
         return self._struct
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) as float32 (r1 - r0, K)."""
-        out = torch.empty(r1 - r0, self.K)
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) as float32 (r1 - r0, K), into ``out`` (contiguous, that shape) when given."""
+        out = torch.empty(r1 - r0, self.K) if out is None else out
         lib = native._usable()
         if lib is not None:
             lib.lmlab_q_dequant_rows(ctypes.byref(self.struct), self.K, r0, r1, out.data_ptr())
@@ -497,10 +497,11 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) ->
         return F.linear(x2, qw.dequantize(), bias).view(*x.shape[:-1], N)
     # a tile of W's rows at a time, dequantized into a float GEMM: never the whole matrix in float
     y = torch.empty(rows, N)
-    step = max(16, TILE_VALUES // max(K, 1))
+    step = min(N, max(16, TILE_VALUES // max(K, 1)))
+    tile = torch.empty(step, K)  # one buffer for every tile: fresh pages each time cost more than the copy
     for r0 in range(0, N if rows else 0, step):
         r1 = min(N, r0 + step)
-        y[:, r0:r1] = x2 @ qw.rows(r0, r1).T
+        y[:, r0:r1] = x2 @ qw.rows(r0, r1, tile[: r1 - r0]).T
     if bias is not None:
         y += bias.float()
     return y.view(*x.shape[:-1], N)
