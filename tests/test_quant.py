@@ -175,6 +175,33 @@ def test_a_native_load_tiles_where_the_kernel_wants_tiles(monkeypatch):
     assert (a - b).abs().max().item() < 0.1 * (1 + a.abs().max().item())
 
 
+def test_a_native_load_keeps_its_matrices_in_one_block_in_reading_order(monkeypatch):
+    """quant.build._in_one_block: the quantized tensors of a native load share one allocation, laid
+    out block by block as a decoding step reads them (those made on huge pages in chunks, the
+    embedding table here, stay where they are), and the model computes what the same load without
+    the move computes."""
+    import lmlab.quant.build as qb
+    from bundled import smollm2_gguf_path
+    from lmlab.quant import QuantLinear
+
+    lm = lmlab.load(smollm2_gguf_path())
+    order = [m.qweight for b in lm.model.blocks for m in b.modules() if isinstance(m, QuantLinear)]
+    tensors = [t for qw in order for p in qw.parts for t in (p.q, p.scale, p.min, p.qh) if t is not None]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    ptrs = [t.data_ptr() for t in tensors]
+    assert ptrs == sorted(ptrs)
+    head = lm.model.lm_head.qweight.parts[0].q  # tied to the embedding: chunked, on huge pages
+    assert getattr(head, "_lmlab_huge_pages", False) and head.untyped_storage().data_ptr() != tensors[0].data_ptr()
+    buffers = {b.data_ptr() for m in lm.model.modules() if isinstance(m, QuantLinear) for b in m.buffers()}
+    assert set(ptrs) <= buffers  # the modules' buffers follow the move (the old tensors are freed)
+    monkeypatch.setattr(qb, "_in_one_block", lambda model: None)
+    scattered = lmlab.load(smollm2_gguf_path())
+    ids = torch.tensor([lm.encode("The capital of France is")])
+    with torch.inference_mode():
+        assert torch.equal(lm.model(ids), scattered.model(ids))
+    assert torch.equal(_steps(lm, ids, 3, use_native=True), _steps(scattered, ids, 3, use_native=True))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
 def test_native_matmul_equals_the_dequantized_matmul(type_name, rows):

@@ -252,6 +252,29 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+_MADV_HUGEPAGE, _HUGE = 14, 2 << 20  # Linux's madvise advice, and an x86/Arm transparent huge page
+
+
+def huge_pages(t) -> None:
+    """Ask Linux to back a tensor's memory with transparent huge pages (2 MiB), for the whole huge
+    pages inside it; effective for pages not touched yet, so call it between ``torch.empty`` and
+    the first write. Where THP is "madvise" (the usual default) this is what turns them on.
+
+    Decoding streams every weight byte once per token: with 4 KiB pages that is a TLB miss and a
+    page walk every 4 KiB, and the hardware prefetchers stop at each page. On huge pages the random
+    1.1B Llama's Q4_0 weights (582 MB) decode at 44.5 instead of 34.9 tok/s (2-core Xeon).
+    Elsewhere (not Linux, THP off, an older kernel) it does nothing.
+    """
+    libc = _glibc()
+    if libc is None:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = (start + _HUGE - 1) // _HUGE * _HUGE, end // _HUGE * _HUGE  # only pages wholly inside t
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
+
+
 @contextlib.contextmanager
 def keep_freed_memory():
     """Inside it, memory the process frees stays with it for the next allocation (glibc).

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from lmlab import native
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
-from lmlab.host import give_back_freed_memory
+from lmlab.host import give_back_freed_memory, huge_pages
 from lmlab.quant import (
     GGUF_TYPES,
     TILE,
@@ -170,6 +170,15 @@ def _tiled(part: QuantPart, tile: int) -> QuantPart:
     return tile_part(part) if tile and tileable(part) else part
 
 
+def _empty_on_huge_pages(shape, dtype) -> torch.Tensor:
+    """torch.empty with its memory asked to be transparent huge pages before anything touches it
+    (see ``_in_one_block``, which leaves such tensors where they are)."""
+    t = torch.empty(shape, dtype=dtype)
+    huge_pages(t)
+    t._lmlab_huge_pages = True
+    return t
+
+
 def _pack_in_chunks(source, name: str, shape) -> QuantPart:
     """One tensor's blocks repacked (and tiled), CHUNK_ROWS rows at a time into the final tensors,
     so a load holds the file's bytes of one chunk beside the result, never a second whole copy."""
@@ -179,7 +188,7 @@ def _pack_in_chunks(source, name: str, shape) -> QuantPart:
         return _tiled(pack_gguf(*source.raw(name)), tile)
     first = _tiled(pack_gguf(*source.raw(name, 0, CHUNK_ROWS)), tile)
     full = [
-        torch.empty((rows, *t.shape[1:]), dtype=t.dtype) if t is not None else None
+        _empty_on_huge_pages((rows, *t.shape[1:]), t.dtype) if t is not None else None
         for t in (first.q, first.scale, first.min, first.qh)
     ]
     for r0 in range(0, rows, CHUNK_ROWS):
@@ -251,7 +260,76 @@ def build(cfg: ModelConfig, tensors) -> nn.Module:
     if left:
         raise LmlabError(f"the checkpoint lacks {left[0]}; it does not match its config.")
     model._rope_cache = {}
+    _in_one_block(model)
     return model.eval()
+
+
+ALIGN = 64  # bytes: each tensor in the block starts on a cache line, as torch's own allocations do
+
+
+def _in_one_block(model: nn.Module) -> None:
+    """Every quantized matrix's tensors moved into one allocation, on transparent huge pages
+    (``host.huge_pages``), in the order a decoding step reads them: block by block, then the head.
+
+    A token streams all of these bytes once. Left where the load made them (hundreds of tensors,
+    from the heap and from mmaps, on 4 KiB pages), the random 1.1B Llama's Q4_0 weights decode at
+    34.8 tok/s; in one block on 4 KiB pages at 40.7; in one block on huge pages at 44.6 (2-core
+    Xeon, one process). Each tensor is copied and its old memory freed before the next, so the
+    load's peak grows by about one tensor, not by a second copy of the weights; the big ones
+    (more than CHUNK_ROWS rows: an embedding table, a wide MLP) were made on huge pages by
+    ``_pack_in_chunks`` and stay where they are, as copying them would hold two at once.
+    """
+    qws, seen = [], set()
+    mods = [m for block in model.blocks for m in block.modules()] + [model.lm_head, model.tok_embed]
+    for m in mods:
+        qw = getattr(m, "qweight", None)
+        if isinstance(qw, QuantWeight) and id(qw) not in seen:
+            seen.add(id(qw))
+            qws.append(qw)
+    if not qws:
+        return
+    owners: dict[int, list] = {}  # id(tensor) -> the (module, buffer name) pairs that hold it
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                owners.setdefault(id(b), []).append((m, name))
+    fields = ("q", "scale", "min", "qh")
+
+    def moves(t) -> bool:
+        return t is not None and not getattr(t, "_lmlab_huge_pages", False)
+
+    sizes = [
+        -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        for qw in qws
+        for p in qw.parts
+        for t in (getattr(p, f) for f in fields)
+        if moves(t)
+    ]
+    if not sizes:
+        return
+    block = torch.empty(sum(sizes), dtype=torch.uint8)
+    huge_pages(block)
+    at, since_trim = 0, 0
+    for qw in qws:
+        for p in qw.parts:
+            for f in fields:
+                old = getattr(p, f)
+                if not moves(old):
+                    continue
+                n = old.numel() * old.element_size()
+                new = block[at : at + n].view(old.dtype).view(old.shape)
+                new.copy_(old)
+                for m, name in owners.pop(id(old), ()):
+                    m._buffers[name] = new
+                setattr(p, f, new)
+                del old
+                step = -(-n // ALIGN) * ALIGN
+                at, since_trim = at + step, since_trim + step
+                if since_trim >= 2 << 20:  # hand back what the moved tensors freed on the heap
+                    give_back_freed_memory()
+                    since_trim = 0
+        qw._struct = None
+    give_back_freed_memory()
 
 
 __all__ = ["gguf_tensors", "float_tensors_quantized", "build", "DequantizedWarning"]
