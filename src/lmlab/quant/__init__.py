@@ -49,6 +49,7 @@ NATIVE_ROWS = 8  # rows of input the integer kernel takes; more rows dequantize 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")  # GGUF block types kept as they are
 QUANTS = ("native", "q8", "q4")  # what lmlab.load(quant=...) takes
 TILE_VALUES = 1 << 19  # values of W dequantized at a time for a GEMM (2 MB of float32)
+LONG_ROWS = 64  # rows of x from which a GEMM takes tiles four times that size
 
 
 class QuantPart:
@@ -497,7 +498,10 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) ->
         return F.linear(x2, qw.dequantize(), bias).view(*x.shape[:-1], N)
     # a tile of W's rows at a time, dequantized into a float GEMM: never the whole matrix in float
     y = torch.empty(rows, N)
-    step = min(N, max(16, TILE_VALUES // max(K, 1)))
+    # a long prompt's GEMM runs faster on wider tiles (8 MB against 2, prefill of 128 / 512 tokens:
+    # SmolLM2 +6% / +7%, Gemma 3 +2.5% / +2%); a short one gains nothing, and keeps the lower peak
+    values = TILE_VALUES * (4 if rows >= LONG_ROWS else 1)
+    step = min(N, max(16, values // max(K, 1)))
     tile = torch.empty(step, K)  # one buffer for every tile: fresh pages each time cost more than the copy
     for r0 in range(0, N if rows else 0, step):
         r1 = min(N, r0 + step)
