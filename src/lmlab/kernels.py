@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab import native
-from lmlab.host import cpu_model, env_flag, lmlab_home
+from lmlab.host import cpu_model, env_flag, give_back_freed_memory, huge_pages, lmlab_home
 
 # oneDNN picks its blocked layout for an expected row count; these hints gave the fastest
 # layout across 1, 8 and 116 rows in the measurements above.
@@ -227,6 +227,38 @@ def speed_up(model: nn.Module) -> None:
             w = m.qkv.weight
             half_on_cpu = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
             m.compute_dtype = torch.float32 if half_on_cpu else None
+
+
+def weights_in_one_block(model: nn.Module) -> None:
+    """Move the parameters a decoding step reads (every block's, then the final norm's and the
+    head's) into one allocation on transparent huge pages, in that order (``host.huge_pages``).
+
+    Decoding streams them once per token; as loaded they are hundreds of tensors on 4 KiB pages.
+    SmolLM2-135M, 2 threads, same process: float32 47.1 -> 52.5 tok/s, bfloat16 85.5 -> 96.9
+    (a quantized load does the same for its blocks: ``quant.build._in_one_block``). Each
+    parameter is copied and its old memory freed before the next, so the load's peak grows by one
+    parameter; CPU only.
+    """
+    params, seen = [], set()
+    for p in [p for b in model.blocks for p in b.parameters()] + [model.final_norm.weight, model.lm_head.weight]:
+        if id(p) not in seen and p.device.type == "cpu":
+            seen.add(id(p))
+            params.append(p)
+    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # each on a cache line
+    if not sizes:
+        return
+    block = torch.empty(sum(sizes), dtype=torch.uint8)
+    huge_pages(block)
+    at, since_trim = 0, 0
+    with torch.no_grad():
+        for p, size in zip(params, sizes):
+            n = p.numel() * p.element_size()
+            p.data = block[at : at + n].view(p.dtype).view(p.shape).copy_(p.data)
+            at, since_trim = at + size, since_trim + size
+            if since_trim >= 64 << 20:  # hand back what the moved parameters freed on the heap
+                give_back_freed_memory()
+                since_trim = 0
+    give_back_freed_memory()
 
 
 def linear_weight_bytes(model: nn.Module) -> int:

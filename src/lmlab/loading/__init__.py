@@ -116,6 +116,9 @@ def load(
         model = build_model(cfg, tensors, dtype, device)
     from lmlab import kernels
 
+    if not quant and device.type == "cpu":
+        kernels.weights_in_one_block(model)
+
     kernels.speed_up(model)
     packed_bytes = 0 if quant else _prepack(model, dtype, device, prepack)
     if device.type == "cpu":
