@@ -124,6 +124,7 @@ def test_outside_training_the_pytorch_lines_run(tiny, monkeypatch):
     model = tiny("llama").model.float()
     monkeypatch.setattr(fused, "rope_qkv", None)
     monkeypatch.setattr(fused, "activation", None)
+    monkeypatch.setattr(fused, "rms_norm", None)
     ids = torch.arange(10)[None]
     model.eval()
     model(ids).sum().backward()  # autograd on, eval mode: attribution's case

@@ -40,12 +40,18 @@ def applies(x: torch.Tensor) -> bool:
     )
 
 
+def _served(result, what: str):
+    """The native call's result; None only where the library stopped serving between applies()
+    and the call (torch's thread count changed under a build without OpenMP)."""
+    if result is None:
+        raise RuntimeError(f"lmlab's native library stopped serving {what}")
+    return result
+
+
 class _Activation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, glu: bool, act: str) -> torch.Tensor:
-        out = native.act_forward(h, glu, act)
-        if out is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused activation")
+        out = _served(native.act_forward(h, glu, act), "the fused activation")
         ctx.glu, ctx.act = glu, act
         ctx.save_for_backward(h)
         return out
@@ -53,9 +59,7 @@ class _Activation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (h,) = ctx.saved_tensors
-        dh = native.act_backward(h, grad, ctx.glu, ctx.act)
-        if dh is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused activation's gradient")
+        dh = _served(native.act_backward(h, grad, ctx.glu, ctx.act), "the fused activation's gradient")
         return dh, None, None
 
 
@@ -68,18 +72,14 @@ def activation(h: torch.Tensor, act: str, glu: bool) -> torch.Tensor:
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]):
-        out = native.rope_forward(qkv, cos, sin, heads[0] + heads[1])
-        if out is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused RoPE")
+        out = _served(native.rope_forward(qkv, cos, sin, heads[0] + heads[1]), "the fused RoPE")
         ctx.save_for_backward(cos, sin)
         return tuple(out.transpose(1, 2).split(heads, dim=1))
 
     @staticmethod
     def backward(ctx, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dx = native.rope_backward((gq, gk, gv), cos, sin)
-        if dx is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused RoPE's gradient")
+        dx = _served(native.rope_backward((gq, gk, gv), cos, sin), "the fused RoPE's gradient")
         return dx, None, None, None
 
 
@@ -94,20 +94,16 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()  # the q/k norms' heads are a view; the backward reads the same copy
-        got = native.rmsnorm_forward(x, w, eps)
-        if got is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused RMSNorm")
-        out, r = got
+        out, r = _served(native.rmsnorm_forward(x, w, eps), "the fused RMSNorm")
         ctx.save_for_backward(x, w, r)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, w, r = ctx.saved_tensors
-        got = native.rmsnorm_backward(x, w, r, grad, ctx.needs_input_grad[1])
-        if got is None:
-            raise RuntimeError("lmlab's native library stopped serving the fused RMSNorm's gradient")
-        dx, dw = got
+        dx, dw = _served(
+            native.rmsnorm_backward(x, w, r, grad, ctx.needs_input_grad[1]), "the fused RMSNorm's gradient"
+        )
         return (dx if ctx.needs_input_grad[0] else None), dw, None
 
 

@@ -7,6 +7,9 @@
   ``lmlab/model.py`` is its reference (tests compare the two for every family, in float32 and
   bfloat16). Its buffers (``lmlab_state`` in the C file) are made once per model, by its
   ``DecodePlan``, and freed with it.
+- ``act_forward``/``act_backward``, ``rmsnorm_forward``/``rmsnorm_backward``,
+  ``rope_forward``/``rope_backward``: training's elementwise steps in one pass each, for
+  ``lmlab.fused``'s autograd Functions.
 
 The C file is compiled once per machine, at first use, with the system's C compiler and
 ``-march=native -fopenmp``, into ``~/.lmlab/native/`` (``$LMLAB_HOME/native``). The library is
@@ -228,9 +231,8 @@ def _load():
     lib.lmlab_rope_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, i]
     lib.lmlab_rmsnorm_forward.argtypes = [vp, i64, i64, vp, ctypes.c_float, vp, vp, i]
     lib.lmlab_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i64, i64, vp, vp, i]
-    for f in (lib.lmlab_act_forward, lib.lmlab_act_backward, lib.lmlab_rope_forward, lib.lmlab_rope_backward):
-        f.restype = i
-    lib.lmlab_rmsnorm_forward.restype = lib.lmlab_rmsnorm_backward.restype = i
+    for step in ("act", "rope", "rmsnorm"):
+        getattr(lib, f"lmlab_{step}_forward").restype = getattr(lib, f"lmlab_{step}_backward").restype = i
     _lib = lib
     if lib.lmlab_q_parts_max() != QPARTS:
         _lib = False
@@ -297,9 +299,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 # ----------------------------------------------------------------------------- training's elementwise steps
-# lmlab.fused's autograd Functions call these; each returns None where the library can't serve
-# (not built, or a build without OpenMP while torch runs several threads), and they then run
-# model.py's PyTorch lines instead. Float32 CPU tensors only, as fused.applies() checks.
+# lmlab.fused's autograd Functions call these. Each returns None where the library can't serve
+# (not built, or a build without OpenMP while torch runs several threads); fused.applies() asks
+# native.serves() first, so training takes model.py's PyTorch lines there instead. Float32 CPU
+# tensors only, as fused.applies() checks.
 
 
 def act_forward(h: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
@@ -367,7 +370,7 @@ def rmsnorm_backward(x, w, r, grad, need_w: bool) -> tuple[torch.Tensor, torch.T
     return (dx, dw) if rc == 0 else None
 
 
-def _tables(cos: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tables(cos: torch.Tensor, T: int) -> tuple[torch.Tensor, int]:
     """cos or sin (B or 1, 1, T, R) as (B or 1, T, R) contiguous, and its stride between rows."""
     c = cos.reshape(cos.shape[0], T, cos.shape[-1]).contiguous()
     return c, (c.stride(0) if c.shape[0] > 1 else 0)

@@ -832,10 +832,10 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
 /* ------------------------------------------------------------------------ training's elementwise steps
  *
  * The forward and backward of three steps that autograd would otherwise take several passes over
- * memory for, each pass a kernel of its own: the MLP's activation (a GLU's act(gate) * up, or act
- * alone), and RoPE on the q and k heads of a qkv projection, whose backward also gathers the q, k
- * and v gradients into the projection's layout (autograd would rotate, then concatenate). Each is
- * one pass over its rows. lmlab/fused.py holds the autograd Functions that call them, and
+ * memory for, each pass a kernel of its own: RMSNorm, the MLP's activation (a GLU's act(gate) * up,
+ * or act alone), and RoPE on the q and k heads of a qkv projection, whose backward also gathers the
+ * q, k and v gradients into the projection's layout (autograd would rotate, then concatenate). Each
+ * is one pass over its rows. lmlab/fused.py holds the autograd Functions that call them, and
  * model.py's PyTorch lines are their reference (tests compare both, values and gradients). */
 
 static inline void store_f32(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
