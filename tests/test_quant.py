@@ -405,8 +405,8 @@ def test_prefill_logits_equal_the_dequantized_model(smol):
 
 
 def _steps(lm, ids, steps, use_native, feed=None):
-    """Prefill ids (1, T), then `steps` cached steps fed `feed` (1, steps) (default: ids' own
-    tokens again); logits (1, steps, V)."""
+    """Prefill ids (1, T) through model.py, then `steps` cached steps fed `feed` (1, steps) (default:
+    ids' own tokens again), native or not; logits (1, steps, V)."""
     from lmlab.engine.cache import KVCache
     from lmlab.engine.steps import decode_one_token, prefill
 
@@ -415,7 +415,7 @@ def _steps(lm, ids, steps, use_native, feed=None):
     out = []
     with torch.inference_mode():
         pos = torch.arange(ids.shape[1])[None]
-        prefill(lm.model, ids, pos, cache, None)
+        prefill(lm.model, ids, pos, cache, None, use_native=False)  # model.py's, the same for both
         for j in range(steps):
             pos = torch.tensor([[ids.shape[1] + j]])
             out.append(decode_one_token(lm.model, feed[:, j : j + 1], pos, cache, None, use_native))
@@ -451,6 +451,42 @@ def test_the_native_step_equals_model_py_on_quantized_weights(smol):
     assert (got - exact).abs().mean().item() < 2 * cost
     assert (got.argmax(-1) == want.argmax(-1)).all() and (got.argmax(-1) == exact.argmax(-1)).all()
     assert (got - exact).abs().max().item() < 0.1 * (1 + exact.abs().max().item())
+
+
+def test_a_short_prompt_to_a_quantized_model_runs_as_native_steps(smol):
+    """Up to SHORT_PROMPT tokens, prefill is that many native decoding steps: the same logits and
+    cache, bit for bit, as stepping them by hand; within int8 rounding of model.py's prefill. A
+    longer prompt, a registered hook or use_native=False take model.py."""
+    from lmlab.engine.cache import KVCache
+    from lmlab.engine.steps import SHORT_PROMPT, prefill
+
+    q, f = smol
+
+    def run(ids, by_hand=False, **kw):
+        cache = KVCache(q.config, 1, ids.shape[1], torch.float32, "cpu")
+        pos = torch.arange(ids.shape[1])[None]
+        with torch.inference_mode():
+            if by_hand:
+                for t in range(ids.shape[1]):
+                    logits = native.decode_step(q.model, ids[:, t : t + 1], pos[:, t : t + 1], cache, None)[:, -1]
+            else:
+                logits = prefill(q.model, ids, pos, cache, None, **kw)
+        return logits, cache.k[:, :, : ids.shape[1]].clone()
+
+    ids = torch.tensor([q.encode("The capital of France is")])
+    assert 1 < ids.shape[1] <= SHORT_PROMPT
+    (a, ka), (b, kb) = run(ids), run(ids, by_hand=True)
+    assert torch.equal(a, b) and torch.equal(ka, kb)
+    ref, kref = run(ids, use_native=False)  # model.py: the dequantized tiles' GEMMs
+    assert not torch.equal(a, ref) and a.argmax() == ref.argmax()
+    assert (a - ref).abs().max().item() < 0.1 * (1 + ref.abs().max().item())
+    assert (ka - kref).abs().max().item() < 0.1 * (1 + kref.abs().max().item())
+    with q.hooks({"blocks.0.resid_post": lambda x, name: x}):
+        assert torch.equal(run(ids)[0], ref)
+    text = "The capital of France is Paris, the capital of Italy is Rome, and the capital of Spain is"
+    long = torch.tensor([q.encode(text)])
+    assert long.shape[1] > SHORT_PROMPT
+    assert torch.equal(run(long)[0], run(long, use_native=False)[0])
 
 
 def test_hooks_see_float_activations_of_a_quantized_model(smol):

@@ -723,20 +723,27 @@ def _stops_of(model) -> list[int] | None:
     return sorted(stops)
 
 
-def runs_hooks(model) -> bool:
-    """Whether ``decode_step`` runs the model's registered hooks itself: on a quantized model (float32
-    activations) with hooks only before the blocks and on the residual stream between them, so a
-    hook on every block's resid_post keeps the whole step in C. Other hooks take model.py."""
-    if _usable() is None or _hook_stops(model) is None:
+def decodes_quantized(model) -> bool:
+    """Whether ``decode_step`` runs this model on its quantized weights (float32 activations)."""
+    if _usable() is None:
         return False
     plan = plan_for(model)
     return not plan.reason and bool(plan.qmats) and plan.dtype == torch.float32
 
 
+def runs_hooks(model) -> bool:
+    """Whether ``decode_step`` runs the model's registered hooks itself: on a quantized model (float32
+    activations) with hooks only before the blocks and on the residual stream between them, so a
+    hook on every block's resid_post keeps the whole step in C. Other hooks take model.py."""
+    return _hook_stops(model) is not None and decodes_quantized(model)
+
+
 def decode_step(
-    model, input_ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None
+    model, input_ids: torch.Tensor, positions: torch.Tensor, cache, key_mask: torch.Tensor | None, head: bool = True
 ) -> torch.Tensor | None:
     """Logits (B, 1, V) for one new token per row, or None where the native step does not apply.
+    head=False: the blocks only, not the final norm and the LM head (a prompt's tokens before its
+    last need only their keys and values); the residual stream (B, 1, C) after the last block.
 
     input_ids: (B, 1) int64, the new tokens; positions: (B, 1) their positions.
     cache: the KVCache; this step writes slot ``cache.length`` of every layer and advances it.
@@ -783,7 +790,7 @@ def decode_step(
         first = key_mask.to(torch.uint8).argmax(-1)  # (B,) int64: the first slot each row may attend to
     x = x.contiguous()
     L = model.cfg.n_layers
-    logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype)
+    logits = torch.empty(B, 1, model.cfg.vocab_size, dtype=x.dtype) if head else None
 
     call = lib.lmlab_decode_layers
     model_args = (plan.struct_ref, plan.state, B)  # what every layer range of this step shares
@@ -812,6 +819,12 @@ def decode_step(
                     x = ctx(name, x)
             if x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.detach().to(torch.float32).contiguous()
+        if not head:
+            out = torch.empty(B, 1, model.cfg.d_model) if l0 < L else x
+            if l0 < L and call(*model_args, x.data_ptr(), *cache_args, l0, L, out.data_ptr(), None, threads) != 0:
+                return None
+            cache.advance(1)
+            return out
         if call(*model_args, x.data_ptr(), *cache_args, l0, L, None, logits.data_ptr(), threads) != 0:
             return None
     cache.advance(1)

@@ -408,7 +408,9 @@ class Generation:
             history=TokenHistory(self.params, ids, key_mask[:, :T0], cfg.vocab_size),
         )
         # the prompt's first `start` tokens are in the cache already (one row, no padding): prefill the rest
-        logits = prefill(lm.model, ids[:, start:], positions[:, start:], cache, key_mask[:, :T0] if padded else None)
+        logits = prefill(
+            lm.model, ids[:, start:], positions[:, start:], cache, key_mask[:, :T0] if padded else None, self.use_native
+        )
         if B == 1 and cache is not None:  # what a next call may reuse; _read_back adds each token as it is read
             self.kv_state = KVState(list(self.prompt_ids[0]), cache)
         return batch, logits

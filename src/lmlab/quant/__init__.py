@@ -22,8 +22,9 @@ tensors (q, k, v; gate, up) keeps one part per tensor, each in its own layout.
 ``nn.Embedding`` (``quant.build``): a decoding step (one token per row, up to ``NATIVE_ROWS``
 rows) goes through the native integer kernel (the input quantized to int8 per 32 values); a
 prompt (prefill) or more rows through a float GEMM on the weights dequantized one tile of rows
-at a time, so prefill computes what the dequantized float model computes. The
-native decoding step reads the same parts (``lmlab.native``).
+at a time, so a forward over a prompt computes what the dequantized float model computes. The
+native decoding step reads the same parts (``lmlab.native``); generation runs a prompt of up to
+``engine.steps.SHORT_PROMPT`` tokens as native steps, faster there than the GEMMs.
 
 Float models quantize at load (``lmlab.load(MODEL, quant="q8"|"q4")``): groups of 32 values,
 q8 as GGUF's Q8_0 (scale max|w| / 127), q4 as GGUF's Q4_1 (scale (max - min) / 15 and the
@@ -34,6 +35,7 @@ writes exactly what was run.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 import torch
@@ -502,13 +504,27 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None) ->
     # SmolLM2 +6% / +7%, Gemma 3 +2.5% / +2%); a short one gains nothing, and keeps the lower peak
     values = TILE_VALUES * (4 if rows >= LONG_ROWS else 1)
     step = min(N, max(16, values // max(K, 1)))
-    tile = torch.empty(step, K)  # one buffer for every tile: fresh pages each time cost more than the copy
+    tile = _short_tile(step * K).view(step, K) if rows < LONG_ROWS else torch.empty(step, K)
     for r0 in range(0, N if rows else 0, step):
         r1 = min(N, r0 + step)
         y[:, r0:r1] = x2 @ qw.rows(r0, r1, tile[: r1 - r0]).T
     if bias is not None:
         y += bias.float()
     return y.view(*x.shape[:-1], N)
+
+
+_kept = threading.local()
+
+
+def _short_tile(values: int) -> torch.Tensor:
+    """A float32 buffer of ``values`` for a short prompt's tiles, kept by this thread from one call to
+    the next. A fresh 2 MB tile for each of a prompt's matmuls, freed between them, raised glibc's
+    mmap threshold and left holes in the heap: a 5-token prompt on SmolLM2 kept 8.5 MiB more than it
+    used, and each prompt after it more again."""
+    buf = getattr(_kept, "tile", None)
+    if buf is None or buf.numel() < values:
+        buf = _kept.tile = torch.empty(max(values, TILE_VALUES))
+    return buf[:values]
 
 
 def is_quantized(model: nn.Module) -> bool:
