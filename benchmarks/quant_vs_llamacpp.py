@@ -316,7 +316,10 @@ def part_quantize(bin_dir, work: Path):
 
 
 def part_hooks(name, lm, args):
-    prompt = "The capital of France is"
+    # longer than engine.steps.SHORT_PROMPT: a hook keeps a prompt on model.py, and so does this
+    # prompt without one, so both runs decode from the same prefill and only the hooks differ
+    # (a short prompt's native prefill left the unhooked steps 4-5% faster: warmer caches)
+    prompt = "The capital of France is Paris, the capital of Italy is Rome, and the capital of Spain is"
 
     def gen(hooked):
         def run():

@@ -231,6 +231,10 @@ def test_eval_cli_records_runs_and_compares_them(folder, capsys, home, tmp_path)
     assert main(["eval", "perplexity", str(folder), "--data", str(text), "--window", "64", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out)
     assert ppl["method"] == "strided" and ppl["perplexity"] > 1
+    argv = ["eval", "perplexity", str(folder), "--data", str(text), "--window", "64", "--json", "--quant", "q8"]
+    assert main(argv) == 0
+    q8 = json.loads(capsys.readouterr().out)
+    assert q8["perplexity"] != ppl["perplexity"] and abs(q8["perplexity"] / ppl["perplexity"] - 1) < 0.05
 
 
 def test_judge_counts_both_orders_and_never_drops_an_unparsed_verdict():

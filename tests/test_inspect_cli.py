@@ -100,6 +100,39 @@ def test_load_time_knobs(run, models):
     assert code == 2 and "--rope-theta applies to RoPE models" in err
 
 
+def test_every_inspect_command_takes_quant(run, models, tmp_path):
+    """--quant q8 quantizes the float model at load for each command; --quant native on a float
+    folder is one sentence."""
+    m = models["llama"]
+    for argv in (
+        ["inspect", "--ids", IDS],
+        ["attention", "--ids", IDS, "--layer", "0"],
+        ["lens", "--ids", IDS],
+        ["ablate", "--ids", IDS, "--heads", "1.2", "-t", "2"],
+        ["patch", "--clean", "ids:1,5,9,33", "--corrupt", "ids:1,6,9,33"],
+        ["shapes", "--ids", "1,5,9"],
+        ["induction", "--seq-len", "8", "--n-seqs", "2", "--top-layers", "1"],
+    ):
+        code, out, err = run(*argv, "-m", m, "--quant", "q8")
+        assert code == 0 and "(quant q8)" in err and out, (argv, err)
+    _, plain, _ = run("inspect", "-m", m, "--ids", IDS, "--json")
+    _, q8, _ = run("inspect", "-m", m, "--ids", IDS, "--json", "--quant", "q8")
+    a, b = json.loads(plain)["tokens"][1:], json.loads(q8)["tokens"][1:]
+    # q8 moves a tiny random model's log-probabilities by up to 0.06 (measured)
+    assert a != b and all(abs(x["logprob"] - y["logprob"]) < 0.25 for x, y in zip(a, b))
+    code, out, err = run("lens", "-m", m, "--ids", IDS, "--quant", "native")
+    assert code == 2 and "--quant native runs a GGUF file's own blocks" in err and "Traceback" not in err
+
+
+def test_steer_takes_quant_on_the_bundled_file(run):
+    from bundled import smollm2_gguf_path
+
+    smollm2_gguf_path()  # skip when the bundled model is not installed
+    argv = ["steer", "I think that", "--toward", "love", "--away", "hate", "--layer", "3", "-t", "3"]
+    code, out, err = run(*argv, "-m", "smollm2-135m", "--quant", "native")
+    assert code == 0 and "(quant native)" in err and "steered" in out, err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

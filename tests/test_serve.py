@@ -79,6 +79,24 @@ def test_binds_loopback_by_default_and_lists_its_model(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_serve_quant_native_runs_the_files_own_blocks(tmp_path):
+    from lmlab.runs import RunStore
+
+    s = ServeProcess(["-m", MODEL, "--quant", "native", "--max-batch", "2"], tmp_path)
+    try:
+        s.wait_ready()
+        body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(s.url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].startswith(" Paris") and r.json()["usage"]["completion_tokens"] == 4
+        assert f"loading {MODEL} (float32, quant native, cpu)" in s.stderr()
+        run_id = s.run()["id"]
+    finally:
+        s.stop()
+    with RunStore() as store:
+        assert store.get(run_id)["config"]["quant"] == "native"
+
+
 def test_completions_streamed_equal_non_streamed_for_the_same_seed(client, lm):
     prompt = "Once upon a time, in a small village,"
     kw = dict(

@@ -73,6 +73,16 @@ def note_native_off() -> None:
         )
 
 
+QUANT_HELP = "native (a GGUF file's own blocks) | q8 | q4 (quantize a float model at load) | none"
+
+
+def quant_opt():
+    """``--quant`` for every command that loads a model (lmlab.load's ``quant``)."""
+    import typer
+
+    return typer.Option(None, "--quant", help=QUANT_HELP)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", quiet: bool = False, **kw):
     """lmlab.load with a status line on stderr (loading takes seconds). Ctrl-C during the load
     says so in one line (exit 130)."""

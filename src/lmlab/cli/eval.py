@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.cli.common import err, load_model, out, print_json, quant_opt
 from lmlab.errors import LmlabError
 
 eval_app = typer.Typer(help="Evaluate: perplexity, tasks, majority vote, comparisons.", no_args_is_help=True)
@@ -37,6 +37,7 @@ def perplexity_cmd(
     api_key: str = API_KEY,
     concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
+    quant: str = quant_opt(),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
 ):
@@ -46,8 +47,9 @@ def perplexity_cmd(
 
     text = _read_text(data)
     backend = _endpoint(endpoint, model, api_key, concurrency)
-    lm = None if backend else load_model(model, dtype)
-    config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype, "endpoint": endpoint}
+    lm = None if backend else load_model(model, dtype, quant=quant)
+    config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype, "quant": quant}
+    config["endpoint"] = endpoint
     with record_run(
         "eval perplexity", model=model, config=config, record=not no_record, inputs={"data": str(data)}
     ) as run:
@@ -99,6 +101,7 @@ def run_cmd(
     api_key: str = API_KEY,
     concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
+    quant: str = quant_opt(),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
 ):
@@ -108,7 +111,7 @@ def run_cmd(
     from lmlab.runs import record_run
 
     t = get_task(task, items, seed, extract)
-    lm = _endpoint(endpoint, model, api_key, concurrency) or load_model(model, dtype)
+    lm = _endpoint(endpoint, model, api_key, concurrency) or load_model(model, dtype, quant=quant)
     config = {
         "endpoint": endpoint,
         "task": t.name,
@@ -119,6 +122,7 @@ def run_cmd(
         "temperature": temperature,
         "seed": seed,
         "dtype": dtype,
+        "quant": quant,
     }
     with record_run(
         "eval run", model=model, config=config, seed=seed, record=not no_record, inputs={"task": task}
@@ -296,6 +300,7 @@ def judge_cmd(
     api_key: str = API_KEY,
     concurrency: int = CONCURRENCY,
     dtype: str = typer.Option("float32"),
+    quant: str = quant_opt(),
     json_out: bool = typer.Option(False, "--json"),
     no_record: bool = typer.Option(False, "--no-record"),
 ):
@@ -309,7 +314,7 @@ def judge_cmd(
     if rubric is None and len(sides) != 2:
         raise LmlabError(f"pairwise judging takes two runs (--runs A --runs B), got {len(sides)}; or pass --rubric.")
     rubric_text = _read_text(rubric) if rubric else None
-    backend = _endpoint(endpoint, judge, api_key, concurrency) or LocalBackend(load_model(judge, dtype))
+    backend = _endpoint(endpoint, judge, api_key, concurrency) or LocalBackend(load_model(judge, dtype, quant=quant))
     config = {"runs": [s[0] for s in sides], "judge": judge, "rubric": str(rubric) if rubric else None}
     with record_run("eval judge", model=judge, config=config, record=not no_record) as run:
         if rubric_text is not None:

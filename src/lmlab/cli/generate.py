@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from lmlab.cli.common import err, load_model, out, print_json, print_stats, write_text
+from lmlab.cli.common import err, load_model, out, print_json, print_stats, quant_opt, write_text
 from lmlab.errors import LmlabError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -132,9 +132,7 @@ def generate(
     dtype: str = typer.Option(
         None, help="float32 | bfloat16 | float16 (default float32; a GGUF file runs its own quantized blocks)"
     ),
-    quant: str = typer.Option(
-        None, "--quant", help="native (a GGUF file's blocks) | q8 | q4 (quantize a float model at load) | none"
-    ),
+    quant: str = quant_opt(),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     adapter: Path = typer.Option(
         None, "--adapter", help="A LoRA adapter folder (lmlab's --save-adapter or PEFT's) applied to -m, unmerged."
@@ -382,6 +380,7 @@ def chat(
     fake_chat: bool = typer.Option(False, "--fake-chat", help="Base model: a transcript format it can continue."),
     few_shot: Path = typer.Option(None, "--few-shot", help="Examples to put before the conversation (base models)."),
     dtype: str = typer.Option("float32"),
+    quant: str = quant_opt(),
     device: str = typer.Option("cpu"),
     adapter: Path = typer.Option(
         None, "--adapter", help="A LoRA adapter folder (lmlab's --save-adapter or PEFT's) applied to -m, unmerged."
@@ -409,7 +408,7 @@ def chat(
             f"max_new_tokens must be a positive integer, got {max_new_tokens}; use e.g. --max-new-tokens 256."
         )
     adapter_path = _adapter_path(adapter)
-    lm = load_model(model, dtype, device, adapter=adapter_path)
+    lm = load_model(model, dtype, device, quant=quant, adapter=adapter_path)
     mode = "fake" if fake_chat else default_mode(lm.tokenizer)
     conv = Chat(
         lm,
@@ -426,7 +425,7 @@ def chat(
         "chat",
         model=model,
         model_path=_model_path(lm),
-        config=dict(mode=mode, dtype=dtype, adapter=adapter_path, **conv.settings),
+        config=dict(mode=mode, dtype=dtype, quant=lm.quant, adapter=adapter_path, **conv.settings),
         seed=seed,
         inputs={"system": system},
         record=not no_record,

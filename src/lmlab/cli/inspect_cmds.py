@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.cli.common import err, load_model, out, print_json, quant_opt
 from lmlab.errors import LmlabError
 
 
@@ -76,20 +76,21 @@ def _layers_opt():
     return typer.Option(None, "--n-layers", help="Keep only the first N blocks.")
 
 
-def _load(model: str, dtype: str, device: str, rope_theta, max_seq_len, n_layers):
+def _load(model: str, dtype: str, device: str, rope_theta, max_seq_len, n_layers, quant=None):
     """Load with the load-time knobs; the load time goes to stderr."""
     overrides = {}
     if rope_theta is not None:
         overrides["rope_theta"] = float(rope_theta)
     if max_seq_len is not None:
         overrides["max_seq_len"] = int(max_seq_len)
-    lm = load_model(model, dtype, device, overrides=overrides or None, n_layers=n_layers)
+    lm = load_model(model, dtype, device, overrides=overrides or None, n_layers=n_layers, quant=quant)
     if rope_theta is not None and lm.config.pos != "rope":
         raise LmlabError(
             f"--rope-theta applies to RoPE models, but {model} ({lm.config.family}) learns its positions; "
             "drop the option."
         )
     knobs = [f"{k}={v:g}" for k, v in overrides.items()] + ([f"n_layers={n_layers}"] if n_layers else [])
+    knobs += [f"quant {lm.quant}"] if lm.quant != "none" else []
     err.print(
         f"{lm.name} loaded in {lm.load_seconds:.2f} s" + (f" ({', '.join(knobs)})" if knobs else ""),
         style="dim",
@@ -276,6 +277,7 @@ def inspect_cmd(
     ids: str = _ids_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -284,7 +286,7 @@ def inspect_cmd(
     """Tokens with their ids and log-probabilities, then the top next tokens and the entropy."""
     from lmlab.inspect import as_token_ids, token_labels
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     x = as_token_ids(lm, _prompt(prompt, ids))
     t0 = time.perf_counter()
     logits = lm(x)[0].float()  # (T, V)
@@ -344,6 +346,7 @@ def attention_cmd(
     png: Path = _png_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -353,7 +356,7 @@ def attention_cmd(
     from lmlab.inspect import run_with_cache
     from lmlab.inspect.hooks import check_head, check_layer
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     check_layer(lm.config, layer) if head is None else check_head(lm.config, layer, head)
     _, cache = run_with_cache(lm, _prompt(prompt, ids), f"blocks.{layer}.attn.pattern")
     pattern = cache.attention(layer, head)
@@ -376,6 +379,7 @@ def lens_cmd(
     png: Path = _png_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -384,7 +388,7 @@ def lens_cmd(
     """Logit lens: every layer's top next token at every position (final norm, then unembedding)."""
     from lmlab.inspect import logit_lens, logit_lens_generation, parse_layers
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     chosen = parse_layers(lm.config, layers) if layers else None
     p = _prompt(prompt, ids)
     result, gen = (
@@ -452,6 +456,7 @@ def ablate_cmd(
     ids: str = _ids_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -467,7 +472,7 @@ def ablate_cmd(
 
     if not heads and not skip_layers:
         raise LmlabError("nothing to ablate; pass --heads LAYER.HEAD (e.g. '3.5,4.*') and/or --skip-layers N.")
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     ivs = ([AblateHeads(heads, mode)] if heads else []) + ([SkipLayers(skip_layers)] if skip_layers else [])
     _diff_and_effect(lm, _prompt(prompt, ids), ivs, max_new_tokens, seed, temperature, json_out, model)
 
@@ -493,6 +498,7 @@ def steer_cmd(
     seed: int = typer.Option(0),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -506,7 +512,7 @@ def steer_cmd(
     """
     from lmlab.inspect import Steer
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     p = _prompt(prompt, None)
     steer = Steer.from_prompts(lm, toward, away, layer, scale, point)
     err.print(f"[dim]{steer.describe()}[/dim]")
@@ -529,6 +535,7 @@ def patch_cmd(
     png: Path = _png_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -537,7 +544,7 @@ def patch_cmd(
     """Activation patching: which layer x position of the clean run restores its answer in the corrupted run."""
     from lmlab.inspect import parse_layers, patching_sweep
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     chosen = parse_layers(lm.config, layers) if layers else None
     clean_p = _parse_maybe_ids(clean)
     corrupt_p = _parse_maybe_ids(corrupt)
@@ -580,6 +587,7 @@ def shapes_cmd(
     ids: str = _ids_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -588,7 +596,7 @@ def shapes_cmd(
     """Every tensor shape through one prefill and one decode step, with named dims and the KV cache's growth."""
     from lmlab.inspect import shape_trace
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     trace = shape_trace(lm, _prompt(prompt, ids), collapse_layers=not all_layers)
     if _emit(trace.to_dict(), json_out):
         return
@@ -613,6 +621,7 @@ def induction_cmd(
     png: Path = _png_opt(),
     json_out: bool = _json_opt(),
     dtype: str = _dtype_opt(),
+    quant: str = quant_opt(),
     device: str = _device_opt(),
     rope_theta: float = _rope_opt(),
     max_seq_len: int = _ctx_opt(),
@@ -625,7 +634,7 @@ def induction_cmd(
     """
     from lmlab.inspect import induction_experiment
 
-    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers)
+    lm = _load(model, dtype, device, rope_theta, max_seq_len, n_layers, quant)
     with _progress("ablating") as progress:
         result = induction_experiment(lm, seq_len, n_seqs, seed, top_layers, progress=progress)
     _write_png(result, png)

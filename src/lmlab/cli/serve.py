@@ -22,6 +22,7 @@ import sys
 
 import typer
 
+from lmlab.cli.common import quant_opt
 from lmlab.errors import LmlabError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -111,6 +112,7 @@ def serve(
         help=f"Model to serve (repeatable); requests name it in 'model'. Default {DEFAULT_MODEL}.",
     ),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    quant: str = quant_opt(),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback should have --api-key."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free port; the URL printed says which)."),
@@ -180,6 +182,7 @@ def serve(
     config = dict(
         models=names,
         dtype=dtype,
+        quant=quant,
         device=device,
         host=host,
         port=sock.getsockname()[1],
@@ -189,7 +192,7 @@ def serve(
         log_text=not no_log_text,
         adapter=adapter_path,
     )
-    loaders = {name: (lambda name=name: _load(lmlab, name, dtype, device, adapter_path)) for name in names}
+    loaders = {name: (lambda name=name: _load(lmlab, name, dtype, device, adapter_path, quant)) for name in names}
     try:
         with record_run(
             "serve",
@@ -225,9 +228,10 @@ def serve(
             store.close()
 
 
-def _load(lmlab, name: str, dtype: str, device: str, adapter: str | None = None):
-    say(f"loading {name} ({dtype}, {device}{f', adapter {adapter}' if adapter else ''}) ...")
-    return lmlab.load(name, dtype=dtype, device=device, adapter=adapter)
+def _load(lmlab, name: str, dtype: str, device: str, adapter: str | None = None, quant: str | None = None):
+    knobs = [dtype] + ([f"quant {quant}"] if quant else []) + [device] + ([f"adapter {adapter}"] if adapter else [])
+    say(f"loading {name} ({', '.join(knobs)}) ...")
+    return lmlab.load(name, dtype=dtype, device=device, adapter=adapter, quant=quant)
 
 
 def _run_server(uvicorn, create_app, loaders, log, url, names, sock, *, max_batch, max_queue, api_key, drain_timeout):
