@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test bench clean browser cross
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 
-test: $(STAMP) browser
+# An aarch64 cross compiler and qemu, from Debian, for the quantized matmul's Arm builds
+# (tests/test_quant_arm.py runs them under emulation).
+cross:
+	@{ command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static; } >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+			gcc-aarch64-linux-gnu qemu-user-static; }
+
+test: $(STAMP) browser cross
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 

@@ -40,9 +40,12 @@
  * sum starts at -128 times x's lane sums, once per x, so it stays exact. On AVX-512 the tile
  * takes four groups at a time (one 64-byte register of Q4 bytes, two of Q8) with one load and
  * conversion of their four scales; x keeps a second copy in Q4's nibble order for it.
- * Without VNNI, int16 lanes pair into int32 lanes (x86 pmaddwd: AVX-512BW or AVX2 intrinsics
- * behind #ifdef), with a plain C fallback the compiler vectorizes on any other CPU (NEON
- * included). The path is chosen at compile time: the library is built with -march=native on
+ * On Arm the same product comes from NEON, 16 bytes at a time: usdot (i8mm) is vpdpbusd's own
+ * semantics; with dotprod only, sdot on the weight's top bit flipped back plus 128 times x's lane
+ * sums (dpbusd's comment). tests/quant_check.c checks those builds under qemu.
+ * Without either, int16 lanes pair into int32 lanes (x86 pmaddwd: AVX-512BW or AVX2 intrinsics
+ * behind #ifdef), with a plain C fallback the compiler vectorizes on any other CPU (GCC 12 makes
+ * it smull/smlal on Arm). The path is chosen at compile time: the library is built with -march=native on
  * the machine that runs it (lmlab_q_isa names it). A tile walks R rows of W side by side
  * against M rows of x, so each weight byte is read once per M rows and R streams are in flight.
  */
@@ -53,15 +56,21 @@
 #if defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#endif
 
 /* The integer dot product this build runs (lmlab_q_isa names it): vpdpbusd (unsigned bytes times
  * signed bytes, four products summed into each int32 lane) where the compiler targets AVX512-VNNI
- * or AVX-VNNI, else pmaddwd on int16 lanes (AVX-512BW, AVX2) or the portable C loop. With VNNI
- * the activations are held as int8 (their int16 buffer's first K bytes per row). */
+ * or AVX-VNNI; on Arm the same product from usdot (i8mm) or sdot (dotprod, see dpbusd); else
+ * pmaddwd on int16 lanes (AVX-512BW, AVX2) or the portable C loop. With a 4-byte dot product
+ * (QVNNI) the activations are held as int8 (their int16 buffer's first K bytes per row). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define QVNNI 512
 #elif defined(__AVXVNNI__)
 #define QVNNI 256
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define QVNNI 128 /* NEON: four 16-byte registers per 64 bytes */
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -223,10 +232,41 @@ static inline const int8_t *x8_row(const lmlab_qx *qx, int m) { return (const in
 typedef uint8_t qu8x64 __attribute__((vector_size(64)));
 typedef int8_t qi8x64 __attribute__((vector_size(64)));
 
+#if QVNNI == 128
+/* acc + vpdpbusd's product on one 16-byte quarter: usdot where the CPU has i8mm; else sdot, which
+ * takes signed bytes on both sides: w - 128 (w with its top bit flipped) times x, plus 128 times
+ * each lane's sum of x (one more sdot against ones, shifted), is exactly w times x. */
+static inline int32x4_t usdot4(int32x4_t acc, uint8x16_t w, int8x16_t x) {
+#ifdef __ARM_FEATURE_MATMUL_INT8
+    return vusdotq_s32(acc, w, x);
+#else
+    acc = vdotq_s32(acc, vreinterpretq_s8_u8(veorq_u8(w, vdupq_n_u8(128))), x);
+    return vaddq_s32(acc, vshlq_n_s32(vdotq_s32(vdupq_n_s32(0), vdupq_n_s8(1), x), 7));
+#endif
+}
+
+static inline qi32x16 usdot64(qi32x16 acc, qu8x64 w, qi8x64 x) {
+    qi32x16 r;
+    for (int c = 0; c < 4; c++) {
+        int32x4_t a;
+        uint8x16_t wc;
+        int8x16_t xc;
+        memcpy(&a, (const char *)&acc + 16 * c, 16);
+        memcpy(&wc, (const char *)&w + 16 * c, 16);
+        memcpy(&xc, (const char *)&x + 16 * c, 16);
+        a = usdot4(a, wc, xc);
+        memcpy((char *)&r + 16 * c, &a, 16);
+    }
+    return r;
+}
+#endif
+
 /* lane i = sum_{j < 4} w[4i + j] * x[4i + j]: 64 unsigned bytes times 64 signed ones */
 static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
 #if QVNNI == 512
     return (qi32x16)_mm512_dpbusd_epi32(_mm512_setzero_si512(), (__m512i)w, (__m512i)x);
+#elif QVNNI == 128
+    return usdot64((qi32x16){0}, w, x);
 #else
     __m256i w0, w1, x0, x1;
     memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
@@ -246,6 +286,8 @@ static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
 static inline qi32x16 dpbusd_acc(qi32x16 acc, qu8x64 w, qi8x64 x) {
 #if QVNNI == 512
     return (qi32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x);
+#elif QVNNI == 128
+    return usdot64(acc, w, x);
 #else
     __m256i a0, a1, w0, w1, x0, x1;
     memcpy(&a0, &acc, 32); memcpy(&a1, (char *)&acc + 32, 32);
@@ -1022,6 +1064,12 @@ int lmlab_q_tiles(void) {
 const char *lmlab_q_isa(void) {
 #if QVNNI == 512
     return "int8 dot: AVX512-VNNI vpdpbusd";
+#elif QVNNI == 128
+#ifdef __ARM_FEATURE_MATMUL_INT8
+    return "int8 dot: NEON usdot (i8mm)";
+#else
+    return "int8 dot: NEON sdot (dotprod)";
+#endif
 #elif defined(QVNNI)
     return "int8 dot: AVX-VNNI vpdpbusd";
 #elif defined(__AVX512BW__)
