@@ -71,6 +71,8 @@
 #define QVNNI 256
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
 #define QVNNI 128 /* NEON: four 16-byte registers per 64 bytes */
+#elif defined(__AVX2__) && !defined(__AVX512BW__)
+#define QVNNI 2 /* AVX2 without VNNI: pmaddubsw, then pmaddwd against ones (see dpbusd) */
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -173,10 +175,11 @@ static inline qu8x32 high_bits(uint32_t b) {
  * hi, each with its fifth bit where the part has them (Q5_0) */
 static inline __attribute__((always_inline)) void q4_pair(const lmlab_qpart *p, const uint8_t *w, size_t at,
                                                           qu8x32 *lo, qu8x32 *hi) {
+    typedef uint16_t qu16x16 __attribute__((vector_size(32)));
     qu8x32 v;
     memcpy(&v, w, 32);
     *lo = v & 15;
-    *hi = v >> 4;
+    *hi = (qu8x32)((qu16x16)v >> 4) & 15; /* a 16-bit shift: x86 has no 8-bit one, and GCC's stand-in is slow */
     if (p->qh) { /* fifth bits: + 16 where set */
         *lo |= high_bits(qh_at(p, at));
         *hi |= high_bits(qh_at(p, at + 1));
@@ -261,12 +264,34 @@ static inline qi32x16 usdot64(qi32x16 acc, qu8x64 w, qi8x64 x) {
 }
 #endif
 
+#if QVNNI == 2
+/* vpdpbusd's product from AVX2: pmaddubsw multiplies unsigned by signed bytes and adds pairs into
+ * int16 lanes, saturating, then pmaddwd against ones adds pairs of those into int32 lanes. Exact
+ * while a pair stays within int16: the weights this build passes are Q4's values (at most 31,
+ * with Q5_0's fifth bit) and neg128's 128 (x is never -128: |x| <= 127); signed Q8 weights go
+ * through dot_s8's |w| times x signed by w instead. */
+static inline qi32x16 maddubs64(qu8x64 w, qi8x64 x) {
+    qi32x16 r;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int c = 0; c < 2; c++) {
+        __m256i wc, xc;
+        memcpy(&wc, (const char *)&w + 32 * c, 32);
+        memcpy(&xc, (const char *)&x + 32 * c, 32);
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wc, xc), ones);
+        memcpy((char *)&r + 32 * c, &d, 32);
+    }
+    return r;
+}
+#endif
+
 /* lane i = sum_{j < 4} w[4i + j] * x[4i + j]: 64 unsigned bytes times 64 signed ones */
 static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
 #if QVNNI == 512
     return (qi32x16)_mm512_dpbusd_epi32(_mm512_setzero_si512(), (__m512i)w, (__m512i)x);
 #elif QVNNI == 128
     return usdot64((qi32x16){0}, w, x);
+#elif QVNNI == 2
+    return maddubs64(w, x);
 #else
     __m256i w0, w1, x0, x1;
     memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
@@ -288,6 +313,8 @@ static inline qi32x16 dpbusd_acc(qi32x16 acc, qu8x64 w, qi8x64 x) {
     return (qi32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x);
 #elif QVNNI == 128
     return usdot64(acc, w, x);
+#elif QVNNI == 2
+    return acc + maddubs64(w, x);
 #else
     __m256i a0, a1, w0, w1, x0, x1;
     memcpy(&a0, &acc, 32); memcpy(&a1, (char *)&acc + 32, 32);
@@ -302,12 +329,32 @@ static inline qi32x16 dpbusd_acc(qi32x16 acc, qu8x64 w, qi8x64 x) {
 }
 
 static inline qi32x16 neg128(qi8x64 x) {
+#if QVNNI == 2
+    (void)x; /* dot_s8 needs no correction there */
+    return (qi32x16){0};
+#else
     const qu8x64 b = (qu8x64){0} + 128;
     return (qi32x16){0} - dpbusd(b, x);
+#endif
 }
 
 static inline qi32x16 dot_s8(qi8x64 w, qi8x64 x, qi32x16 xneg) {
+#if QVNNI == 2 /* |w| (128 for -128, as an unsigned byte) times x negated where w < 0, zeroed where w is 0 */
+    (void)xneg;
+    qi32x16 r;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int c = 0; c < 2; c++) {
+        __m256i wc, xc;
+        memcpy(&wc, (const char *)&w + 32 * c, 32);
+        memcpy(&xc, (const char *)&x + 32 * c, 32);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wc), _mm256_sign_epi8(xc, wc));
+        const __m256i d = _mm256_madd_epi16(p, ones);
+        memcpy((char *)&r + 32 * c, &d, 32);
+    }
+    return r;
+#else
     return dpbusd_acc(xneg, (qu8x64)w ^ 128, x);
+#endif
 }
 
 /* scales s[at], s[at + 1] (float16 where H, else float32) spread as lanes 0-7 and 8-15 */
@@ -536,10 +583,9 @@ static inline __attribute__((always_inline)) void qtile(const lmlab_qpart *p, in
 #else
                 qu8x32 lo, hi;
                 q4_pair(p, w, at, &lo, &hi);
-                const qu8x64 wv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
-                                                          33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48,
-                                                          49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+                qu8x64 wv; /* lo then hi (GCC turns a 64-byte shufflevector into bytes through the stack on AVX2) */
+                memcpy(&wv, &lo, 32);
+                memcpy((char *)&wv + 32, &hi, 32);
 #endif
                 const qf32x16 dv = scale_halves(p->scale, at, H);
                 for (int m = 0; m < M; m++)
@@ -1070,6 +1116,8 @@ const char *lmlab_q_isa(void) {
 #else
     return "int8 dot: NEON sdot (dotprod)";
 #endif
+#elif QVNNI == 2
+    return "int8 dot: AVX2 pmaddubsw";
 #elif defined(QVNNI)
     return "int8 dot: AVX-VNNI vpdpbusd";
 #elif defined(__AVX512BW__)
