@@ -45,7 +45,7 @@ import torch
 from lmlab.engine.cache import KVCache, kv_dtype
 from lmlab.engine.generate import SequenceText, StopMatcher, TokenEvent, TokenHistory
 from lmlab.engine.sampling import Sampler, SamplingParams, chosen_logprobs, entropy, sample, top_alternatives
-from lmlab.engine.steps import decode_one_token
+from lmlab.engine.steps import decode_one_token, prefill
 from lmlab.errors import LmlabError
 
 MIN_SLOTS = 256  # the cache's first size; it doubles as rows need more, up to the model's context
@@ -270,7 +270,11 @@ class BatchEngine:
         ids = torch.tensor([req.prompt_ids], device=dev)
         own = KVCache(cfg, 1, P, kv_dtype(lm.dtype, dev), dev)
         want_prompt = req.prompt_logprobs is not None
-        logits = lm.model(ids, cache=own, last_only=not want_prompt)[0]  # (P or 1, V)
+        if want_prompt:  # every position's logits
+            logits = lm.model(ids, cache=own)[0]  # (P, V)
+        else:  # the last one's: a short prompt to a quantized model may take the native step (steps.prefill)
+            pos = torch.arange(P, device=dev)[None]
+            logits = prefill(lm.model, ids, pos, own, None, getattr(lm, "native_decode", True))  # (1, V)
         if want_prompt:
             handle.on_event(_prompt_logprobs(req.prompt_ids, logits, req.prompt_logprobs, cfg.vocab_size))
         if req.max_new_tokens == 0:
