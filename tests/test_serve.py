@@ -527,6 +527,30 @@ def test_non_loopback_host_without_api_key_warns(tmp_path):
         s.stop()
 
 
+def test_ctrl_c_while_the_models_load_stops_cleanly(tmp_path):
+    """Two models, so the load lasts: Ctrl-C (SIGINT) while /health says loading. The server
+    stops at once, exit 0, its run recorded, and no C++ abort from the loader thread torch is
+    still running in."""
+    from lmlab.runs import RunStore
+
+    smollm2_gguf_path()
+    port = free_port()
+    s = ServeProcess(["-m", MODEL, "-m", "gemma3-270m"], tmp_path, port=port)
+    seen = None
+    while seen is None and s.proc.poll() is None:
+        try:
+            seen = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"]
+        except httpx.TransportError:
+            time.sleep(0.02)
+    assert seen == "loading", s.stderr()
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(timeout=60) == 0, s.stderr()
+    err = s.stderr()
+    assert "stopped" in err and "terminate called" not in err and "Traceback" not in err, err
+    with RunStore() as store:
+        assert [r for r in store.list(limit=None, command="serve") if r["pid"] == s.proc.pid]
+
+
 def test_health_503_while_loading_and_sigterm_drains_running_streams(tmp_path, capsys):
     from lmlab.cli.main import main
     from lmlab.runs import RunStore

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -226,6 +227,12 @@ def serve(
     finally:
         if store is not None:
             store.close()
+    if server.loading():
+        # stopped while a model was still loading: that thread is inside torch, and Python's exit
+        # would tear the runtime down under it ("terminate called without an active exception")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _load(lmlab, name: str, dtype: str, device: str, adapter: str | None = None, quant: str | None = None):

@@ -281,6 +281,10 @@ class Server:
         if self.on_load_error is not None:
             self.on_load_error(error)
 
+    def loading(self) -> bool:
+        """Whether the loader thread is still at work (the server stopped before its models were in)."""
+        return self._loader is not None and self._loader.is_alive()
+
     def begin_drain(self) -> None:
         """Take no new requests (503); the running ones go on."""
         if self.status in ("ready", "loading"):
