@@ -332,7 +332,9 @@ def part_hooks(name, lm, args):
 
         return run
 
-    med = rounds({"none": gen(False), "hook": gen(True)}, args.rounds)
+    # 48 tokens take ~0.2 s a side: at least 15 rounds, so the median is not one noisy moment
+    # (3 rounds on this VM read anywhere from +7% to +18% for the same code; 15 read +10-11%)
+    med = rounds({"none": gen(False), "hook": gen(True)}, max(args.rounds, 15))
     slower = med["hook"] / med["none"] - 1
     print(
         f"\n{name}: decoding from the file's own blocks, 48 tokens: no hook {1 / med['none']:.1f} tok/s, a no-op hook "

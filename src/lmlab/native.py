@@ -699,7 +699,7 @@ def plan_for(model) -> DecodePlan:
 _STEP_HOOKS = re.compile(r"^(?:embed|pos_embed|blocks\.(\d+)\.(resid_pre|resid_post))$")
 
 
-def _hook_stops(model) -> list[int] | None:
+def _hook_stops(model) -> list[tuple[int, tuple[str, ...]]] | None:
     """The layer boundaries (0..L) where a decoding step stops to call the registered hooks on the
     residual stream: boundary b is after block b - 1's resid_post and at block b's resid_pre.
     None when a hook sits where only model.py reaches (inside a block, the final norm, the logits)."""
@@ -712,7 +712,8 @@ def _hook_stops(model) -> list[int] | None:
     return stops
 
 
-def _stops_of(model) -> list[int] | None:
+def _stops_of(model) -> list[tuple[int, tuple[str, ...]]] | None:
+    """(boundary, the hook names called there in Block.forward's order) for each boundary."""
     stops = set()
     for name in model.hooks:
         m = _STEP_HOOKS.match(name)
@@ -720,7 +721,12 @@ def _stops_of(model) -> list[int] | None:
             return None
         if m.group(1) is not None:
             stops.add(int(m.group(1)) + (m.group(2) == "resid_post"))
-    return sorted(stops)
+    L = model.cfg.n_layers
+    out = []
+    for b in sorted(stops):
+        at = (f"blocks.{b - 1}.resid_post" if b > 0 else None, f"blocks.{b}.resid_pre" if b < L else None)
+        out.append((b, tuple(n for n in at if n in model.hooks)))
+    return out
 
 
 def decodes_quantized(model) -> bool:
@@ -807,17 +813,17 @@ def decode_step(
 
     with plan.lock:
         l0 = 0
-        hooks = model.hooks
-        for b in stops:  # the hooks' boundaries: run the layers up to one, then its hooks (Block.forward's order)
+        C = model.cfg.d_model
+        for b, names in stops:  # run the layers up to a hooks' boundary, then its hooks (Block.forward's order)
             if b > l0:
-                out = torch.empty(B, 1, model.cfg.d_model)  # a new tensor each time: a hook may keep it
+                out = torch.empty(B, 1, C)  # a new tensor each time: a hook may keep it
                 if call(*model_args, x.data_ptr(), *cache_args, l0, b, out.data_ptr(), None, threads) != 0:
                     return None
                 x, l0 = out, b
-            for name in (f"blocks.{b - 1}.resid_post" if b > 0 else None, f"blocks.{b}.resid_pre" if b < L else None):
-                if name in hooks:
-                    x = ctx(name, x)
-            if x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous():
+            given = x
+            for name in names:
+                x = ctx(name, x)
+            if x is not given and (x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous()):
                 x = x.detach().to(torch.float32).contiguous()
         if not head:
             out = torch.empty(B, 1, model.cfg.d_model) if l0 < L else x
