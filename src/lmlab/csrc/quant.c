@@ -268,15 +268,20 @@ static inline qi32x16 usdot64(qi32x16 acc, qu8x64 w, qi8x64 x) {
 /* vpdpbusd's product from AVX2: pmaddubsw multiplies unsigned by signed bytes and adds pairs into
  * int16 lanes, saturating, then pmaddwd against ones adds pairs of those into int32 lanes. Exact
  * while a pair stays within int16: the weights this build passes are Q4's values (at most 31,
- * with Q5_0's fifth bit) and neg128's 128 (x is never -128: |x| <= 127); signed Q8 weights go
- * through dot_s8's |w| times x signed by w instead. */
-static inline qi32x16 maddubs64(qu8x64 w, qi8x64 x) {
+ * with Q5_0's fifth bit) and neg128's 128 (x is never -128: |x| <= 127). signed_w: w holds signed
+ * bytes (Q8), taken as |w| (128 for -128, as an unsigned byte) times x negated where w < 0 and
+ * zeroed where w is 0, so no pair leaves int16 either. */
+static inline __attribute__((always_inline)) qi32x16 maddubs64(qu8x64 w, qi8x64 x, int signed_w) {
     qi32x16 r;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int c = 0; c < 2; c++) {
         __m256i wc, xc;
         memcpy(&wc, (const char *)&w + 32 * c, 32);
         memcpy(&xc, (const char *)&x + 32 * c, 32);
+        if (signed_w) {
+            xc = _mm256_sign_epi8(xc, wc);
+            wc = _mm256_abs_epi8(wc);
+        }
         const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wc, xc), ones);
         memcpy((char *)&r + 32 * c, &d, 32);
     }
@@ -291,7 +296,7 @@ static inline qi32x16 dpbusd(qu8x64 w, qi8x64 x) {
 #elif QVNNI == 128
     return usdot64((qi32x16){0}, w, x);
 #elif QVNNI == 2
-    return maddubs64(w, x);
+    return maddubs64(w, x, 0);
 #else
     __m256i w0, w1, x0, x1;
     memcpy(&w0, &w, 32); memcpy(&w1, (char *)&w + 32, 32);
@@ -314,7 +319,7 @@ static inline qi32x16 dpbusd_acc(qi32x16 acc, qu8x64 w, qi8x64 x) {
 #elif QVNNI == 128
     return usdot64(acc, w, x);
 #elif QVNNI == 2
-    return acc + maddubs64(w, x);
+    return acc + maddubs64(w, x, 0);
 #else
     __m256i a0, a1, w0, w1, x0, x1;
     memcpy(&a0, &acc, 32); memcpy(&a1, (char *)&acc + 32, 32);
@@ -339,19 +344,9 @@ static inline qi32x16 neg128(qi8x64 x) {
 }
 
 static inline qi32x16 dot_s8(qi8x64 w, qi8x64 x, qi32x16 xneg) {
-#if QVNNI == 2 /* |w| (128 for -128, as an unsigned byte) times x negated where w < 0, zeroed where w is 0 */
+#if QVNNI == 2
     (void)xneg;
-    qi32x16 r;
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int c = 0; c < 2; c++) {
-        __m256i wc, xc;
-        memcpy(&wc, (const char *)&w + 32 * c, 32);
-        memcpy(&xc, (const char *)&x + 32 * c, 32);
-        const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wc), _mm256_sign_epi8(xc, wc));
-        const __m256i d = _mm256_madd_epi16(p, ones);
-        memcpy((char *)&r + 32 * c, &d, 32);
-    }
-    return r;
+    return maddubs64((qu8x64)w, x, 1);
 #else
     return dpbusd_acc(xneg, (qu8x64)w ^ 128, x);
 #endif
