@@ -1,4 +1,4 @@
-"""lmlab.fused (training's RMSNorm, activation and RoPE in one pass each) against model.py's PyTorch lines.
+"""lmlab.fused (training's RMSNorm, activation, RoPE and causal attention) against model.py's PyTorch lines.
 
 Float32. Values and gradients within 1e-5 of the reference's largest value: the kernels compute
 exp with a polynomial (csrc/native.c exp16, within 2 ulp) where PyTorch calls its own, and
@@ -77,6 +77,26 @@ def check_rmsnorm():
             _close(a, b)
 
 
+def check_attention():
+    """Causal attention straight from the qkv layout against F.scaled_dot_product_attention on the
+    split heads: GQA (2 and 3 query heads per k/v head) and not, blocks that leave tails after the
+    4-row and 16-key tiles, one token, head sizes 16 to 80; values and qkv's gradient."""
+    g = torch.Generator().manual_seed(4)
+    for B, T, H, K, D in ((2, 37, 4, 2, 32), (1, 1, 1, 1, 16), (3, 64, 2, 2, 80), (2, 130, 3, 1, 16)):
+        qkv = (torch.randn(B, T, H + 2 * K, D, generator=g) * 2).requires_grad_()
+        q, k, v = qkv.transpose(1, 2).split([H, K, K], dim=1)
+        scale = D**-0.5
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=K != H)
+        got = fused.attention(qkv, H, K, scale)
+        assert got.shape == (B, T, H, D)
+        _close(got, want.transpose(1, 2))
+        dy = torch.randn(got.shape, generator=g)
+        grads = [torch.autograd.grad(y, qkv, d)[0] for y, d in ((got, dy), (want, dy.transpose(1, 2)))]
+        _close(*grads)
+    assert fused.attention_fits(fused.ATTENTION_MAX_T, 64) and not fused.attention_fits(fused.ATTENTION_MAX_T + 1, 64)
+    assert not fused.attention_fits(64, 24)  # head sizes the 16-float tiles don't divide keep PyTorch's kernel
+
+
 def test_rmsnorm_equals_f_rms_norm():
     check_rmsnorm()
 
@@ -87,6 +107,10 @@ def test_activations_equal_pytorch():
 
 def test_rope_equals_apply_rope():
     check_rope()
+
+
+def test_attention_equals_sdpa():
+    check_attention()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "qwen3"])
@@ -104,11 +128,14 @@ def test_a_training_step_equals_the_unfused_one(tiny, family, monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    calls = []
-    real = fused.applies
+    calls, attention_calls = [], []
+    real, real_attention = fused.applies, fused.attention
     monkeypatch.setattr(fused, "applies", lambda x: calls.append(1) or real(x))
+    monkeypatch.setattr(fused, "attention", lambda *a: attention_calls.append(1) or real_attention(*a))
     loss, grads = step()
     assert calls and real(torch.zeros(1, requires_grad=True)), "the fused steps were not asked"
+    # gemma3 and qwen3 norm q and k per head (qk_norm), which keeps PyTorch's attention
+    assert bool(attention_calls) == (family in ("llama", "gpt2")), attention_calls
     monkeypatch.setattr(fused, "applies", lambda x: False)
     want_loss, want_grads = step()
     model.eval()
@@ -125,6 +152,8 @@ def test_outside_training_the_pytorch_lines_run(tiny, monkeypatch):
     monkeypatch.setattr(fused, "rope_qkv", None)
     monkeypatch.setattr(fused, "activation", None)
     monkeypatch.setattr(fused, "rms_norm", None)
+    monkeypatch.setattr(fused, "rope", None)
+    monkeypatch.setattr(fused, "attention", None)
     ids = torch.arange(10)[None]
     model.eval()
     model(ids).sum().backward()  # autograd on, eval mode: attribution's case

@@ -90,6 +90,63 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tup
     return _RopeQKV.apply(qkv, cos, sin, tuple(heads))
 
 
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]):
+        out = _served(native.rope_forward(qkv, cos, sin, heads[0] + heads[1]), "the fused RoPE")
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        grads = grad.transpose(1, 2).split(ctx.heads, dim=1)  # (B, heads, T, D) views, D contiguous
+        dx = _served(native.rope_backward(grads, cos, sin), "the fused RoPE's gradient")
+        return dx, None, None, None
+
+
+def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
+    """qkv (B, T, H + 2K, D) with its q and k heads turned by RoPE, in the same layout (what
+    ``attention`` reads); heads = (H, K, K)."""
+    return _Rope.apply(qkv, cos, sin, tuple(heads))
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float) -> torch.Tensor:
+        qkv = qkv.contiguous()
+        y, lse = _served(native.attn_forward(qkv, n_heads, n_kv_heads, scale), "the fused attention")
+        ctx.save_for_backward(qkv, y, lse)
+        ctx.heads, ctx.scale = (n_heads, n_kv_heads), scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, y, lse = ctx.saved_tensors
+        dx = _served(native.attn_backward(qkv, y, lse, grad, *ctx.heads, ctx.scale), "the fused attention's gradient")
+        return dx, None, None, None
+
+
+# The longest block the fused attention takes. It holds one head's (T, T) probabilities per
+# thread; at 1024 tokens those leave the cache and PyTorch's kernel, which starts skipping masked
+# key blocks there, is faster (benchmarks/train_vs_nanogpt.py --part attention).
+ATTENTION_MAX_T = 512
+
+
+def attention_fits(T: int, head_dim: int) -> bool:
+    """Whether ``attention`` takes a block of T tokens with heads of head_dim features."""
+    return T <= ATTENTION_MAX_T and head_dim % 16 == 0
+
+
+def attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float) -> torch.Tensor:
+    """Causal attention (``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    enable_gqa=...)``) straight from qkv (B, T, H + 2K, D): y (B, T, H, D), the output
+    projection's layout. Its backward writes qkv's gradient in qkv's layout. Forward and
+    backward each compute the unmasked half of the scores only (``csrc/native.c``)."""
+    return _CausalAttention.apply(qkv, n_heads, n_kv_heads, scale)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -203,6 +203,20 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * K, D)
+        if (
+            self.training
+            and hook is None
+            and cache is None
+            and is_causal
+            and mask is None
+            and self.compute_dtype is None
+            and not (cfg.qk_norm or cfg.attn_logit_softcap)
+            and fused.attention_fits(T, D)
+            and fused.applies(qkv)
+        ):  # training: RoPE and causal attention read and write the projections' layout (fused.attention)
+            if rope is not None:
+                qkv = fused.rope(qkv, *rope, (H, K, K))
+            return self.o(fused.attention(qkv, H, K, self.scale).view(B, T, H * D))
         if rope is not None and not cfg.qk_norm and self.training and fused.applies(qkv):
             # training: the rotation below in one pass, whose backward also gathers q, k and v's gradients
             q, k, v = fused.rope_qkv(qkv, *rope, (H, K, K))

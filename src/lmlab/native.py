@@ -231,7 +231,10 @@ def _load():
     lib.lmlab_rope_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, i]
     lib.lmlab_rmsnorm_forward.argtypes = [vp, i64, i64, vp, ctypes.c_float, vp, vp, i]
     lib.lmlab_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i64, i64, vp, vp, i]
-    for step in ("act", "rope", "rmsnorm"):
+    f32 = ctypes.c_float
+    lib.lmlab_attn_forward.argtypes = [vp, i64, i64, i64, i64, i64, f32, vp, vp, i]
+    lib.lmlab_attn_backward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, f32, vp, i]
+    for step in ("act", "rope", "rmsnorm", "attn"):
         getattr(lib, f"lmlab_{step}_forward").restype = getattr(lib, f"lmlab_{step}_backward").restype = i
     _lib = lib
     if lib.lmlab_q_parts_max() != QPARTS:
@@ -408,6 +411,36 @@ def rope_backward(grads, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor |
     dx = grads[0].new_empty(B, T, sum(heads), D)
     rc = lib.lmlab_rope_backward(
         ptrs, strides, heads, B, T, D, c.shape[-1], c.data_ptr(), s.data_ptr(), cs_b, dx.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return dx if rc == 0 else None
+
+
+def attn_forward(qkv: torch.Tensor, H: int, K: int, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention over qkv (B, T, H + 2K, D) (query heads, then key heads, then value
+    heads, D a multiple of 16): y (B, T, H, D) and each row's log-sum-exp (B, H, T)."""
+    lib = _usable()
+    if lib is None:
+        return None
+    qkv = qkv.contiguous()
+    B, T, _, D = qkv.shape
+    y, lse = qkv.new_empty(B, T, H, D), qkv.new_empty(B, H, T)
+    rc = lib.lmlab_attn_forward(
+        qkv.data_ptr(), B, T, H, K, D, scale, y.data_ptr(), lse.data_ptr(), torch.get_num_threads()
+    )
+    return (y, lse) if rc == 0 else None
+
+
+def attn_backward(qkv, y, lse, grad, H: int, K: int, scale: float) -> torch.Tensor | None:
+    """The gradient of ``attn_forward``'s qkv, in its layout, from ``grad``, its output's."""
+    lib = _usable()
+    if lib is None:
+        return None
+    qkv, grad = qkv.contiguous(), grad.contiguous()
+    B, T, _, D = qkv.shape
+    dx = torch.empty_like(qkv)
+    rc = lib.lmlab_attn_backward(
+        qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(), B, T, H, K, D, scale, dx.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     return dx if rc == 0 else None
