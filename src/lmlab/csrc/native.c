@@ -1089,16 +1089,19 @@ int lmlab_rope_backward(const float *const *g, const int64_t *st, const int64_t 
  * recomputes the probabilities from it (as flash attention does).
  *
  * The products are register tiles of 4 rows by up to 4 vectors of 16 floats:
- *   rows x keys    S[i, j] = sum_d A[i, d] Bt[d, j]     (Bt: a head transposed, keys padded to 16)
+ *   rows x keys    S[i, j] = sum_d A[i, d] Bt[d, j]     (Bt: a head transposed, in panels of keys)
  *   rows x dims    O[i, :] = sum_j P[i, j] M[j, :]      over j < keys, P rows of Tp floats
  *   keys x dims    O[j, :] = sum_i P[i, j] M[i, :]      over i >= j (the transposed product)
  * D must be a multiple of 16; lmlab/fused.py keeps PyTorch's kernel otherwise. */
 
 #define ATT_ROWS 4
+#define ATT_PANEL 64 /* keys per panel of a transposed head: one tile's width */
+
+static inline int64_t att_panels(int64_t T) { return (T + ATT_PANEL - 1) / ATT_PANEL * ATT_PANEL; }
 #define ATT_LANES ((i32x16){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 
-/* S tile: rows 0..nr-1 of A (row stride as) times keys j0..j0+16 nv of Bt (D rows of Tp), into S (rows
- * of Tp). With rd, S holds the rows' probabilities P, and becomes dS = P (A Bt - rd[row]) scale. */
+/* S tile: rows 0..nr-1 of A (row stride as) times keys j0..j0+16 nv of Bt (panels of 64 keys, each
+ * D rows of 64 floats), into S (rows of Tp). With rd, S holds the rows' probabilities P, and becomes dS = P (A Bt - rd[row]) scale. */
 static inline __attribute__((always_inline)) void att_tile_s(const float *A, int64_t as, int nr, const float *Bt,
                                                               int64_t Tp, int64_t D, int64_t j0, int nv, float *S,
                                                               const float *rd, float scale) {
@@ -1106,7 +1109,7 @@ static inline __attribute__((always_inline)) void att_tile_s(const float *A, int
     for (int r = 0; r < ATT_ROWS; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = (f32x16){0};
     for (int64_t d = 0; d < D; d++) {
-        const float *b = Bt + d * Tp + j0;
+        const float *b = Bt + j0 * D + d * ATT_PANEL; /* j0 starts a panel */
         f32x16 bv[4];
         for (int c = 0; c < nv; c++) bv[c] = load_f32(b + 16 * c);
         for (int r = 0; r < nr; r++) {
@@ -1215,12 +1218,17 @@ static void att_ptm(const float *P, int64_t ps, int nr, int64_t j0, int64_t n, c
     }
 }
 
-/* Bt (D, Tp) = the head at x (T rows of stride xs, D floats each) transposed, keys T..Tp zero. */
-static void att_transpose(const float *x, int64_t xs, int64_t T, int64_t D, int64_t Tp, float *Bt) {
-    for (int64_t d = 0; d < D; d++) {
-        float *b = Bt + d * Tp;
-        for (int64_t t = 0; t < T; t++) b[t] = x[t * xs + d];
-        for (int64_t t = T; t < Tp; t++) b[t] = 0.0f;
+/* Bt = the head at x (T rows of stride xs, D floats each) transposed, in panels of 64 keys: key j's
+ * feature d at Bt[(j / 64) 64 D + 64 d + j % 64], so a tile reads one contiguous panel. Keys from T to
+ * the last panel's end are zero. */
+static void att_transpose(const float *x, int64_t xs, int64_t T, int64_t D, float *Bt) {
+    for (int64_t t0 = 0; t0 < att_panels(T); t0 += 16) { /* 16 tokens at a time: their rows stay in the L1 cache */
+        const int64_t n = T - t0 < 16 ? T - t0 : 16;
+        for (int64_t d = 0; d < D; d++) {
+            float *b = Bt + (t0 / ATT_PANEL) * ATT_PANEL * D + d * ATT_PANEL + t0 % ATT_PANEL;
+            for (int64_t t = 0; t < n; t++) b[t] = x[(t0 + t) * xs + d];
+            for (int64_t t = n; t < 16; t++) b[t] = 0.0f;
+        }
     }
 }
 
@@ -1278,15 +1286,15 @@ int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t 
     int failed = 0;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads) reduction(| : failed)
     {
-        float *Kt = malloc(sizeof(float) * (size_t)(D * Tp + T * Tp));
+        float *Kt = malloc(sizeof(float) * (size_t)(D * att_panels(T) + T * Tp));
         if (!Kt) failed = 1;
-        float *P = Kt ? Kt + D * Tp : NULL;
+        float *P = Kt ? Kt + D * att_panels(T) : NULL;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < B * K; u++) {
             if (!Kt) continue;
             const int64_t b = u / K, kh = u % K;
             const float *xb = x + b * T * xs;
-            att_transpose(xb + (H + kh) * D, xs, T, D, Tp, Kt);
+            att_transpose(xb + (H + kh) * D, xs, T, D, Kt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
                 att_probs(xb + h * D, xs, Kt, T, D, Tp, scale, NULL, lse + (b * H + h) * T, P);
@@ -1312,17 +1320,17 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
     int failed = 0;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads) reduction(| : failed)
     {
-        float *Kt = malloc(sizeof(float) * (size_t)(2 * D * Tp + T * Tp + T));
+        float *Kt = malloc(sizeof(float) * (size_t)(2 * D * att_panels(T) + T * Tp + T));
         if (!Kt) failed = 1;
-        float *Vt = Kt ? Kt + D * Tp : NULL, *P = Kt ? Vt + D * Tp : NULL, *rowdot = Kt ? P + T * Tp : NULL;
+        float *Vt = Kt ? Kt + D * att_panels(T) : NULL, *P = Kt ? Vt + D * att_panels(T) : NULL, *rowdot = Kt ? P + T * Tp : NULL;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < B * K; u++) {
             if (!Kt) continue;
             const int64_t b = u / K, kh = u % K;
             const float *xb = x + b * T * xs, *k = xb + (H + kh) * D, *v = xb + (H + K + kh) * D;
             float *dxb = dx + b * T * xs, *dk = dxb + (H + kh) * D, *dv = dxb + (H + K + kh) * D;
-            att_transpose(k, xs, T, D, Tp, Kt);
-            att_transpose(v, xs, T, D, Tp, Vt);
+            att_transpose(k, xs, T, D, Kt);
+            att_transpose(v, xs, T, D, Vt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
                 const float *q = xb + h * D, *yh = y + b * T * ys + h * D, *dyh = dy + b * T * ys + h * D;
