@@ -441,3 +441,34 @@ def test_schedule_decay_groups_and_tokenizers(corpus):
         ids = tok.encode("def f(x):\n    return x  # ünïcode")
         assert tok.decode(ids) == "def f(x):\n    return x  # ünïcode" or spec == "char"
     assert build_tokenizer("bpe:300", [text]).vocab_size == 300
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipped, and under the limit
+def test_clipping_through_the_fused_adamw_equals_clip_grad_norm(max_norm):
+    """lmlab hands the clipping to the fused AdamW as its grad_scale instead of multiplying every
+    gradient first: after a step the parameters equal clip_grad_norm_ + step's within fp32 rounding
+    (the scale divides where clip_grad_norm_ multiplies)."""
+    from lmlab.model import Transformer
+    from lmlab.train.config import TrainConfig, model_config
+    from lmlab.train.loop import clip_gradients, init_weights, make_optimizer
+
+    tc = TrainConfig(arch="gpt2", n_layers=1, d_model=32, n_heads=2, lr=1e-2)
+    after = []
+    for ours in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(model_config(tc, 50))
+        init_weights(model, 1)
+        opt = make_optimizer(model, tc, torch.device("cpu"))
+        assert opt.defaults["fused"]
+        for step in range(3):
+            ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(step))
+            logits = model(ids[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+            if ours:
+                clip_gradients(model, opt, max_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(after[0], after[1], rtol=1e-5, atol=1e-7), (after[0] - after[1]).abs().max()
