@@ -11,11 +11,10 @@ config); clipping at 1.0; the model computed by PyTorch's own operations (model.
 ``lmlab.fused`` off: layer or RMS norm, GELU or SwiGLU, RoPE and their gradients as autograd
 takes them, which is what nanoGPT's model.py runs). lmlab's side is
 ``lmlab.train.loop.train_step`` on the pieces ``lmlab.train.train`` builds, inside
-``keep_freed_memory`` as ``train`` runs it: fused AdamW, training's fused norm, activation and
-RoPE (``lmlab.fused``), batches from one memory map by index, the loss read back once per
-chunk. Both wall-clock
-tokens/s and the ratio of CPU seconds are printed (the CPU ratio is the steadier one on a
-busy machine).
+``keep_freed_memory`` as ``train`` runs it: fused AdamW (given the clipping as its grad_scale),
+training's fused norm, activation, RoPE and causal attention (``lmlab.fused``), batches from one
+memory map by index, the loss read back once per chunk. Both wall-clock tokens/s and the ratio
+of CPU seconds are printed (the CPU ratio is the steadier one on a busy machine).
 
 Part 2, the nanoGPT baby GPT (README: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000
 iterations, char-level): ``lmlab train --preset nanogpt-baby`` on a character-level English

@@ -8,8 +8,9 @@
   bfloat16). Its buffers (``lmlab_state`` in the C file) are made once per model, by its
   ``DecodePlan``, and freed with it.
 - ``act_forward``/``act_backward``, ``rmsnorm_forward``/``rmsnorm_backward``,
-  ``rope_forward``/``rope_backward``: training's elementwise steps in one pass each, for
-  ``lmlab.fused``'s autograd Functions.
+  ``rope_forward``/``rope_backward``: training's elementwise steps in one pass each, and
+  ``attn_forward``/``attn_backward``, training's causal attention, for ``lmlab.fused``'s
+  autograd Functions.
 
 The C file is compiled once per machine, at first use, with the system's C compiler and
 ``-march=native -fopenmp``, into ``~/.lmlab/native/`` (``$LMLAB_HOME/native``). The library is
