@@ -85,7 +85,8 @@ def check_rmsnorm():
 def check_attention():
     """Causal attention straight from the qkv layout against F.scaled_dot_product_attention on the
     split heads: GQA (2 and 3 query heads per k/v head) and not, blocks that leave tails after the
-    4-row and 16-key tiles, one token, head sizes 16 to 80; values and qkv's gradient."""
+    4-row and 16-key tiles, one token, head sizes 16 to 80, RoPE turned inside (apply_rope's);
+    values and qkv's gradient."""
     g = torch.Generator().manual_seed(4)
     for B, T, H, K, D in ((2, 37, 4, 2, 32), (1, 1, 1, 1, 16), (3, 64, 2, 2, 80), (2, 130, 3, 1, 16)):
         qkv = (torch.randn(B, T, H + 2 * K, D, generator=g) * 2).requires_grad_()
@@ -98,6 +99,18 @@ def check_attention():
         dy = torch.randn(got.shape, generator=g)
         grads = [torch.autograd.grad(y, qkv, d)[0] for y, d in ((got, dy), (want, dy.transpose(1, 2)))]
         _close(*grads)
+    # RoPE turned inside the kernel: full and partial rotary, one table for the batch and one per row
+    for R, per_row, (B, T, H, K, D) in ((32, False, (2, 21, 4, 2, 32)), (16, True, (2, 40, 3, 3, 48))):
+        qkv = torch.randn(B, T, H + 2 * K, D, generator=g, requires_grad=True)
+        pos = torch.arange(5, 5 + T).expand(B if per_row else 1, T)
+        cos, sin = rope_cos_sin(1.0 / (10000 ** (torch.arange(0, R, 2).float() / R)), pos, torch.float32)
+        q, k, v = qkv.transpose(1, 2).split([H, K, K], dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H).transpose(1, 2)
+        got = fused.attention(qkv, H, K, D**-0.5, (cos, sin))
+        _close(got, want)
+        dy = torch.randn(got.shape, generator=g)
+        _close(*[torch.autograd.grad(y, qkv, dy)[0] for y in (got, want)])
     assert fused.attention_fits(fused.ATTENTION_MAX_T, 64) and not fused.attention_fits(fused.ATTENTION_MAX_T + 1, 64)
     assert not fused.attention_fits(64, 24)  # head sizes the 16-float tiles don't divide keep PyTorch's kernel
 
@@ -157,7 +170,6 @@ def test_outside_training_the_pytorch_lines_run(tiny, monkeypatch):
     monkeypatch.setattr(fused, "rope_qkv", None)
     monkeypatch.setattr(fused, "activation", None)
     monkeypatch.setattr(fused, "rms_norm", None)
-    monkeypatch.setattr(fused, "rope", None)
     monkeypatch.setattr(fused, "attention", None)
     ids = torch.arange(10)[None]
     model.eval()

@@ -97,42 +97,22 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tup
     return _RopeQKV.apply(qkv, cos, sin, tuple(heads))
 
 
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]):
-        out = _served(native.rope_forward(qkv, cos, sin, heads[0] + heads[1]), "the fused RoPE")
-        ctx.save_for_backward(cos, sin)
-        ctx.heads = heads
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        grads = grad.transpose(1, 2).split(ctx.heads, dim=1)  # (B, heads, T, D) views, D contiguous
-        dx = _served(native.rope_backward(grads, cos, sin), "the fused RoPE's gradient")
-        return dx, None, None, None
-
-
-def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
-    """qkv (B, T, H + 2K, D) with its q and k heads turned by RoPE, in the same layout (what
-    ``attention`` reads); heads = (H, K, K)."""
-    return _Rope.apply(qkv, cos, sin, tuple(heads))
-
-
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float) -> torch.Tensor:
+    def forward(ctx, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float, cos, sin) -> torch.Tensor:
         qkv = qkv.contiguous()
-        y, lse = _served(native.attn_forward(qkv, n_heads, n_kv_heads, scale), "the fused attention")
-        ctx.save_for_backward(qkv, y, lse)
+        rope = None if cos is None else (cos, sin)
+        y, lse = _served(native.attn_forward(qkv, n_heads, n_kv_heads, scale, rope), "the fused attention")
+        ctx.save_for_backward(qkv, y, lse, cos, sin)
         ctx.heads, ctx.scale = (n_heads, n_kv_heads), scale
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qkv, y, lse = ctx.saved_tensors
-        dx = _served(native.attn_backward(qkv, y, lse, grad, *ctx.heads, ctx.scale), "the fused attention's gradient")
-        return dx, None, None, None
+        qkv, y, lse, cos, sin = ctx.saved_tensors
+        rope = None if cos is None else (cos, sin)
+        dx = native.attn_backward(qkv, y, lse, grad, *ctx.heads, ctx.scale, rope)
+        return _served(dx, "the fused attention's gradient"), None, None, None, None, None
 
 
 # The longest block the fused attention takes. It holds one head's (T, T) probabilities per
@@ -146,12 +126,15 @@ def attention_fits(T: int, head_dim: int) -> bool:
     return T <= ATTENTION_MAX_T and head_dim % 16 == 0
 
 
-def attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float) -> torch.Tensor:
+def attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float, rope=None) -> torch.Tensor:
     """Causal attention (``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
     enable_gqa=...)``) straight from qkv (B, T, H + 2K, D): y (B, T, H, D), the output
-    projection's layout. Its backward writes qkv's gradient in qkv's layout. Forward and
-    backward each compute the unmasked half of the scores only (``csrc/native.c``)."""
-    return _CausalAttention.apply(qkv, n_heads, n_kv_heads, scale)
+    projection's layout. rope = (cos, sin) from ``model.rope_cos_sin``, or None: q and k are
+    turned by it as the kernel reads them (``model.apply_rope``), so no pass writes a turned copy
+    of qkv. The backward writes qkv's gradient in qkv's layout. Forward and backward each compute
+    the unmasked half of the scores only (``csrc/native.c``)."""
+    cos, sin = rope if rope is not None else (None, None)
+    return _CausalAttention.apply(qkv, n_heads, n_kv_heads, scale, cos, sin)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -214,9 +214,7 @@ class Attention(nn.Module):
             and fused.attention_fits(T, D)
             and fused.applies(qkv)
         ):  # training: RoPE and causal attention read and write the projections' layout (fused.attention)
-            if rope is not None:
-                qkv = fused.rope(qkv, *rope, (H, K, K))
-            return self.o(fused.attention(qkv, H, K, self.scale).view(B, T, H * D))
+            return self.o(fused.attention(qkv, H, K, self.scale, rope).view(B, T, H * D))
         if rope is not None and not cfg.qk_norm and self.training and fused.applies(qkv):
             # training: the rotation below in one pass, whose backward also gathers q, k and v's gradients
             q, k, v = fused.rope_qkv(qkv, *rope, (H, K, K))

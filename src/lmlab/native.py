@@ -233,8 +233,8 @@ def _load():
     lib.lmlab_rmsnorm_forward.argtypes = [vp, i64, i64, vp, ctypes.c_float, vp, vp, i]
     lib.lmlab_rmsnorm_backward.argtypes = [vp, vp, vp, vp, i64, i64, vp, vp, i]
     f32 = ctypes.c_float
-    lib.lmlab_attn_forward.argtypes = [vp, i64, i64, i64, i64, i64, f32, vp, vp, i]
-    lib.lmlab_attn_backward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, f32, vp, i]
+    lib.lmlab_attn_forward.argtypes = [vp, i64, i64, i64, i64, i64, f32, vp, vp, i64, i64, vp, vp, i]
+    lib.lmlab_attn_backward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, f32, vp, vp, i64, i64, vp, i]
     for step in ("act", "rope", "rmsnorm", "attn"):
         getattr(lib, f"lmlab_{step}_forward").restype = getattr(lib, f"lmlab_{step}_backward").restype = i
     _lib = lib
@@ -425,33 +425,47 @@ def rope_backward(grads, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor |
     return dx if rc == 0 else None
 
 
-def attn_forward(qkv: torch.Tensor, H: int, K: int, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rope_args(rope, T: int) -> tuple:
+    """The C side's (cos, sin, batch stride, R) for rope = (cos, sin) as ``model.rope_cos_sin`` makes
+    them, or None; the tables are returned too, to stay alive through the call."""
+    if rope is None:
+        return (None, None, 0, 0), ()
+    (c, cs_b), (s, _) = _tables(rope[0], T), _tables(rope[1], T)
+    return (c.data_ptr(), s.data_ptr(), cs_b, c.shape[-1]), (c, s)
+
+
+def attn_forward(qkv: torch.Tensor, H: int, K: int, scale: float, rope=None) -> tuple | None:
     """Causal attention over qkv (B, T, H + 2K, D) (query heads, then key heads, then value
-    heads, D a multiple of 16): y (B, T, H, D) and each row's log-sum-exp (B, H, T)."""
+    heads, D a multiple of 16), q and k turned by RoPE first where rope = (cos, sin) (B or 1, 1, T,
+    R): y (B, T, H, D) and each row's log-sum-exp (B, H, T)."""
     lib = _usable()
     if lib is None:
         return None
     qkv = qkv.contiguous()
     B, T, _, D = qkv.shape
+    (c, s, cs_b, R), keep = _rope_args(rope, T)
     y, lse = qkv.new_empty(B, T, H, D), qkv.new_empty(B, H, T)
     rc = lib.lmlab_attn_forward(
-        qkv.data_ptr(), B, T, H, K, D, scale, y.data_ptr(), lse.data_ptr(), torch.get_num_threads()
+        qkv.data_ptr(), B, T, H, K, D, scale, c, s, cs_b, R, y.data_ptr(), lse.data_ptr(), torch.get_num_threads()
     )
+    del keep
     return (y, lse) if rc == 0 else None
 
 
-def attn_backward(qkv, y, lse, grad, H: int, K: int, scale: float) -> torch.Tensor | None:
+def attn_backward(qkv, y, lse, grad, H: int, K: int, scale: float, rope=None) -> torch.Tensor | None:
     """The gradient of ``attn_forward``'s qkv, in its layout, from ``grad``, its output's."""
     lib = _usable()
     if lib is None:
         return None
     qkv, grad = qkv.contiguous(), grad.contiguous()
     B, T, _, D = qkv.shape
+    (c, s, cs_b, R), keep = _rope_args(rope, T)
     dx = torch.empty_like(qkv)
     rc = lib.lmlab_attn_backward(
-        qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(), B, T, H, K, D, scale, dx.data_ptr(),
-        torch.get_num_threads(),
+        qkv.data_ptr(), y.data_ptr(), lse.data_ptr(), grad.data_ptr(), B, T, H, K, D, scale, c, s, cs_b, R,
+        dx.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    del keep
     return dx if rc == 0 else None
 
 

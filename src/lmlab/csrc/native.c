@@ -1127,6 +1127,7 @@ int lmlab_rope_backward(const float *const *g, const int64_t *st, const int64_t 
  * D must be a multiple of 16; lmlab/fused.py keeps PyTorch's kernel otherwise. */
 
 #define ATT_ROWS 4
+#define ATT_MAX_D 512 /* the largest head the kernels take (one row's scratch on the stack) */
 #define ATT_PANEL 64 /* keys per panel of a transposed head: one tile's width */
 
 static inline int64_t att_panels(int64_t T) { return (T + ATT_PANEL - 1) / ATT_PANEL * ATT_PANEL; }
@@ -1250,6 +1251,35 @@ static void att_ptm(const float *P, int64_t ps, int nr, int64_t j0, int64_t n, c
     }
 }
 
+/* RoPE inside the attention (model.apply_rope on q and k): cos, sin (B or 1, T, R) tables as
+ * rope_cos_sin makes them, cs_b their stride between batch rows (0: one table for all); cos NULL
+ * for a model without RoPE. */
+typedef struct {
+    const float *cos, *sin;
+    int64_t cs_b, R;
+} att_rope;
+
+/* Token t's row of one head, turned by RoPE (or copied) into out; inverse turns it back (the
+ * rotation's transpose, as lmlab_rope_backward applies it to a gradient). */
+static void att_turn_row(const att_rope *rp, int64_t b, int64_t t, const float *x, int64_t D, int inverse,
+                         float *out) {
+    if (!rp->cos) {
+        if (out != x) memcpy(out, x, sizeof(float) * (size_t)D);
+        return;
+    }
+    const int64_t R = rp->R, half = R / 2;
+    const float *c = rp->cos + b * rp->cs_b + t * R, *sn = rp->sin + b * rp->cs_b + t * R;
+    float tmp[ATT_MAX_D];
+    turn(x, c, inverse ? sn + half : sn, inverse ? sn : sn + half, half, tmp);
+    memcpy(out, tmp, sizeof(float) * (size_t)R);
+    if (out != x) memcpy(out + R, x + R, sizeof(float) * (size_t)(D - R));
+}
+
+/* A head's T rows (stride xs) turned by RoPE into Xr (T, D), contiguous. */
+static void att_turn_head(const att_rope *rp, int64_t b, const float *x, int64_t xs, int64_t T, int64_t D, float *Xr) {
+    for (int64_t t = 0; t < T; t++) att_turn_row(rp, b, t, x + t * xs, D, 0, Xr + t * D);
+}
+
 /* Bt = the head at x (T rows of stride xs, D floats each) transposed, in panels of 64 keys: key j's
  * feature d at Bt[(j / 64) 64 D + 64 d + j % 64], so a tile reads one contiguous panel. Keys from T to
  * the last panel's end are zero. */
@@ -1310,26 +1340,32 @@ static void att_probs(const float *q, int64_t xs, const float *Kt, int64_t T, in
 }
 
 /* Forward. x (B, T, H + 2K, D) contiguous; y (B, T, H, D); lse (B, H, T), each row's
- * log-sum-exp of its scaled scores, for the backward. */
-int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t K, int64_t D, float scale, float *y,
-                       float *lse, int threads) {
-    if (B < 0 || T < 1 || H < 1 || K < 1 || H % K || D < 16 || D % 16) return -1;
+ * log-sum-exp of its scaled scores, for the backward. cos, sin (NULL: no RoPE), cs_b, R: the
+ * RoPE tables (att_rope) q and k are turned by as they are read. */
+int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t K, int64_t D, float scale,
+                       const float *cos, const float *sin, int64_t cs_b, int64_t R, float *y, float *lse,
+                       int threads) {
+    if (B < 0 || T < 1 || H < 1 || K < 1 || H % K || D < 16 || D % 16 || D > ATT_MAX_D) return -1;
+    if (cos && (R < 2 || R > D || R % 2)) return -1;
     const int64_t NH = H + 2 * K, G = H / K, xs = NH * D, Tp = (T + 15) / 16 * 16;
+    const att_rope rp = {cos, sin, cs_b, R};
     int failed = 0;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads) reduction(| : failed)
     {
-        float *Kt = malloc(sizeof(float) * (size_t)(D * att_panels(T) + T * Tp));
+        float *Kt = malloc(sizeof(float) * (size_t)(D * att_panels(T) + T * Tp + 2 * T * D));
         if (!Kt) failed = 1;
-        float *P = Kt ? Kt + D * att_panels(T) : NULL;
+        float *P = Kt ? Kt + D * att_panels(T) : NULL, *Qr = Kt ? P + T * Tp : NULL, *Kr = Kt ? Qr + T * D : NULL;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < B * K; u++) {
             if (!Kt) continue;
             const int64_t b = u / K, kh = u % K;
             const float *xb = x + b * T * xs;
-            att_transpose(xb + (H + kh) * D, xs, T, D, Kt);
+            att_turn_head(&rp, b, xb + (H + kh) * D, xs, T, D, Kr);
+            att_transpose(Kr, D, T, D, Kt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
-                att_probs(xb + h * D, xs, Kt, T, D, Tp, scale, NULL, lse + (b * H + h) * T, P);
+                att_turn_head(&rp, b, xb + h * D, xs, T, D, Qr);
+                att_probs(Qr, D, Kt, T, D, Tp, scale, NULL, lse + (b * H + h) * T, P);
                 const float *v = xb + (H + K + kh) * D;
                 for (int64_t i0 = 0; i0 < T; i0 += ATT_ROWS) {
                     const int nr = (int)(T - i0 < ATT_ROWS ? T - i0 : ATT_ROWS);
@@ -1342,31 +1378,39 @@ int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t 
     return failed ? -1 : 0;
 }
 
-/* Backward, from dy (B, T, H, D) contiguous and the forward's x, y and lse: dx (x's shape).
- * With P the probabilities and dP = dy v^T: dv = P^T dy, dS = P (dP - rowsum(dy y)) scale,
- * dq = dS k, dk = dS^T q; a k/v head's gradients add over its G query heads. */
+/* Backward, from dy (B, T, H, D) contiguous and the forward's x, y and lse (and its RoPE tables):
+ * dx (x's shape). With P the probabilities and dP = dy v^T: dv = P^T dy, dS = P (dP - rowsum(dy y))
+ * scale, dq = dS k, dk = dS^T q (q and k turned by RoPE; their gradients are turned back); a
+ * k/v head's gradients add over its G query heads. */
 int lmlab_attn_backward(const float *x, const float *y, const float *lse, const float *dy, int64_t B, int64_t T,
-                        int64_t H, int64_t K, int64_t D, float scale, float *dx, int threads) {
-    if (B < 0 || T < 1 || H < 1 || K < 1 || H % K || D < 16 || D % 16) return -1;
+                        int64_t H, int64_t K, int64_t D, float scale, const float *cos, const float *sin, int64_t cs_b,
+                        int64_t R, float *dx, int threads) {
+    if (B < 0 || T < 1 || H < 1 || K < 1 || H % K || D < 16 || D % 16 || D > ATT_MAX_D) return -1;
+    if (cos && (R < 2 || R > D || R % 2)) return -1;
     const int64_t NH = H + 2 * K, G = H / K, xs = NH * D, ys = H * D, Tp = (T + 15) / 16 * 16;
+    const att_rope rp = {cos, sin, cs_b, R};
     int failed = 0;
 #pragma omp parallel num_threads(threads < 1 ? 1 : threads) reduction(| : failed)
     {
-        float *Kt = malloc(sizeof(float) * (size_t)(2 * D * att_panels(T) + T * Tp + T));
+        float *Kt = malloc(sizeof(float) * (size_t)(2 * D * att_panels(T) + T * Tp + T + 2 * T * D));
         if (!Kt) failed = 1;
-        float *Vt = Kt ? Kt + D * att_panels(T) : NULL, *P = Kt ? Vt + D * att_panels(T) : NULL, *rowdot = Kt ? P + T * Tp : NULL;
+        float *Vt = Kt ? Kt + D * att_panels(T) : NULL, *P = Kt ? Vt + D * att_panels(T) : NULL;
+        float *rowdot = Kt ? P + T * Tp : NULL, *Qr = Kt ? rowdot + T : NULL, *Kr = Kt ? Qr + T * D : NULL;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < B * K; u++) {
             if (!Kt) continue;
             const int64_t b = u / K, kh = u % K;
-            const float *xb = x + b * T * xs, *k = xb + (H + kh) * D, *v = xb + (H + K + kh) * D;
+            const float *xb = x + b * T * xs, *v = xb + (H + K + kh) * D;
             float *dxb = dx + b * T * xs, *dk = dxb + (H + kh) * D, *dv = dxb + (H + K + kh) * D;
-            att_transpose(k, xs, T, D, Kt);
+            att_turn_head(&rp, b, xb + (H + kh) * D, xs, T, D, Kr);
+            att_transpose(Kr, D, T, D, Kt);
             att_transpose(v, xs, T, D, Vt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
-                const float *q = xb + h * D, *yh = y + b * T * ys + h * D, *dyh = dy + b * T * ys + h * D;
-                att_probs(q, xs, Kt, T, D, Tp, scale, lse + (b * H + h) * T, NULL, P);
+                const float *yh = y + b * T * ys + h * D, *dyh = dy + b * T * ys + h * D;
+                float *dq = dxb + h * D;
+                att_turn_head(&rp, b, xb + h * D, xs, T, D, Qr);
+                att_probs(Qr, D, Kt, T, D, Tp, scale, lse + (b * H + h) * T, NULL, P);
                 for (int64_t j0 = 0; j0 < T; j0 += ATT_ROWS) { /* dv (+)= P^T dy */
                     const int nr = (int)(T - j0 < ATT_ROWS ? T - j0 : ATT_ROWS);
                     att_ptm(P, Tp, nr, j0, T, dyh, ys, D, dv + j0 * xs, xs, g > 0);
@@ -1380,13 +1424,17 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
                     const int nr = (int)(T - i0 < ATT_ROWS ? T - i0 : ATT_ROWS);
                     const int64_t keys = i0 + nr;
                     att_scores(dyh + i0 * ys, ys, nr, Vt, Tp, D, keys, P + i0 * Tp, rowdot + i0, scale);
-                    att_pm(P + i0 * Tp, Tp, nr, keys, k, xs, D, dxb + i0 * xs + h * D, xs, 0); /* dq = dS k */
+                    att_pm(P + i0 * Tp, Tp, nr, keys, Kr, D, D, dq + i0 * xs, xs, 0); /* dq = dS k */
                 }
                 for (int64_t j0 = 0; j0 < T; j0 += ATT_ROWS) { /* dk (+)= dS^T q */
                     const int nr = (int)(T - j0 < ATT_ROWS ? T - j0 : ATT_ROWS);
-                    att_ptm(P, Tp, nr, j0, T, q, xs, D, dk + j0 * xs, xs, g > 0);
+                    att_ptm(P, Tp, nr, j0, T, Qr, D, D, dk + j0 * xs, xs, g > 0);
                 }
+                if (rp.cos)
+                    for (int64_t t = 0; t < T; t++) att_turn_row(&rp, b, t, dq + t * xs, D, 1, dq + t * xs);
             }
+            if (rp.cos)
+                for (int64_t t = 0; t < T; t++) att_turn_row(&rp, b, t, dk + t * xs, D, 1, dk + t * xs);
         }
         free(Kt);
     }
@@ -1448,16 +1496,19 @@ int lmlab_rope_backward(const float *const *g, const int64_t *st, const int64_t 
     return -1;
 }
 
-int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t K, int64_t D, float scale, float *y,
-                       float *lse, int threads) {
-    (void)x; (void)B; (void)T; (void)H; (void)K; (void)D; (void)scale; (void)y; (void)lse; (void)threads;
+int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t K, int64_t D, float scale,
+                       const float *cos, const float *sin, int64_t cs_b, int64_t R, float *y, float *lse,
+                       int threads) {
+    (void)x; (void)B; (void)T; (void)H; (void)K; (void)D; (void)scale; (void)cos; (void)sin; (void)cs_b; (void)R;
+    (void)y; (void)lse; (void)threads;
     return -1;
 }
 
 int lmlab_attn_backward(const float *x, const float *y, const float *lse, const float *dy, int64_t B, int64_t T,
-                        int64_t H, int64_t K, int64_t D, float scale, float *dx, int threads) {
-    (void)x; (void)y; (void)lse; (void)dy; (void)B; (void)T; (void)H; (void)K; (void)D; (void)scale; (void)dx;
-    (void)threads;
+                        int64_t H, int64_t K, int64_t D, float scale, const float *cos, const float *sin, int64_t cs_b,
+                        int64_t R, float *dx, int threads) {
+    (void)x; (void)y; (void)lse; (void)dy; (void)B; (void)T; (void)H; (void)K; (void)D; (void)scale; (void)cos;
+    (void)sin; (void)cs_b; (void)R; (void)dx; (void)threads;
     return -1;
 }
 
