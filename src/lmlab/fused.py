@@ -1,8 +1,8 @@
-"""Training's fused steps: RMSNorm, the MLP's activation (with the up projection's bias) and RoPE
-on q and k, forward and backward each in one pass over memory (``csrc/native.c``, "training's
-elementwise steps"), and causal attention straight from the qkv projection's layout ("training's
-causal attention": the unmasked half of the scores only, about twice PyTorch's CPU kernel at
-64-512 tokens).
+"""Training's fused steps: RMSNorm, the MLP's activation and RoPE on q and k, forward and backward
+each in one pass over memory (``csrc/native.c``, "training's elementwise steps"), and causal
+attention straight from the qkv projection's layout, RoPE turned inside it ("training's causal
+attention": the unmasked half of the scores only, about twice PyTorch's CPU kernel at 64-512
+tokens).
 
 Autograd runs ``F.silu(gate) * up`` as four kernels forward and back (the SiLU, the product, their
 gradients, and a concatenation of the gate's and up's gradients into the projection's output),
