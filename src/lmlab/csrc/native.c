@@ -841,7 +841,7 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
 static inline void store_f32(float *p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
 /* act(x) and act'(x) for 16 floats: SiLU x * sigmoid(x), or GELU's tanh form
- * 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), tanh(u) = 1 - 2 / (exp(2u) + 1). */
+ * 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3). */
 static inline void act16(int act, f32x16 x, f32x16 *y, f32x16 *dy) {
     if (act == LMLAB_ACT_SILU) {
         const f32x16 s = 1.0f / (1.0f + exp16(-x));
@@ -849,10 +849,11 @@ static inline void act16(int act, f32x16 x, f32x16 *y, f32x16 *dy) {
         if (dy) *dy = s * (1.0f + x * (1.0f - s));
         return;
     }
-    const f32x16 x2 = x * x, u = 0.79788456080286536f * (x + 0.044715f * x2 * x);
-    const f32x16 t = 1.0f - 2.0f / (exp16(2.0f * u) + 1.0f);
-    *y = 0.5f * x * (1.0f + t);
-    if (dy) *dy = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * x2);
+    /* 0.5 (1 + tanh(u)) = sigmoid(2u): the same exp and division as SiLU's */
+    const f32x16 x2 = x * x, u2 = x * (1.5957691216057308f + 0.0713548162726f * x2); /* 2u */
+    const f32x16 s = 1.0f / (1.0f + exp16(-u2));
+    *y = x * s;
+    if (dy) *dy = s + x * s * (1.0f - s) * (1.5957691216057308f + 0.2140644488178f * x2); /* s + x s (1 - s) d(2u)/dx */
 }
 
 static inline void act1(int act, float x, float *y, float *dy) { /* the same for one float (tails) */
