@@ -22,19 +22,24 @@ def _close(got, want, rel=1e-5):
 
 
 def check_activations():
-    """Every activation the kernel computes, gated and not, on features that leave a tail after the
-    16-float vectors, and on values far into both flat ends (|x| up to ~30)."""
+    """Every activation the kernel computes, gated and not, with and without a bias, on features that
+    leave a tail after the 16-float vectors, and on values far into both flat ends (|x| up to ~30)."""
     g = torch.Generator().manual_seed(0)
     for act in fused.ACTS:
         for glu in (True, False):
-            F_ = 83
-            h = (torch.randn(3, 5, 2 * F_ if glu else F_, generator=g) * 8).requires_grad_()
-            ref = ACTIVATIONS[act]
-            want = ref(h[..., :F_]) * h[..., F_:] if glu else ref(h)
-            dy = torch.randn(want.shape, generator=g)
-            got = fused.activation(h, act, glu)
-            _close(got, want)
-            _close(*[torch.autograd.grad(y, h, dy)[0] for y in (got, want)])
+            for with_bias in (False, True):  # the up projection's bias, added in the same pass
+                F_ = 83
+                h = (torch.randn(3, 5, 2 * F_ if glu else F_, generator=g) * 8).requires_grad_()
+                b = (torch.randn(h.shape[-1], generator=g) * 2).requires_grad_() if with_bias else None
+                hb = h + b if with_bias else h
+                ref = ACTIVATIONS[act]
+                want = ref(hb[..., :F_]) * hb[..., F_:] if glu else ref(hb)
+                dy = torch.randn(want.shape, generator=g)
+                got = fused.activation(h, act, glu, b)
+                _close(got, want)
+                inputs = (h, b) if with_bias else (h,)
+                for a, c in zip(torch.autograd.grad(got, inputs, dy), torch.autograd.grad(want, inputs, dy)):
+                    _close(a, c)
 
 
 def check_rope():

@@ -1,8 +1,8 @@
-"""Training's fused steps: RMSNorm, the MLP's activation and RoPE on q and k, forward and backward
-each in one pass over memory (``csrc/native.c``, "training's elementwise steps"), and causal
-attention straight from the qkv projection's layout, RoPE turned inside it ("training's causal
-attention": the unmasked half of the scores only, about twice PyTorch's CPU kernel at 64-512
-tokens).
+"""Training's fused steps: RMSNorm, the MLP's activation (with the up projection's bias) and RoPE
+on q and k, forward and backward each in one pass over memory (``csrc/native.c``, "training's
+elementwise steps"), and causal attention straight from the qkv projection's layout, RoPE turned
+inside it ("training's causal attention": the unmasked half of the scores only, about twice
+PyTorch's CPU kernel at 64-512 tokens).
 
 Autograd runs ``F.silu(gate) * up`` as four kernels forward and back (the SiLU, the product, their
 gradients, and a concatenation of the gate's and up's gradients into the projection's output),
@@ -53,23 +53,27 @@ def _served(result, what: str):
 
 class _Activation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, glu: bool, act: str) -> torch.Tensor:
-        out = _served(native.act_forward(h, glu, act), "the fused activation")
+    def forward(ctx, h: torch.Tensor, glu: bool, act: str, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is not None:
+            bias = bias.contiguous()
+        out = _served(native.act_forward(h, glu, act, bias), "the fused activation")
         ctx.glu, ctx.act = glu, act
-        ctx.save_for_backward(h)
+        ctx.save_for_backward(h, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (h,) = ctx.saved_tensors
-        dh = _served(native.act_backward(h, grad, ctx.glu, ctx.act), "the fused activation's gradient")
-        return dh, None, None
+        h, bias = ctx.saved_tensors
+        dh, dbias = _served(native.act_backward(h, grad, ctx.glu, ctx.act, bias), "the fused activation's gradient")
+        return dh, None, None, dbias
 
 
-def activation(h: torch.Tensor, act: str, glu: bool) -> torch.Tensor:
+def activation(h: torch.Tensor, act: str, glu: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``act(gate) * up`` for h = [gate | up] (..., 2F) when glu (model.MLP's gated form), else
-    ``act(h)``; act is one of ``ACTS``."""
-    return _Activation.apply(h, glu, act)
+    ``act(h)``; act is one of ``ACTS``. bias: the up projection's, added to h first: the projection
+    then runs as a plain matmul, without the pass that writes its bias into every output row, and
+    the bias's gradient is summed in the backward's one pass."""
+    return _Activation.apply(h, glu, act, bias)
 
 
 class _RopeQKV(torch.autograd.Function):

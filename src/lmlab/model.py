@@ -291,9 +291,14 @@ class MLP(nn.Module):
         self.names = (f"blocks.{layer}.mlp.pre", f"blocks.{layer}.mlp.post")
 
     def forward(self, x, hook) -> torch.Tensor:
-        h = self.up(x)  # (B, T, F) or (B, T, 2F)
-        if self.fused_act and self.training and hook is None and fused.applies(h):
-            return self.down(fused.activation(h, self.act_name, self.gated))  # training: the lines below in one pass
+        fuse = self.fused_act and self.training and hook is None
+        proj = self.up
+        if fuse and type(proj) is nn.Linear and proj.bias is not None and fused.applies(x):
+            if not torch.is_autocast_enabled(x.device.type):  # training: the bias and the lines below in one pass
+                return self.down(fused.activation(F.linear(x, proj.weight), self.act_name, self.gated, proj.bias))
+        h = proj(x)  # (B, T, F) or (B, T, 2F)
+        if fuse and fused.applies(h):  # training: the lines below in one pass
+            return self.down(fused.activation(h, self.act_name, self.gated))
         if self.gated:
             gate, up = h.split(self.d_ff, dim=-1)
             if hook is not None:

@@ -226,8 +226,8 @@ def _load():
     lib.lmlab_q_tiles.restype = i
     lib.lmlab_q_isa.restype = ctypes.c_char_p
     i64 = ctypes.c_int64
-    lib.lmlab_act_forward.argtypes = [vp, i64, i64, i, i, vp, i]
-    lib.lmlab_act_backward.argtypes = [vp, vp, i64, i64, i, i, vp, i]
+    lib.lmlab_act_forward.argtypes = [vp, vp, i64, i64, i, i, vp, i]
+    lib.lmlab_act_backward.argtypes = [vp, vp, vp, i64, i64, i, i, vp, vp, i]
     lib.lmlab_rope_forward.argtypes = [vp, i64, i64, i64, i64, i64, i64, vp, vp, i64, vp, i]
     lib.lmlab_rope_backward.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, i]
     lib.lmlab_rmsnorm_forward.argtypes = [vp, i64, i64, vp, ctypes.c_float, vp, vp, i]
@@ -309,8 +309,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 # tensors only, as fused.applies() checks.
 
 
-def act_forward(h: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
-    """act(gate) * up for h = [gate | up] (..., 2F) when glu, else act(h); act: silu or gelu_tanh."""
+def act_forward(h: torch.Tensor, glu: bool, act: str, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """act(gate) * up for h = [gate | up] (..., 2F) when glu, else act(h); act: silu or gelu_tanh.
+    bias (h's last dimension), when given, is added to h first."""
     lib = _usable()
     if lib is None:
         return None
@@ -318,29 +319,36 @@ def act_forward(h: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
     F_ = h.shape[-1] // 2 if glu else h.shape[-1]
     out = h.new_empty(*h.shape[:-1], F_)
     rc = lib.lmlab_act_forward(
-        h.data_ptr(), h.numel() // h.shape[-1], F_, int(glu), ACT_CODES[act], out.data_ptr(), torch.get_num_threads()
-    )
+        h.data_ptr(), _ptr(bias), h.numel() // h.shape[-1], F_, int(glu), ACT_CODES[act], out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
     return out if rc == 0 else None
 
 
-def act_backward(h: torch.Tensor, grad: torch.Tensor, glu: bool, act: str) -> torch.Tensor | None:
-    """The gradient of ``act_forward``'s input h, given ``grad``, the gradient of its output."""
+def act_backward(
+    h: torch.Tensor, grad: torch.Tensor, glu: bool, act: str, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The gradients of ``act_forward``'s input h and, where given, its bias, from ``grad``, the
+    gradient of its output."""
     lib = _usable()
     if lib is None:
         return None
     h, grad = h.contiguous(), grad.contiguous()
     dh = torch.empty_like(h)
+    dbias = None if bias is None else torch.empty_like(bias)
     rc = lib.lmlab_act_backward(
-        h.data_ptr(),
-        grad.data_ptr(),
-        grad.numel() // grad.shape[-1],
-        grad.shape[-1],
-        int(glu),
-        ACT_CODES[act],
-        dh.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return dh if rc == 0 else None
+        h.data_ptr(), _ptr(bias), grad.data_ptr(), grad.numel() // grad.shape[-1], grad.shape[-1], int(glu),
+        ACT_CODES[act], dh.data_ptr(), _ptr(dbias), torch.get_num_threads(),
+    )  # fmt: skip
+    return (dh, dbias) if rc == 0 else None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A contiguous float32 tensor's memory for C, or NULL."""
+    if t is None:
+        return None
+    assert t.is_contiguous() and t.dtype == torch.float32
+    return t.data_ptr()
 
 
 def rmsnorm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -864,9 +864,14 @@ static inline void act1(int act, float x, float *y, float *dy) { /* the same for
     if (dy) *dy = d[0];
 }
 
+static inline f32x16 load_bias(const float *bias, int64_t i) { return bias ? load_f32(bias + i) : (f32x16){0}; }
+
 /* The MLP's activation over rows of F features. glu: h (rows, 2F) is [gate | up] and
- * out = act(gate) * up; else h (rows, F) and out = act(h). out (rows, F). */
-int lmlab_act_forward(const float *h, int64_t rows, int64_t F, int glu, int act, float *out, int threads) {
+ * out = act(gate) * up; else h (rows, F) and out = act(h). out (rows, F). bias: NULL, or the up
+ * projection's bias (h's row length), added to each row of h first (the projection then runs
+ * without one, and no pass writes the bias into its output). */
+int lmlab_act_forward(const float *h, const float *bias, int64_t rows, int64_t F, int glu, int act, float *out,
+                      int threads) {
     if (rows < 0 || F < 1 || (act != LMLAB_ACT_SILU && act != LMLAB_ACT_GELU_TANH)) return -1;
     const int64_t in_row = glu ? 2 * F : F;
 #pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
@@ -876,50 +881,77 @@ int lmlab_act_forward(const float *h, int64_t rows, int64_t F, int glu, int act,
         int64_t i = 0;
         for (; i + 16 <= F; i += 16) {
             f32x16 y;
-            act16(act, load_f32(g + i), &y, NULL);
-            store_f32(o + i, glu ? y * load_f32(u + i) : y);
+            act16(act, load_f32(g + i) + load_bias(bias, i), &y, NULL);
+            store_f32(o + i, glu ? y * (load_f32(u + i) + load_bias(bias, F + i)) : y);
         }
         for (; i < F; i++) {
             float y;
-            act1(act, g[i], &y, NULL);
-            o[i] = glu ? y * u[i] : y;
+            act1(act, g[i] + (bias ? bias[i] : 0.0f), &y, NULL);
+            o[i] = glu ? y * (u[i] + (bias ? bias[F + i] : 0.0f)) : y;
         }
     }
     return 0;
 }
 
-/* Its gradient: go (rows, F), the gradient of out -> dh, the gradient of h (h's shape).
- * glu: d gate = go * up * act'(gate), d up = go * act(gate); else dh = go * act'(h). */
-int lmlab_act_backward(const float *h, const float *go, int64_t rows, int64_t F, int glu, int act, float *dh,
-                       int threads) {
-    if (rows < 0 || F < 1 || (act != LMLAB_ACT_SILU && act != LMLAB_ACT_GELU_TANH)) return -1;
+/* Its gradient: go (rows, F), the gradient of out -> dh, the gradient of h (h's shape), and with
+ * bias, dbias = the sum of dh's rows (each thread sums its rows, then the threads' sums are
+ * added in order). glu: d gate = go * up * act'(gate), d up = go * act(gate); else dh = go * act'(h). */
+int lmlab_act_backward(const float *h, const float *bias, const float *go, int64_t rows, int64_t F, int glu, int act,
+                       float *dh, float *dbias, int threads) {
+    if (rows < 0 || F < 1 || (act != LMLAB_ACT_SILU && act != LMLAB_ACT_GELU_TANH) || (bias && !dbias)) return -1;
+    if (threads < 1) threads = 1;
     const int64_t in_row = glu ? 2 * F : F;
-#pragma omp parallel for schedule(static) num_threads(threads < 1 ? 1 : threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = h + r * in_row, *u = g + F, *gr = go + r * F;
-        float *dg = dh + r * in_row, *du = dg + F;
-        int64_t i = 0;
-        for (; i + 16 <= F; i += 16) {
-            f32x16 y, d, o = load_f32(gr + i);
-            act16(act, load_f32(g + i), &y, &d);
-            if (glu) {
-                const f32x16 uv = load_f32(u + i);
-                store_f32(dg + i, o * uv * d);
-                store_f32(du + i, o * y);
-            } else {
-                store_f32(dg + i, o * d);
+    float *part = NULL;
+    if (bias) {
+        part = calloc((size_t)threads * (size_t)in_row, sizeof(float));
+        if (!part) return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *mine = part ? part + (size_t)thread_id() * (size_t)in_row : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *g = h + r * in_row, *u = g + F, *gr = go + r * F;
+            float *dg = dh + r * in_row, *du = dg + F;
+            int64_t i = 0;
+            for (; i + 16 <= F; i += 16) {
+                f32x16 y, d, o = load_f32(gr + i);
+                act16(act, load_f32(g + i) + load_bias(bias, i), &y, &d);
+                if (glu) {
+                    const f32x16 dgv = o * (load_f32(u + i) + load_bias(bias, F + i)) * d, duv = o * y;
+                    store_f32(dg + i, dgv);
+                    store_f32(du + i, duv);
+                    if (mine) {
+                        store_f32(mine + i, load_f32(mine + i) + dgv);
+                        store_f32(mine + F + i, load_f32(mine + F + i) + duv);
+                    }
+                } else {
+                    const f32x16 dgv = o * d;
+                    store_f32(dg + i, dgv);
+                    if (mine) store_f32(mine + i, load_f32(mine + i) + dgv);
+                }
+            }
+            for (; i < F; i++) {
+                float y, d;
+                act1(act, g[i] + (bias ? bias[i] : 0.0f), &y, &d);
+                if (glu) {
+                    dg[i] = gr[i] * (u[i] + (bias ? bias[F + i] : 0.0f)) * d;
+                    du[i] = gr[i] * y;
+                    if (mine) mine[i] += dg[i], mine[F + i] += du[i];
+                } else {
+                    dg[i] = gr[i] * d;
+                    if (mine) mine[i] += dg[i];
+                }
             }
         }
-        for (; i < F; i++) {
-            float y, d;
-            act1(act, g[i], &y, &d);
-            if (glu) {
-                dg[i] = gr[i] * u[i] * d;
-                du[i] = gr[i] * y;
-            } else {
-                dg[i] = gr[i] * d;
-            }
+    }
+    if (bias) {
+        for (int64_t j = 0; j < in_row; j++) {
+            float sum = 0.0f;
+            for (int t = 0; t < threads; t++) sum += part[(size_t)t * (size_t)in_row + j];
+            dbias[j] = sum;
         }
+        free(part);
     }
     return 0;
 }
@@ -1438,14 +1470,15 @@ int lmlab_decode_step(const lmlab_model *m, lmlab_state *s, int B, const void *e
 }
 
 
-int lmlab_act_forward(const float *h, int64_t rows, int64_t F, int glu, int act, float *out, int threads) {
-    (void)h; (void)rows; (void)F; (void)glu; (void)act; (void)out; (void)threads;
+int lmlab_act_forward(const float *h, const float *bias, int64_t rows, int64_t F, int glu, int act, float *out,
+                      int threads) {
+    (void)h; (void)bias; (void)rows; (void)F; (void)glu; (void)act; (void)out; (void)threads;
     return -1;
 }
 
-int lmlab_act_backward(const float *h, const float *go, int64_t rows, int64_t F, int glu, int act, float *dh,
-                       int threads) {
-    (void)h; (void)go; (void)rows; (void)F; (void)glu; (void)act; (void)dh; (void)threads;
+int lmlab_act_backward(const float *h, const float *bias, const float *go, int64_t rows, int64_t F, int glu, int act,
+                       float *dh, float *dbias, int threads) {
+    (void)h; (void)bias; (void)go; (void)rows; (void)F; (void)glu; (void)act; (void)dh; (void)dbias; (void)threads;
     return -1;
 }
 
