@@ -192,7 +192,7 @@ def train_step(net, model, opt, batches, tc: TrainConfig, step: int, dist: Dist,
         total += loss.detach()
     if tc.grad_clip > 0:
         clip_gradients(model, opt, tc.grad_clip)
-    opt.step()
+    adamw_step(opt)
     opt.zero_grad(set_to_none=True)
     return total
 
@@ -207,6 +207,36 @@ def clip_gradients(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     opt.grad_scale = (total + 1e-6).div(max_norm).clamp_(min=1.0)  # 1 / clip_grad_norm_'s clip_coef_clamped
+
+
+def adamw_step(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()`` for the fused AdamW ``make_optimizer`` builds, as one ``_fused_adamw_`` call per
+    group on lists made here: the same kernel, the same arguments and the same state tensors
+    (``opt.state_dict()`` is unchanged), without ``Optimizer.step``'s per-step Python (hooks,
+    grouping by device and dtype, state checks): 0.78 -> 0.50 ms at nanoGPT's baby shape. The first
+    step, and any optimizer this does not describe, goes through ``opt.step()``."""
+    d = opt.defaults
+    if not (d.get("fused") and d.get("decoupled_weight_decay", True)) or d.get("amsgrad") or d.get("maximize"):
+        return opt.step()
+    groups = []
+    for group in opt.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [opt.state.get(p) for p in params]
+        if any(not st or p.device.type != "cpu" for p, st in zip(params, states)):
+            return opt.step()  # the first step makes the state
+        groups.append((group, params, states))
+    scale = getattr(opt, "grad_scale", None)
+    for group, params, states in groups:
+        if not params:
+            continue
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- estimates
