@@ -264,6 +264,21 @@ static inline float hsum(f32x16 v) {
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline float hmax(f32x16 v) {
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    return _mm512_reduce_max_ps(m);
+}
+#else
+static inline float hmax(f32x16 v) {
+    float m = v[0];
+    for (int l = 1; l < 16; l++) m = fmaxf(m, v[l]);
+    return m;
+}
+#endif
+
 /* exp(x) for 16 floats at once, within 2 ulp for x in [-87, 88] (smaller x gives ~1e-38, not 0):
  * x = k ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor-like polynomial, times 2^k.
  * A softmax over a long context calls exp for every cached slot of every head. */
@@ -1281,6 +1296,19 @@ static void att_turn_head(const att_rope *rp, int64_t b, const float *x, int64_t
     for (int64_t t = 0; t < T; t++) att_turn_row(rp, b, t, x + t * xs, D, 0, Xr + t * D);
 }
 
+/* A head's rows as the products read them: turned by RoPE into Xr (stride D), or where they are
+ * (stride xs) for a model without RoPE. */
+static const float *att_rows(const att_rope *rp, int64_t b, const float *x, int64_t xs, int64_t T, int64_t D,
+                             float *Xr, int64_t *stride) {
+    if (!rp->cos) {
+        *stride = xs;
+        return x;
+    }
+    att_turn_head(rp, b, x, xs, T, D, Xr);
+    *stride = D;
+    return Xr;
+}
+
 /* Bt = the head at x (T rows of stride xs, D floats each) transposed, in panels of 64 keys: key j's
  * feature d at Bt[(j / 64) 64 D + 64 d + j % 64], so a tile reads one contiguous panel. Keys from T to
  * the last panel's end are zero. */
@@ -1320,8 +1348,7 @@ static void att_probs(const float *q, int64_t xs, const float *Kt, int64_t T, in
                     const i32x16 gt = sv > mx;
                     mx = (f32x16)((gt & (i32x16)sv) | (~gt & (i32x16)mx));
                 }
-                m = mx[0];
-                for (int l = 1; l < 16; l++) m = fmaxf(m, mx[l]);
+                m = hmax(mx);
             }
             f32x16 sum = {0};
             for (int64_t v = 0; v < nvec; v++) {
@@ -1361,12 +1388,13 @@ int lmlab_attn_forward(const float *x, int64_t B, int64_t T, int64_t H, int64_t 
             if (!Kt) continue;
             const int64_t b = u / K, kh = u % K;
             const float *xb = x + b * T * xs;
-            att_turn_head(&rp, b, xb + (H + kh) * D, xs, T, D, Kr);
-            att_transpose(Kr, D, T, D, Kt);
+            int64_t ks, qs;
+            const float *k = att_rows(&rp, b, xb + (H + kh) * D, xs, T, D, Kr, &ks);
+            att_transpose(k, ks, T, D, Kt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
-                att_turn_head(&rp, b, xb + h * D, xs, T, D, Qr);
-                att_probs(Qr, D, Kt, T, D, Tp, scale, NULL, lse + (b * H + h) * T, P);
+                const float *q = att_rows(&rp, b, xb + h * D, xs, T, D, Qr, &qs);
+                att_probs(q, qs, Kt, T, D, Tp, scale, NULL, lse + (b * H + h) * T, P);
                 const float *v = xb + (H + K + kh) * D;
                 for (int64_t i0 = 0; i0 < T; i0 += ATT_ROWS) {
                     const int nr = (int)(T - i0 < ATT_ROWS ? T - i0 : ATT_ROWS);
@@ -1403,15 +1431,16 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
             const int64_t b = u / K, kh = u % K;
             const float *xb = x + b * T * xs, *v = xb + (H + K + kh) * D;
             float *dxb = dx + b * T * xs, *dk = dxb + (H + kh) * D, *dv = dxb + (H + K + kh) * D;
-            att_turn_head(&rp, b, xb + (H + kh) * D, xs, T, D, Kr);
-            att_transpose(Kr, D, T, D, Kt);
+            int64_t ks, qs;
+            const float *k = att_rows(&rp, b, xb + (H + kh) * D, xs, T, D, Kr, &ks);
+            att_transpose(k, ks, T, D, Kt);
             att_transpose(v, xs, T, D, Vt);
             for (int64_t g = 0; g < G; g++) {
                 const int64_t h = kh * G + g;
                 const float *yh = y + b * T * ys + h * D, *dyh = dy + b * T * ys + h * D;
                 float *dq = dxb + h * D;
-                att_turn_head(&rp, b, xb + h * D, xs, T, D, Qr);
-                att_probs(Qr, D, Kt, T, D, Tp, scale, lse + (b * H + h) * T, NULL, P);
+                const float *q = att_rows(&rp, b, xb + h * D, xs, T, D, Qr, &qs);
+                att_probs(q, qs, Kt, T, D, Tp, scale, lse + (b * H + h) * T, NULL, P);
                 for (int64_t j0 = 0; j0 < T; j0 += ATT_ROWS) { /* dv (+)= P^T dy */
                     const int nr = (int)(T - j0 < ATT_ROWS ? T - j0 : ATT_ROWS);
                     att_ptm(P, Tp, nr, j0, T, dyh, ys, D, dv + j0 * xs, xs, g > 0);
@@ -1425,11 +1454,11 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
                     const int nr = (int)(T - i0 < ATT_ROWS ? T - i0 : ATT_ROWS);
                     const int64_t keys = i0 + nr;
                     att_scores(dyh + i0 * ys, ys, nr, Vt, Tp, D, keys, P + i0 * Tp, rowdot + i0, scale);
-                    att_pm(P + i0 * Tp, Tp, nr, keys, Kr, D, D, dq + i0 * xs, xs, 0); /* dq = dS k */
+                    att_pm(P + i0 * Tp, Tp, nr, keys, k, ks, D, dq + i0 * xs, xs, 0); /* dq = dS k */
                 }
                 for (int64_t j0 = 0; j0 < T; j0 += ATT_ROWS) { /* dk (+)= dS^T q */
                     const int nr = (int)(T - j0 < ATT_ROWS ? T - j0 : ATT_ROWS);
-                    att_ptm(P, Tp, nr, j0, T, Qr, D, D, dk + j0 * xs, xs, g > 0);
+                    att_ptm(P, Tp, nr, j0, T, q, qs, D, dk + j0 * xs, xs, g > 0);
                 }
                 if (rp.cos)
                     for (int64_t t = 0; t < T; t++) att_turn_row(&rp, b, t, dq + t * xs, D, 1, dq + t * xs);
