@@ -113,6 +113,7 @@ def check_attention():
         _close(*[torch.autograd.grad(y, qkv, dy)[0] for y in (got, want)])
     assert fused.attention_fits(fused.ATTENTION_MAX_T, 64) and not fused.attention_fits(fused.ATTENTION_MAX_T + 1, 64)
     assert not fused.attention_fits(64, 24)  # head sizes the 16-float tiles don't divide keep PyTorch's kernel
+    assert fused.attention_fits(64, 512) and not fused.attention_fits(64, 528)
 
 
 def test_rmsnorm_equals_f_rms_norm():

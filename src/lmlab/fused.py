@@ -122,8 +122,9 @@ ATTENTION_MAX_T = 512
 
 
 def attention_fits(T: int, head_dim: int) -> bool:
-    """Whether ``attention`` takes a block of T tokens with heads of head_dim features."""
-    return T <= ATTENTION_MAX_T and head_dim % 16 == 0
+    """Whether ``attention`` takes a block of T tokens with heads of head_dim features (a multiple
+    of 16, at most 512: ATT_MAX_D in csrc/native.c)."""
+    return T <= ATTENTION_MAX_T and head_dim % 16 == 0 and head_dim <= 512
 
 
 def attention(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, scale: float, rope=None) -> torch.Tensor:
