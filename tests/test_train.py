@@ -443,29 +443,39 @@ def test_schedule_decay_groups_and_tokenizers(corpus):
     assert build_tokenizer("bpe:300", [text]).vocab_size == 300
 
 
+def _tiny_model_and_optimizer(arch: str):
+    """A one-layer, 32-wide model (vocabulary 50) with GPT-2's initialisation and lmlab's AdamW, seeded."""
+    from lmlab.model import Transformer
+    from lmlab.train.config import TrainConfig, model_config
+    from lmlab.train.loop import init_weights, make_optimizer
+
+    tc = TrainConfig(arch=arch, n_layers=1, d_model=32, n_heads=2, lr=1e-2)
+    torch.manual_seed(0)
+    model = Transformer(model_config(tc, 50))
+    init_weights(model, 1)
+    return model, make_optimizer(model, tc, torch.device("cpu"))
+
+
+def _loss_of_a_batch(model, seed: int) -> torch.Tensor:
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipped, and under the limit
 def test_clipping_through_the_fused_adamw_equals_clip_grad_norm(max_norm):
     """lmlab hands the clipping to the fused AdamW as its grad_scale instead of multiplying every
     gradient first: after three steps the parameters equal clip_grad_norm_ + step's within fp32
     rounding (the scale divides where clip_grad_norm_ multiplies; Adam's normalised update carries
     that rounding into the next steps): within 1e-4 of the size of the steps' change."""
-    from lmlab.model import Transformer
-    from lmlab.train.config import TrainConfig, model_config
-    from lmlab.train.loop import clip_gradients, init_weights, make_optimizer
+    from lmlab.train.loop import clip_gradients
 
-    tc = TrainConfig(arch="gpt2", n_layers=1, d_model=32, n_heads=2, lr=1e-2)
     after = []
     for ours in (True, False):
-        torch.manual_seed(0)
-        model = Transformer(model_config(tc, 50))
-        init_weights(model, 1)
+        model, opt = _tiny_model_and_optimizer("gpt2")
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
-        opt = make_optimizer(model, tc, torch.device("cpu"))
         assert opt.defaults["fused"]
         for step in range(3):
-            ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(step))
-            logits = model(ids[:, :-1])
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+            _loss_of_a_batch(model, step).backward()
             if ours:
                 clip_gradients(model, opt, max_norm)
             else:
@@ -481,22 +491,15 @@ def test_the_lean_adamw_step_equals_optimizer_step():
     """``adamw_step`` calls the fused AdamW kernel itself: after three steps (the first through
     ``opt.step()``, which makes the state) the parameters and the optimizer's state equal
     ``opt.step()``'s bit for bit, and the state dict still describes the run."""
-    from lmlab.model import Transformer
-    from lmlab.train.config import TrainConfig, model_config
-    from lmlab.train.loop import adamw_step, init_weights, make_optimizer
+    from lmlab.train.loop import adamw_step
 
-    tc = TrainConfig(arch="llama", n_layers=1, d_model=32, n_heads=2, lr=1e-2)
     runs = []
     for lean in (True, False):
-        torch.manual_seed(0)
-        model = Transformer(model_config(tc, 50))
-        init_weights(model, 1)
-        opt = make_optimizer(model, tc, torch.device("cpu"))
+        model, opt = _tiny_model_and_optimizer("llama")
         for step in range(3):
             for g in opt.param_groups:
                 g["lr"] = 1e-2 / (step + 1)
-            ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(step))
-            torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+            _loss_of_a_batch(model, step).backward()
             adamw_step(opt) if lean else opt.step()
             opt.zero_grad(set_to_none=True)
         runs.append((list(model.parameters()), opt.state_dict()["state"]))

@@ -879,6 +879,20 @@ static inline void act1(int act, float x, float *y, float *dy) { /* the same for
     if (dy) *dy = d[0];
 }
 
+/* A gradient summed over rows (a bias's, a norm's weight's): each thread adds its rows into its own
+ * n floats of part (zeroed here), then finish_parts adds the threads' sums in thread order into out,
+ * so the result does not depend on which thread finished first. */
+static float *thread_parts(int threads, int64_t n) { return calloc((size_t)threads * (size_t)n, sizeof(float)); }
+
+static void finish_parts(float *part, int threads, int64_t n, float *out) {
+    for (int64_t j = 0; j < n; j++) {
+        float sum = 0.0f;
+        for (int t = 0; t < threads; t++) sum += part[(size_t)t * (size_t)n + j];
+        out[j] = sum;
+    }
+    free(part);
+}
+
 static inline f32x16 load_bias(const float *bias, int64_t i) { return bias ? load_f32(bias + i) : (f32x16){0}; }
 
 /* The MLP's activation over rows of F features. glu: h (rows, 2F) is [gate | up] and
@@ -917,10 +931,7 @@ int lmlab_act_backward(const float *h, const float *bias, const float *go, int64
     if (threads < 1) threads = 1;
     const int64_t in_row = glu ? 2 * F : F;
     float *part = NULL;
-    if (bias) {
-        part = calloc((size_t)threads * (size_t)in_row, sizeof(float));
-        if (!part) return -1;
-    }
+    if (bias && !(part = thread_parts(threads, in_row))) return -1;
 #pragma omp parallel num_threads(threads)
     {
         float *mine = part ? part + (size_t)thread_id() * (size_t)in_row : NULL;
@@ -960,14 +971,7 @@ int lmlab_act_backward(const float *h, const float *bias, const float *go, int64
             }
         }
     }
-    if (bias) {
-        for (int64_t j = 0; j < in_row; j++) {
-            float sum = 0.0f;
-            for (int t = 0; t < threads; t++) sum += part[(size_t)t * (size_t)in_row + j];
-            dbias[j] = sum;
-        }
-        free(part);
-    }
+    if (bias) finish_parts(part, threads, in_row, dbias);
     return 0;
 }
 
@@ -1004,10 +1008,7 @@ int lmlab_rmsnorm_backward(const float *x, const float *w, const float *r, const
     if (rows < 0 || C < 1) return -1;
     if (threads < 1) threads = 1;
     float *part = NULL;
-    if (dw) {
-        part = calloc((size_t)threads * (size_t)C, sizeof(float));
-        if (!part) return -1;
-    }
+    if (dw && !(part = thread_parts(threads, C))) return -1;
 #pragma omp parallel num_threads(threads)
     {
         float *mine = part ? part + (size_t)thread_id() * (size_t)C : NULL;
@@ -1034,14 +1035,7 @@ int lmlab_rmsnorm_backward(const float *x, const float *w, const float *r, const
             }
         }
     }
-    if (dw) {
-        for (int64_t j = 0; j < C; j++) {
-            float sum = 0.0f;
-            for (int t = 0; t < threads; t++) sum += part[(size_t)t * (size_t)C + j];
-            dw[j] = sum;
-        }
-        free(part);
-    }
+    if (dw) finish_parts(part, threads, C, dw);
     return 0;
 }
 
