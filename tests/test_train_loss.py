@@ -104,34 +104,47 @@ def test_finetune_masked_loss_equals_the_logits_path(tmp_path, family):
         _close(a, r, rel=1e-4)
 
 
+FAULTS_SCRIPT = """
+import resource, torch
+from lmlab.host import keep_freed_memory
+
+def step():
+    a = torch.ones(2**25)
+    b = torch.ones(2**25) + a
+    del a
+    return float((b * 2)[0])
+
+def faults():
+    for _ in range(3):  # the heap grows to the step's size
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+outside = faults()
+with keep_freed_memory():
+    inside = faults()
+print(inside, outside)
+"""
+
+
 def test_keep_freed_memory_reuses_large_blocks():
     """A step that allocates and frees 128 MiB tensors: inside keep_freed_memory its pages are
     reused (at most a stray block faults in once); outside, glibc maps fresh pages each time
-    (~100,000 faults a step). glibc only."""
-    import resource
+    (~100,000 faults a step). glibc only. In a fresh interpreter: what glibc does outside depends on
+    the heap that earlier tests in the same process left (a freed block in the middle of the heap
+    is reused without faults)."""
+    import subprocess
+    import sys
 
-    from lmlab.host import _glibc, keep_freed_memory
+    from lmlab.host import _glibc
 
     if _glibc() is None:
         pytest.skip("glibc's malloc only")
-
-    def step():
-        a = torch.ones(2**25)
-        b = torch.ones(2**25) + a
-        del a
-        return float((b * 2)[0])
-
-    def faults() -> int:
-        for _ in range(3):  # the heap grows to the step's size
-            step()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(10):
-            step()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    with keep_freed_memory():
-        inside = faults()
-    outside = faults()
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    inside, outside = map(int, out.stdout.split())
     assert inside * 4 < outside, (inside, outside)
 
 
