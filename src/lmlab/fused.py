@@ -117,7 +117,8 @@ class _CausalAttention(torch.autograd.Function):
 
 # The longest block the fused attention takes. It holds one head's (T, T) probabilities per
 # thread; at 1024 tokens those leave the cache and PyTorch's kernel, which starts skipping masked
-# key blocks there, is faster (benchmarks/train_vs_nanogpt.py --part attention).
+# key blocks there, is faster (2 x 1024 tokens, 8 heads of 64, forward and backward, two threads:
+# 49 ms against 57; at 512 tokens 43 against 21).
 ATTENTION_MAX_T = 512
 
 

@@ -1144,7 +1144,8 @@ static inline int64_t att_panels(int64_t T) { return (T + ATT_PANEL - 1) / ATT_P
 #define ATT_LANES ((i32x16){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 
 /* S tile: rows 0..nr-1 of A (row stride as) times keys j0..j0+16 nv of Bt (panels of 64 keys, each
- * D rows of 64 floats), into S (rows of Tp). With rd, S holds the rows' probabilities P, and becomes dS = P (A Bt - rd[row]) scale. */
+ * D rows of 64 floats), into S (rows of Tp). With rd, S holds the rows' probabilities P, and
+ * becomes dS = P (A Bt - rd[row]) scale. */
 static inline __attribute__((always_inline)) void att_tile_s(const float *A, int64_t as, int nr, const float *Bt,
                                                               int64_t Tp, int64_t D, int64_t j0, int nv, float *S,
                                                               const float *rd, float scale) {
@@ -1269,14 +1270,10 @@ typedef struct {
     int64_t cs_b, R;
 } att_rope;
 
-/* Token t's row of one head, turned by RoPE (or copied) into out; inverse turns it back (the
- * rotation's transpose, as lmlab_rope_backward applies it to a gradient). */
+/* Token t's row of one head, turned by RoPE (rp->cos set) into out, which may be x; inverse turns
+ * it back (the rotation's transpose, as lmlab_rope_backward applies it to a gradient). */
 static void att_turn_row(const att_rope *rp, int64_t b, int64_t t, const float *x, int64_t D, int inverse,
                          float *out) {
-    if (!rp->cos) {
-        if (out != x) memcpy(out, x, sizeof(float) * (size_t)D);
-        return;
-    }
     const int64_t R = rp->R, half = R / 2;
     const float *c = rp->cos + b * rp->cs_b + t * R, *sn = rp->sin + b * rp->cs_b + t * R;
     float tmp[ATT_MAX_D];
@@ -1308,7 +1305,7 @@ static const float *att_rows(const att_rope *rp, int64_t b, const float *x, int6
  * the last panel's end are zero. */
 static void att_transpose(const float *x, int64_t xs, int64_t T, int64_t D, float *Bt) {
     for (int64_t t0 = 0; t0 < att_panels(T); t0 += 16) { /* 16 tokens at a time: their rows stay in the L1 cache */
-        const int64_t n = T - t0 < 16 ? T - t0 : 16;
+        const int64_t n = T - t0 < 0 ? 0 : (T - t0 < 16 ? T - t0 : 16); /* real tokens; the rest pad the panel */
         for (int64_t d = 0; d < D; d++) {
             float *b = Bt + (t0 / ATT_PANEL) * ATT_PANEL * D + d * ATT_PANEL + t0 % ATT_PANEL;
             for (int64_t t = 0; t < n; t++) b[t] = x[(t0 + t) * xs + d];
