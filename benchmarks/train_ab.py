@@ -12,7 +12,8 @@ differs (their losses differ slightly: the trainer keeps training through both).
 
 Pieces (``--off``): attention (``fused.attention``), act-bias (the up projection's bias inside the
 fused activation), adamw (``loop.adamw_step``: ``opt.step()`` instead), clip (the clipping handed
-to the fused AdamW: ``clip_grad_norm_`` instead), fused (every ``lmlab.fused`` step).
+to the fused AdamW: ``clip_grad_norm_`` instead), linear (the Linear products' routes, each the faster of
+the BLAS and oneDNN: ``fused.route = "blas"`` instead), fused (every ``lmlab.fused`` step).
 """
 
 from __future__ import annotations
@@ -64,13 +65,23 @@ def _switches(trainer: LmlabTrainer) -> dict:
     def every_fused(on):
         fused.on = on
 
-    return {"attention": attention, "act-bias": act_bias, "adamw": adamw, "clip": clip, "fused": every_fused}
+    def linear(on):
+        fused.route = None if on else "blas"
+
+    return {
+        "attention": attention,
+        "act-bias": act_bias,
+        "adamw": adamw,
+        "clip": clip,
+        "linear": linear,
+        "fused": every_fused,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="nanogpt-baby 0.8M")
-    ap.add_argument("--off", choices=["attention", "act-bias", "adamw", "clip", "fused"], required=True)
+    ap.add_argument("--off", choices=["attention", "act-bias", "adamw", "clip", "linear", "fused"], required=True)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=3, help="timed steps of one side in a round")
     ap.add_argument("--threads", type=int, default=2)

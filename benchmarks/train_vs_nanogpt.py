@@ -57,6 +57,7 @@ from lmlab.train.loop import (
     flops_per_token,
     init_weights,
     make_optimizer,
+    new_model,
     train_step,
 )
 
@@ -153,9 +154,7 @@ class LmlabTrainer:
     def __init__(self, tc: TrainConfig, data):
         torch.manual_seed(tc.seed)
         self.tc = tc
-        self.model = Transformer(model_config(tc, data.vocab_size))
-        init_weights(self.model, tc.n_layers)
-        self.model.train()
+        self.model = new_model(model_config(tc, data.vocab_size), torch.device("cpu"))
         self.opt = make_optimizer(self.model, tc, torch.device("cpu"))
         self.net = LossModel(self.model)
         if tc.compile:

@@ -159,3 +159,128 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """``model.RMSNormFunction`` (x r w, r = rsqrt(mean(x^2) + eps)) in one pass each way; x, w float32."""
     return _RMSNorm.apply(x, w, eps)
+
+
+# ----------------------------------------------------------------------------- training's matmuls
+#
+# F.linear on the CPU goes to the BLAS (MKL), and with a bias to addmm, which first copies the
+# bias into every output row. oneDNN's matmul, which the inference path already uses on
+# prepacked weights (lmlab.kernels), takes the plain weight too and adds the bias as it stores.
+# Which one is faster depends on the CPU and the shape (MKL takes a generic path on AMD CPUs): on
+# an AMD EPYC (Zen 4), two threads, 2048 x 384 rows times a 384 -> 1536 weight ran at 150-160
+# GFLOP/s through addmm and 198-211 through oneDNN, while 768 x 128 -> 128 was a tie. So each
+# product (the forward, and the input's gradient) is timed both ways on its first use, on this
+# machine, for its shape, and the faster one is kept (kernels.json), so every later run decides
+# the same way. The weight's gradient stays on the BLAS: oneDNN, which would have to take both
+# operands transposed, was 10-40% slower there.
+
+ROUTES_FILE = "kernels.json"
+SMALL_PRODUCT = 1 << 22  # multiply-adds below which F.linear is kept untimed: either way it is cheap
+ONEDNN_MARGIN = 0.97  # oneDNN is taken only where it took under 97% of the BLAS's time
+route: str | None = None  # "onednn" or "blas" forces every product's route (tests); None: measured
+_routes: dict[str, str] = {}  # this process's decisions, by routes_key
+
+
+def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a @ w.T + bias through oneDNN; w may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+def routes_key(product: str, rows: int, k: int, n: int, bias: bool) -> str:
+    """kernels.json's key of one product's route: the machine, torch, threads, and the shape with
+    its row count rounded up to a power of two."""
+    from lmlab.host import cpu_model
+
+    rows = 1 << max(0, rows - 1).bit_length()
+    return (
+        f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"train {product} {rows} x {k} -> {n}{' + bias' if bias else ''}"
+    )
+
+
+def _route(product: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plain: bool) -> str:
+    """The route ("onednn" or "blas") of a (M, K) times w: ``a @ w.T + bias`` where plain
+    (w is (N, K), a Linear's weight), ``a @ w`` otherwise (w is (K, N)). The first use of a shape
+    on this machine times both routes on these tensors."""
+    if route is not None:
+        return route
+    k, n = (w.shape[1], w.shape[0]) if plain else (w.shape[0], w.shape[1])
+    key = routes_key(product, a.shape[0], k, n, bias is not None)
+    found = _routes.get(key)
+    if found is None:
+        from lmlab.host import measured_once
+
+        if plain:
+            blas, onednn = (lambda: torch.nn.functional.linear(a, w, bias)), (lambda: _onednn(a, w, bias))
+        else:
+            blas, onednn = (lambda: torch.mm(a, w)), (lambda: _onednn(a, w.t(), None))
+        found = _routes[key] = measured_once(ROUTES_FILE, key, lambda: _time_both(blas, onednn))["route"]
+    return found
+
+
+def _time_both(blas, onednn) -> dict:
+    """The best of 3 alternating rounds of each, after one untimed call each (oneDNN builds its
+    kernel on the first)."""
+    import time
+
+    best = [float("inf"), float("inf")]
+    with torch.no_grad():
+        blas(), onednn()
+        for _ in range(3):
+            for i, fn in enumerate((blas, onednn)):
+                t = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - t)
+    pick = "onednn" if best[1] < ONEDNN_MARGIN * best[0] else "blas"
+    return {"blas_ms": round(best[0] * 1e3, 4), "onednn_ms": round(best[1] * 1e3, 4), "route": pick}
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        if _route("forward", x2, weight, bias, True) == "onednn":
+            y = _onednn(x2, weight, bias)
+        else:
+            y = torch.nn.functional.linear(x2, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        # not a view (a view made inside a Function may not be changed in place, as LoRA does)
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if _route("input grad", g, weight, None, False) == "onednn":
+                dx = _onednn(g, weight.t(), None)
+            else:
+                dx = torch.mm(g, weight)
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; in training (float32 on the CPU, autograd recording, no
+    autocast, not compiling), each product through the faster of the BLAS and oneDNN for its shape
+    on this machine (see above)."""
+    if (
+        on
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and (bias is None or bias.dtype == torch.float32)
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        and x.numel() * weight.shape[0] >= SMALL_PRODUCT
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available()
+    ):
+        return _Linear.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -5,6 +5,8 @@
 - ``cpu_model()``, ``cpu_flags()``, ``cpu_signature()``: the CPU, from ``/proc/cpuinfo`` (read once).
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
+- ``measured_once(file, key, measure)``: a measurement of this machine, taken once and kept in a
+  JSON file under lmlab_home() (kernels.json's routes).
 - ``c_compiler()``, ``compile_library(...)``, ``cached_library(...)``: the system's C compiler, a
   shared library built with it, and one kept built under lmlab_home() (lmlab.native's decoding
   kernels, lmlab.spm's tokenizer).
@@ -96,6 +98,40 @@ def lmlab_home() -> Path:
     """The folder lmlab keeps its files in: $LMLAB_HOME, else ~/.lmlab."""
     env = os.environ.get("LMLAB_HOME")
     return Path(env).expanduser() if env else Path.home() / ".lmlab"
+
+
+def measured_once(file: str, key: str, measure):
+    """``measure()``'s result (JSON-able) for ``key``, kept in ``lmlab_home()/file``: measured
+    the first time on this machine, read back from then on, so every later process decides the
+    same way. The file is rewritten whole (a temporary file, then rename), merged with what
+    another process wrote meanwhile; an unwritable home only means measuring again next time."""
+    import json
+
+    path = lmlab_home() / file
+
+    def read() -> dict:
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    cached = read()
+    if key in cached:
+        return cached[key]
+    value = measure()
+    cached = read()
+    if key in cached:  # another process measured it meanwhile: decide as it did
+        return cached[key]
+    cached[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
 
 
 # ----------------------------------------------------------------------------- the CPU

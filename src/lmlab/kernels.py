@@ -37,8 +37,6 @@ counter moves) or replaced is packed again on its next use, so the copy is never
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 
@@ -46,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab import native
-from lmlab.host import cpu_model, env_flag, give_back_freed_memory, huge_pages, lmlab_home
+from lmlab import fused, native
+from lmlab.host import cpu_model, env_flag, give_back_freed_memory, huge_pages, measured_once
 
 # oneDNN picks its blocked layout for an expected row count; these hints gave the fastest
 # layout across 1, 8 and 116 rows in the measurements above.
@@ -81,28 +79,16 @@ def prepack_pays(dtype: torch.dtype) -> bool:
     Measured once per CPU, torch version, dtype and thread count (~0.5 s), cached in
     ``$LMLAB_HOME/kernels.json``.
     """
-    path = lmlab_home() / PAYS_FILE
     key = (  # "rounds alternating": entries timed one route after the other are measured again
         f"{cpu_model()} | {platform.machine()} | torch {torch.__version__} | "
         f"{torch.get_num_threads()} threads | {dtype} | rounds alternating"
     )
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    if key not in cached:
+
+    def measure() -> dict:
         plain, packed = _time_routes(dtype)
-        cached[key] = {"f_linear_ms": plain * 1e3, "prepacked_ms": packed * 1e3, "speedup": plain / packed}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=2))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable home only means measuring again next time
-    return cached[key]["speedup"] >= PAYS_MIN_SPEEDUP
+        return {"f_linear_ms": plain * 1e3, "prepacked_ms": packed * 1e3, "speedup": plain / packed}
+
+    return measured_once(PAYS_FILE, key, measure)["speedup"] >= PAYS_MIN_SPEEDUP
 
 
 def _time_routes(dtype: torch.dtype) -> tuple[float, float]:
@@ -190,7 +176,8 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     On the CPU, outside autograd, ``fast_linear``: a few rows (up to four) go to lmlab's native
     mat-vec kernel, more rows to oneDNN on a prepacked weight. Without those, bf16 with few rows
     is a mat-vec W @ x (one row) or W @ x.T transposed back (up to 64 rows), which read the
-    weights faster than the general bf16 matmul.
+    weights faster than the general bf16 matmul. Everything else is ``fused.linear``: in
+    training, each product through the faster of the BLAS and oneDNN for its shape; else F.linear.
     """
     y = fast_linear(x, layer)
     if y is not None:
@@ -202,7 +189,7 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*x.shape[:-1], -1)
-    return F.linear(x, layer.weight, layer.bias)
+    return fused.linear(x, layer.weight, layer.bias)  # in training, the faster of the BLAS and oneDNN
 
 
 class FastLinear(nn.Linear):
@@ -219,12 +206,10 @@ def speed_up(model: nn.Module) -> None:
     The CPU's half-precision attention kernels are 3-6x slower than float32 ones at decode sizes
     (``engine.cache.kv_dtype`` keeps the cache in float32 for the same reason).
     """
-    from lmlab.model import Attention
-
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = FastLinear  # the module keeps its parameters; only forward changes
-        elif isinstance(m, Attention):
+        elif hasattr(type(m), "compute_dtype"):  # model.Attention (model.py imports this module)
             w = m.qkv.weight
             half_on_cpu = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
             m.compute_dtype = torch.float32 if half_on_cpu else None

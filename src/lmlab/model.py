@@ -26,6 +26,7 @@ from torch import nn
 
 from lmlab import fused
 from lmlab.config import ModelConfig
+from lmlab.kernels import FastLinear
 
 # name pattern -> (shape, what it is). The table in docs/hooks.md is generated from this.
 HOOK_POINTS: dict[str, tuple[str, str]] = {
@@ -293,9 +294,9 @@ class MLP(nn.Module):
     def forward(self, x, hook) -> torch.Tensor:
         fuse = self.fused_act and self.training and hook is None
         proj = self.up
-        if fuse and type(proj) is nn.Linear and proj.bias is not None and fused.applies(x):
+        if fuse and type(proj) in (nn.Linear, FastLinear) and proj.bias is not None and fused.applies(x):
             if not torch.is_autocast_enabled(x.device.type):  # training: the bias and the lines below in one pass
-                return self.down(fused.activation(F.linear(x, proj.weight), self.act_name, self.gated, proj.bias))
+                return self.down(fused.activation(fused.linear(x, proj.weight), self.act_name, self.gated, proj.bias))
         h = proj(x)  # (B, T, F) or (B, T, 2F)
         if fuse and fused.applies(h):  # training: the lines below in one pass
             return self.down(fused.activation(h, self.act_name, self.gated))

@@ -137,6 +137,19 @@ def init_weights(model: nn.Module, n_layers: int) -> None:
             nn.init.zeros_(p)
 
 
+def new_model(cfg, device: torch.device) -> nn.Module:
+    """A Transformer to train, in train mode: GPT-2's initialisation (``init_weights``, from
+    torch's current seed), and the Linear layers a loaded model has (``kernels.speed_up``), whose
+    products in training take the faster of the BLAS and oneDNN (``fused.linear``)."""
+    from lmlab import kernels
+    from lmlab.model import Transformer
+
+    model = Transformer(cfg).to(device)
+    init_weights(model, cfg.n_layers)
+    kernels.speed_up(model)
+    return model.train()
+
+
 def make_optimizer(model: nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with decoupled weight decay on matrices (embeddings and Linear weights) only:
     norms and biases are not decayed. Fused (one kernel over all parameters) where torch has it."""
@@ -441,12 +454,8 @@ def train(
     flops_tok = flops_per_token(cfg, tc.block_size)
     peak = _peak_gflops(device, precision, log if dist.main else None) if dist.main else None
 
-    from lmlab.model import Transformer
-
     torch.manual_seed(tc.seed)
-    model = Transformer(cfg).to(device)
-    init_weights(model, cfg.n_layers)
-    model.train()
+    model = new_model(cfg, device)
     opt = make_optimizer(model, tc, device)
     batches = Batches(data.train, tc.block_size, tc.batch_size, tc.seed, dist.rank, dist.world)
     history = {"points": [], "samples": [], "evals": []}
