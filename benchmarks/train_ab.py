@@ -13,7 +13,7 @@ differs (their losses differ slightly: the trainer keeps training through both).
 Pieces (``--off``): attention (``fused.attention``), act-bias (the up projection's bias inside the
 fused activation), adamw (``loop.adamw_step``: ``opt.step()`` instead), clip (the clipping handed
 to the fused AdamW: ``clip_grad_norm_`` instead), linear (the Linear products' routes, each the faster of
-the BLAS and oneDNN: ``fused.route = "blas"`` instead), fused (every ``lmlab.fused`` step).
+the BLAS and oneDNN: the BLAS's everywhere instead), fused (every ``lmlab.fused`` step).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _switches(trainer: LmlabTrainer) -> dict:
         fused.on = on
 
     def linear(on):
-        fused.route = None if on else "blas"
+        fused.route = None if on else (False, False)
 
     return {
         "attention": attention,

@@ -28,7 +28,10 @@ def _leaf(shape, g, grad=True):
     return torch.randn(*shape, generator=g).requires_grad_(grad)
 
 
-@pytest.mark.parametrize("route", ["onednn", "blas"])
+ROUTES = [(True, True), (True, False), (False, True)]  # (forward, input grad) on oneDNN
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
     "x_shape, bias, grads",
     [
@@ -58,7 +61,7 @@ def test_linear_equals_f_linear(route, x_shape, bias, grads, monkeypatch):
             _close(got.grad, r.grad)
 
 
-@pytest.mark.parametrize("route", ["onednn", "blas"])
+@pytest.mark.parametrize("route", ROUTES)
 def test_the_output_can_be_changed_in_place(route, monkeypatch):
     """LoRA adds its update into the base's output in place (``y.addmm_``): the output is a
     tensor of its own, not a view made inside the Function."""
@@ -76,7 +79,8 @@ def test_the_output_can_be_changed_in_place(route, monkeypatch):
         _close(got, want)
 
 
-def test_small_products_and_evaluation_keep_f_linear():
+def test_small_products_evaluation_and_the_blas_keep_f_linear(monkeypatch):
+    """F.linear itself (autograd's own backward, no Python in it) where oneDNN takes no product."""
     g = torch.Generator().manual_seed(2)
     x, w = _leaf((8, 32), g), _leaf((16, 32), g)
     assert fused.linear(x, w).grad_fn.name() != "_LinearBackward"  # below SMALL_PRODUCT
@@ -85,6 +89,8 @@ def test_small_products_and_evaluation_keep_f_linear():
     with torch.no_grad():
         assert fused.linear(x, w).grad_fn is None
     assert fused.linear(x.detach(), w.detach()).grad_fn is None
+    monkeypatch.setattr(fused, "route", (False, False))
+    assert fused.linear(x, w).grad_fn.name() == "MmBackward0"
 
 
 def test_a_shape_is_timed_once_and_every_later_process_decides_the_same(home, monkeypatch):
@@ -132,10 +138,10 @@ def test_a_new_model_trains_through_it(arch, monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    loss, grads = step("onednn")
+    loss, grads = step((True, True))
     # per block qkv, o, up, down; then the head
     assert len(seen) == 4 * tc.n_layers + 1, seen
-    want_loss, want_grads = step("blas")
+    want_loss, want_grads = step((False, False))
     _close(loss, want_loss)
     for name in grads:
         _close(grads[name], want_grads[name])

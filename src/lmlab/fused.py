@@ -177,8 +177,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 ROUTES_FILE = "kernels.json"
 SMALL_PRODUCT = 1 << 22  # multiply-adds below which F.linear is kept untimed: either way it is cheap
 ONEDNN_MARGIN = 0.97  # oneDNN is taken only where it took under 97% of the BLAS's time
-route: str | None = None  # "onednn" or "blas" forces every product's route (tests); None: measured
-_routes: dict[str, str] = {}  # this process's decisions, by routes_key
+route: tuple[bool, bool] | None = None  # (forward, input grad) on oneDNN, forced (tests); None: measured
+_routes: dict[tuple, tuple[bool, bool]] = {}  # this process's decisions: shape -> (forward, input grad) on oneDNN
 
 
 def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -191,30 +191,40 @@ def routes_key(product: str, rows: int, k: int, n: int, bias: bool) -> str:
     its row count rounded up to a power of two."""
     from lmlab.host import cpu_model
 
-    rows = 1 << max(0, rows - 1).bit_length()
     return (
         f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-        f"train {product} {rows} x {k} -> {n}{' + bias' if bias else ''}"
+        f"train {product} {_bucket(rows)} x {k} -> {n}{' + bias' if bias else ''}"
     )
 
 
-def _route(product: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plain: bool) -> str:
-    """The route ("onednn" or "blas") of a (M, K) times w: ``a @ w.T + bias`` where plain
-    (w is (N, K), a Linear's weight), ``a @ w`` otherwise (w is (K, N)). The first use of a shape
-    on this machine times both routes on these tensors."""
+def _bucket(rows: int) -> int:
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def _on_onednn(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool]:
+    """Whether x2 (M, K) @ w.T + bias, and its input's gradient (M, N) @ w, go to oneDNN. The
+    first use of a shape on this machine times both routes of each: the forward on these tensors,
+    the gradient on a random one of its shape."""
     if route is not None:
         return route
-    k, n = (w.shape[1], w.shape[0]) if plain else (w.shape[0], w.shape[1])
-    key = routes_key(product, a.shape[0], k, n, bias is not None)
-    found = _routes.get(key)
+    shape = (_bucket(x2.shape[0]), *w.shape, bias is not None, torch.get_num_threads())
+    found = _routes.get(shape)
     if found is None:
         from lmlab.host import measured_once
 
-        if plain:
-            blas, onednn = (lambda: torch.nn.functional.linear(a, w, bias)), (lambda: _onednn(a, w, bias))
-        else:
-            blas, onednn = (lambda: torch.mm(a, w)), (lambda: _onednn(a, w.t(), None))
-        found = _routes[key] = measured_once(ROUTES_FILE, key, lambda: _time_both(blas, onednn))["route"]
+        M, (N, K) = x2.shape[0], w.shape
+        g = torch.randn(M, N, dtype=w.dtype)
+        products = {
+            routes_key("forward", M, K, N, bias is not None): (
+                lambda: torch.nn.functional.linear(x2, w, bias),
+                lambda: _onednn(x2, w, bias),
+            ),
+            routes_key("input grad", M, N, K, False): (lambda: torch.mm(g, w), lambda: _onednn(g, w.t(), None)),
+        }
+        found = _routes[shape] = tuple(
+            measured_once(ROUTES_FILE, key, lambda: _time_both(*ways))["route"] == "onednn"
+            for key, ways in products.items()
+        )
     return found
 
 
@@ -237,14 +247,11 @@ def _time_both(blas, onednn) -> dict:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, forward_onednn: bool, grad_onednn: bool) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        if _route("forward", x2, weight, bias, True) == "onednn":
-            y = _onednn(x2, weight, bias)
-        else:
-            y = torch.nn.functional.linear(x2, weight, bias)
+        y = _onednn(x2, weight, bias) if forward_onednn else torch.nn.functional.linear(x2, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.grad_onednn = bias is not None, grad_onednn
         # not a view (a view made inside a Function may not be changed in place, as LoRA does)
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
@@ -254,16 +261,12 @@ class _Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (M, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            if _route("input grad", g, weight, None, False) == "onednn":
-                dx = _onednn(g, weight.t(), None)
-            else:
-                dx = torch.mm(g, weight)
-            dx = dx.view(x.shape)
+            dx = (_onednn(g, weight.t(), None) if ctx.grad_onednn else torch.mm(g, weight)).view(x.shape)
         if ctx.needs_input_grad[1]:
             dw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
-        return dx, dw, db
+        return dx, dw, db, None, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,5 +285,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
     ):
-        return _Linear.apply(x, weight, bias)
+        forward_onednn, grad_onednn = _on_onednn(x.reshape(-1, x.shape[-1]), weight, bias)
+        if forward_onednn or grad_onednn:  # else autograd's own F.linear: no Python in its backward
+            return _Linear.apply(x, weight, bias, forward_onednn, grad_onednn)
     return torch.nn.functional.linear(x, weight, bias)
