@@ -2,7 +2,10 @@
 on q and k, forward and backward each in one pass over memory (``csrc/native.c``, "training's
 elementwise steps"), and causal attention straight from the qkv projection's layout, RoPE turned
 inside it ("training's causal attention": the unmasked half of the scores only, about twice
-PyTorch's CPU kernel at 64-512 tokens).
+PyTorch's CPU kernel at 64-512 tokens). And ``linear``: each Linear product of a training step
+through the faster of the BLAS and oneDNN for its shape on this machine (timed once, kept in
+kernels.json); ``kernels.FastLinear``, which ``train.loop.new_model`` and ``lmlab.load`` put in
+every Linear's place, calls it.
 
 Autograd runs ``F.silu(gate) * up`` as four kernels forward and back (the SiLU, the product, their
 gradients, and a concatenation of the gate's and up's gradients into the projection's output),
@@ -13,9 +16,10 @@ backward one pass that writes the input's gradient in place: SmolLM2's LoRA step
 tokens, two threads) went from 1.44 to 1.24 s.
 
 ``model.py`` takes these in training (the module in train mode, autograd on, float32 on the
-CPU, the native library built); its PyTorch lines are the reference everywhere else, and the
-tests hold the two to each other, values and gradients. ``LMLAB_FUSED=0`` (or ``fused.on = False``)
-keeps training on the PyTorch lines, as ``benchmarks/train_vs_nanogpt.py``'s plain loop runs.
+CPU, the native library built; ``linear`` needs oneDNN instead of the library); its PyTorch
+lines are the reference everywhere else, and the tests hold the two to each other, values and
+gradients. ``LMLAB_FUSED=0`` (or ``fused.on = False``) keeps training on the PyTorch lines, as
+``benchmarks/train_vs_nanogpt.py``'s plain loop runs.
 """
 
 from __future__ import annotations

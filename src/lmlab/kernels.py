@@ -3,7 +3,9 @@
 ``lmlab.load`` calls ``speed_up(model)``: every ``nn.Linear`` of the model becomes a
 ``FastLinear`` (the same module and parameters; only ``forward`` differs), whose ``linear``
 picks the fastest route to ``x @ W.T + b``, and a half-precision model on the CPU attends in
-float32. ``model.py`` itself stays the plain reference.
+float32. ``model.py`` itself stays the plain reference. A model built to train
+(``train.loop.new_model``) gets the same FastLinear layers; under autograd their products go to
+``fused.linear`` (the faster of the BLAS and oneDNN for the shape, timed once per machine).
 
 ``fast_linear`` is the route ``linear`` tries first. Up to four rows of input (a decoding
 step run through model.py, e.g. with hooks) go to ``lmlab.native``, which streams the plain
