@@ -1318,17 +1318,64 @@ static const float *att_rows(const att_rope *rp, int64_t b, const float *x, int6
     return Xr;
 }
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define ATT_SHUFFLE 1
+#endif
+#endif
+
+#ifdef ATT_SHUFFLE
+/* Rows i and j = i | k of a 16 x 16 block, swapping bit k of the row index with bit k of the column
+ * index: row i keeps its columns without bit k and takes row j's, shifted down by k, for the rest. */
+#define ATT_SWAP(r, i, k, LO, HI)                                                                 \
+    do {                                                                                          \
+        const f32x16 a_ = r[i], b_ = r[(i) | (k)];                                                \
+        r[i] = __builtin_shufflevector(a_, b_, LO);                                               \
+        r[(i) | (k)] = __builtin_shufflevector(a_, b_, HI);                                       \
+    } while (0)
+#define ATT_LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define ATT_HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define ATT_LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define ATT_HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define ATT_LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define ATT_HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define ATT_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define ATT_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+
+/* A 16 x 16 block of floats transposed in registers: one round per bit of the index. */
+static inline void att_transpose16(f32x16 r[16]) {
+    for (int i = 0; i < 16; i++)
+        if (!(i & 1)) ATT_SWAP(r, i, 1, ATT_LO1, ATT_HI1);
+    for (int i = 0; i < 16; i++)
+        if (!(i & 2)) ATT_SWAP(r, i, 2, ATT_LO2, ATT_HI2);
+    for (int i = 0; i < 16; i++)
+        if (!(i & 4)) ATT_SWAP(r, i, 4, ATT_LO4, ATT_HI4);
+    for (int i = 0; i < 8; i++) ATT_SWAP(r, i, 8, ATT_LO8, ATT_HI8);
+}
+#endif
+
 /* Bt = the head at x (T rows of stride xs, D floats each) transposed, in panels of 64 keys: key j's
  * feature d at Bt[(j / 64) 64 D + 64 d + j % 64], so a tile reads one contiguous panel. Keys from T to
- * the last panel's end are zero. */
+ * the last panel's end are zero. 16 tokens by 16 features at a time, transposed in registers (one
+ * float at a time, the scalar loop took 6% of the attention's time at 8 x 256 tokens). */
 static void att_transpose(const float *x, int64_t xs, int64_t T, int64_t D, float *Bt) {
-    for (int64_t t0 = 0; t0 < att_panels(T); t0 += 16) { /* 16 tokens at a time: their rows stay in the L1 cache */
+    for (int64_t t0 = 0; t0 < att_panels(T); t0 += 16) {
         const int64_t n = T - t0 < 0 ? 0 : (T - t0 < 16 ? T - t0 : 16); /* real tokens; the rest pad the panel */
+        float *panel = Bt + (t0 / ATT_PANEL) * ATT_PANEL * D + t0 % ATT_PANEL;
+#ifdef ATT_SHUFFLE
+        for (int64_t d0 = 0; d0 < D; d0 += 16) { /* D is a multiple of 16 */
+            f32x16 r[16];
+            for (int64_t t = 0; t < 16; t++) r[t] = t < n ? load_f32(x + (t0 + t) * xs + d0) : (f32x16){0};
+            att_transpose16(r);
+            for (int64_t d = 0; d < 16; d++) store_f32(panel + (d0 + d) * ATT_PANEL, r[d]);
+        }
+#else
         for (int64_t d = 0; d < D; d++) {
-            float *b = Bt + (t0 / ATT_PANEL) * ATT_PANEL * D + d * ATT_PANEL + t0 % ATT_PANEL;
+            float *b = panel + d * ATT_PANEL;
             for (int64_t t = 0; t < n; t++) b[t] = x[(t0 + t) * xs + d];
             for (int64_t t = n; t < 16; t++) b[t] = 0.0f;
         }
+#endif
     }
 }
 
