@@ -235,16 +235,10 @@ def _on_onednn(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 def _time_both(blas, onednn) -> dict:
     """The best of 3 alternating rounds of each, after one untimed call each (oneDNN builds its
     kernel on the first)."""
-    import time
+    from lmlab.host import best_alternating
 
-    best = [float("inf"), float("inf")]
     with torch.no_grad():
-        blas(), onednn()
-        for _ in range(3):
-            for i, fn in enumerate((blas, onednn)):
-                t = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t)
+        best = best_alternating((blas, onednn), 3)
     pick = "onednn" if best[1] < ONEDNN_MARGIN * best[0] else "blas"
     return {"blas_ms": round(best[0] * 1e3, 4), "onednn_ms": round(best[1] * 1e3, 4), "route": pick}
 

@@ -6,7 +6,8 @@
 - ``host_details()``: what a run record or a machine measurement says about the host.
 - ``env_flag(name, default)``: an on/off environment variable (LMLAB_NATIVE, LMLAB_PREPACK, ...).
 - ``measured_once(file, key, measure)``: a measurement of this machine, taken once and kept in a
-  JSON file under lmlab_home() (kernels.json's routes).
+  JSON file under lmlab_home() (kernels.json's routes); ``best_alternating(fns, rounds)``: the
+  fastest time of each of a few ways to do one thing, timed in turns.
 - ``c_compiler()``, ``compile_library(...)``, ``cached_library(...)``: the system's C compiler, a
   shared library built with it, and one kept built under lmlab_home() (lmlab.native's decoding
   kernels, lmlab.spm's tokenizer).
@@ -132,6 +133,23 @@ def measured_once(file: str, key: str, measure):
     except OSError:
         pass
     return value
+
+
+def best_alternating(fns, rounds: int) -> list[float]:
+    """The best of ``rounds`` timings (seconds) of each function, after one untimed call each (a
+    first call builds kernels, faults memory in); the functions take turns within each round, so a
+    busy moment of the machine slows all of them, not one."""
+    import time
+
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 # ----------------------------------------------------------------------------- the CPU

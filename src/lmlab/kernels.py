@@ -40,14 +40,13 @@ counter moves) or replaced is packed again on its next use, so the copy is never
 from __future__ import annotations
 
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab import fused, native
-from lmlab.host import cpu_model, env_flag, give_back_freed_memory, huge_pages, measured_once
+from lmlab.host import best_alternating, cpu_model, env_flag, give_back_freed_memory, huge_pages, measured_once
 
 # oneDNN picks its blocked layout for an expected row count; these hints gave the fastest
 # layout across 1, 8 and 116 rows in the measurements above.
@@ -106,16 +105,9 @@ def _time_routes(dtype: torch.dtype) -> tuple[float, float]:
         lambda: [F.linear(x, m.weight) for x, m in zip(xs, layers)],
         lambda: [torch.ops.mkldnn._linear_pointwise(x, p.packed, None, "none", [], "") for x, p in zip(xs, packs)],
     )
-    best = [float("inf"), float("inf")]
     with torch.inference_mode():
-        for fn in routes:
-            fn()
-        for _ in range(7):
-            for i, fn in enumerate(routes):
-                t = time.perf_counter()
-                fn()
-                best[i] = min(best[i], time.perf_counter() - t)
-    return best[0], best[1]
+        plain, packed = best_alternating(routes, 7)
+    return plain, packed
 
 
 class PackedWeight:
