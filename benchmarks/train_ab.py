@@ -66,7 +66,7 @@ def _switches(trainer: LmlabTrainer) -> dict:
         fused.on = on
 
     def linear(on):
-        fused.route = None if on else (False, False)
+        fused.route = None if on else fused.BLAS
 
     return {
         "attention": attention,

@@ -1,8 +1,8 @@
-"""fused.linear: training's Linear products through the BLAS or oneDNN, whichever this machine runs
-faster for the shape, against F.linear.
+"""fused.linear: training's Linear products through the BLAS, oneDNN or lmlab's own kernel
+(csrc/native.c's lmlab_gemm), whichever this machine runs fastest for the shape, against F.linear.
 
-Float32. Values and gradients within 1e-5 of the reference's largest value: oneDNN adds the same
-products in another order. The route of a shape is timed once and kept in kernels.json, so a
+Float32. Values and gradients within 1e-5 of the reference's largest value: each route adds the
+same products in another order. The route of a shape is timed once and kept in kernels.json, so a
 later process (a resumed run) takes the same one.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab import fused
+from lmlab import fused, native
 from lmlab.train.config import TrainConfig, model_config
 from lmlab.train.loop import new_model
 
@@ -28,7 +28,11 @@ def _leaf(shape, g, grad=True):
     return torch.randn(*shape, generator=g).requires_grad_(grad)
 
 
-ROUTES = [(True, True), (True, False), (False, True)]  # (forward, input grad) on oneDNN
+# (forward, input grad, weight grad) routes; the native ones where the kernel is built
+NATIVE = native.serves()
+ROUTES = [("onednn", "onednn", "blas"), ("onednn", "blas", "blas"), ("blas", "onednn", "blas")] + (
+    [("onednn", "native", "native"), ("blas", "blas", "native"), ("blas", "native", "blas")] if NATIVE else []
+)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -39,6 +43,8 @@ ROUTES = [(True, True), (True, False), (False, True)]  # (forward, input grad) o
         ((1000, 64), False, "xw"),  # no bias (Llama)
         ((3, 700, 32), True, "x"),  # a frozen weight (LoRA's base): the input's gradient only
         ((1000, 48), True, "wb"),  # an input without a gradient
+        ((60, 20, 40), True, "xwb"),  # a width the native kernel does not take (not a multiple of 16)
+        ((1000, 48), True, "b"),  # a frozen weight, a trainable bias
     ],
 )
 def test_linear_equals_f_linear(route, x_shape, bias, grads, monkeypatch):
@@ -89,7 +95,7 @@ def test_small_products_evaluation_and_the_blas_keep_f_linear(monkeypatch):
     with torch.no_grad():
         assert fused.linear(x, w).grad_fn is None
     assert fused.linear(x.detach(), w.detach()).grad_fn is None
-    monkeypatch.setattr(fused, "route", (False, False))
+    monkeypatch.setattr(fused, "route", fused.BLAS)
     assert fused.linear(x, w).grad_fn.name() == "MmBackward0"
 
 
@@ -102,21 +108,38 @@ def test_a_shape_is_timed_once_and_every_later_process_decides_the_same(home, mo
     fused.linear(x, w).sum().backward()
     assert torch.equal(torch.get_rng_state(), rng)  # timing draws from no stream a run's results depend on
     saved = json.loads((home / "kernels.json").read_text())
-    keys = [fused.routes_key("forward", 1000, 64, 96, False), fused.routes_key("input grad", 1000, 96, 64, False)]
-    for key in keys:
+    grads = ("blas", "onednn", "native") if NATIVE else ("blas", "onednn")
+    keys = {
+        fused.routes_key("forward", 1000, 64, 96, False): ("blas", "onednn"),
+        fused.routes_key("input grad", 1000, 96, 64, False, grads): grads,
+        fused.routes_key("weight grad", 1000, 96, 64, False, grads[::2]): grads[::2],
+    }
+    assert len(saved) == 3
+    for key, ways in keys.items():
         assert key in saved and "1024 x" in key  # rows rounded up to a power of two
-        assert saved[key]["route"] in ("onednn", "blas") and saved[key]["blas_ms"] > 0 < saved[key]["onednn_ms"]
-    # A new process (an empty _routes) reads the file: make it say oneDNN for both, and count.
-    for key in keys:
+        assert saved[key]["route"] in ways and all(saved[key][f"{way}_ms"] > 0 for way in ways)
+    # A new process (an empty _routes) reads the file: make it say oneDNN for the first two, and count.
+    for key in list(keys)[:2]:
         saved[key]["route"] = "onednn"
     (home / "kernels.json").write_text(json.dumps(saved))
     monkeypatch.setattr(fused, "_routes", {})
     calls = []
     real = fused._onednn
     monkeypatch.setattr(fused, "_onednn", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(fused, "_time_both", None)  # nothing is timed again
+    monkeypatch.setattr(fused, "_time_ways", None)  # nothing is timed again
     fused.linear(x, w).sum().backward()
     assert len(calls) == 2
+
+
+def test_the_fastest_route_is_taken_where_it_beats_the_blas_by_the_margin(monkeypatch):
+    import lmlab.host
+
+    times = {"blas": 1.0, "onednn": 0.98, "native": 0.9}
+    monkeypatch.setattr(lmlab.host, "best_alternating", lambda fns, rounds: [f() for f in fns])
+    ways = {name: (lambda t=t: t) for name, t in times.items()}
+    assert fused._time_ways(ways)["route"] == "native"
+    assert fused._time_ways({k: ways[k] for k in ("blas", "onednn")})["route"] == "blas"  # within the margin
+    assert fused._time_ways(ways)["native_ms"] == 900.0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -140,10 +163,28 @@ def test_a_new_model_trains_through_it(arch, monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    loss, grads = step((True, True))
-    # per block qkv, o, up, down; then the head
-    assert len(seen) == 4 * tc.n_layers + 1, seen
-    want_loss, want_grads = step((False, False))
-    _close(loss, want_loss)
-    for name in grads:
-        _close(grads[name], want_grads[name])
+    want_loss, want_grads = step(fused.BLAS)
+    for route in ROUTES:
+        seen.clear()
+        loss, grads = step(route)
+        # per block qkv, o, up, down; then the head
+        assert len(seen) == 4 * tc.n_layers + 1, seen
+        _close(loss, want_loss)
+        for name in grads:
+            _close(grads[name], want_grads[name])
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native kernel is not built here")
+@pytest.mark.parametrize("rows, k, n", [(2048, 64, 96), (37, 48, 29), (300, 32, 130), (5, 16, 1), (777, 400, 13)])
+def test_the_native_kernel_gives_both_gradients(rows, k, n):
+    """lmlab_gemm itself (no route falls back to the BLAS here): tails of rows, of output
+    features, and a single column tile."""
+    g = torch.Generator().manual_seed(5)
+    x, w, gy = (torch.randn(*s, generator=g) for s in ((rows, k), (n, k), (rows, n)))
+    dw, db = native.weight_grad(gy, x, True)
+    _close(dw, gy.t() @ x)
+    _close(db, gy.sum(0))
+    assert native.weight_grad(gy, x, False)[1] is None
+    _close(native.input_grad(gy, w), gy @ w)
+    assert native.input_grad(torch.randn(rows, n + 3)[:, :n], w) is None  # not contiguous: the caller's BLAS
+    assert native.weight_grad(gy, torch.randn(rows, k + 8), True) is None  # width not a multiple of 16

@@ -167,22 +167,27 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training's matmuls
 #
-# F.linear on the CPU goes to the BLAS (MKL), and with a bias to addmm, which first copies the
-# bias into every output row. oneDNN's matmul, which the inference path already uses on
-# prepacked weights (lmlab.kernels), takes the plain weight too and adds the bias as it stores.
-# Which one is faster depends on the CPU and the shape (MKL takes a generic path on AMD CPUs): on
-# an AMD EPYC (Zen 4), two threads, 2048 x 384 rows times a 384 -> 1536 weight ran at 150-160
-# GFLOP/s through addmm and 198-211 through oneDNN, while 768 x 128 -> 128 was a tie. So each
-# product (the forward, and the input's gradient) is timed both ways on its first use, on this
-# machine, for its shape, and the faster one is kept (kernels.json), so every later run decides
-# the same way. The weight's gradient stays on the BLAS: oneDNN, which would have to take both
-# operands transposed, was 10-40% slower there.
+# A Linear layer costs three products in a training step: the forward x W^T + b, the input's
+# gradient g W and the weight's g^T x (with the bias's, g's column sums). F.linear and autograd
+# send all three to the BLAS (MKL), and the forward with a bias to addmm, which first copies the
+# bias into every output row. Two other routes exist: oneDNN's matmul, which the inference path
+# already uses on prepacked weights (lmlab.kernels), takes the plain weight too and adds the bias
+# as it stores; and lmlab's own kernel (csrc/native.c, lmlab_gemm), which takes both gradients'
+# layouts as they are and sums the bias's gradient while the block is in the cache. Which one is
+# fastest depends on the CPU and the shape (MKL takes a generic path on AMD CPUs). On an AMD EPYC
+# (Zen 4), two threads, 2048 x 384 rows times a 384 -> 1536 weight: the forward 150-160 GFLOP/s
+# through addmm, 198-211 through oneDNN; the weight's gradient 180-190 through MKL, 205-210
+# through lmlab's kernel. So each product is timed each way on its first use, on this machine,
+# for its shape, and the fastest one is kept (kernels.json), so every later run decides the same
+# way. oneDNN is not a route for the weight's gradient: it would take both operands transposed,
+# and was 10-40% slower there.
 
 ROUTES_FILE = "kernels.json"
 SMALL_PRODUCT = 1 << 22  # multiply-adds below which F.linear is kept untimed: either way it is cheap
-ONEDNN_MARGIN = 0.97  # oneDNN is taken only where it took under 97% of the BLAS's time
-route: tuple[bool, bool] | None = None  # (forward, input grad) on oneDNN, forced (tests); None: measured
-_routes: dict[tuple, tuple[bool, bool]] = {}  # this process's decisions: shape -> (forward, input grad) on oneDNN
+MARGIN = 0.97  # another route is taken only where it took under 97% of the BLAS's time
+BLAS = ("blas", "blas", "blas")
+route: tuple[str, str, str] | None = None  # (forward, input grad, weight grad) routes, forced (tests); None: measured
+_routes: dict[tuple, tuple[str, str, str]] = {}  # this process's decisions: shape -> routes as `route`
 
 
 def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -190,14 +195,15 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
 
-def routes_key(product: str, rows: int, k: int, n: int, bias: bool) -> str:
-    """kernels.json's key of one product's route: the machine, torch, threads, and the shape with
-    its row count rounded up to a power of two."""
+def routes_key(product: str, rows: int, k: int, n: int, bias: bool, ways=("blas", "onednn")) -> str:
+    """kernels.json's key of one product's route: the machine, torch, threads, the shape with its
+    row count rounded up to a power of two, and the routes compared."""
     from lmlab.host import cpu_model
 
     return (
         f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"train {product} {_bucket(rows)} x {k} -> {n}{' + bias' if bias else ''}"
+        + ("" if tuple(ways) == ("blas", "onednn") else f" | {' / '.join(ways)}")
     )
 
 
@@ -205,72 +211,97 @@ def _bucket(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
-def _on_onednn(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool]:
-    """Whether x2 (M, K) @ w.T + bias, and its input's gradient (M, N) @ w, go to oneDNN. The
-    first use of a shape on this machine times both routes of each: the forward on these tensors,
-    the gradient on a random one of its shape."""
+def _routes_of(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, str, str]:
+    """The routes of x2 (M, K) @ w.T + bias, its input's gradient (M, N) @ w and its weight's
+    (N, M) @ (M, K): "blas", "onednn" or "native". The first use of a shape on this machine times
+    each route of each product: the forward on these tensors, the gradients on a random one."""
     if route is not None:
         return route
     shape = (_bucket(x2.shape[0]), *w.shape, bias is not None, torch.get_num_threads())
     found = _routes.get(shape)
     if found is None:
+        from lmlab import native
         from lmlab.host import measured_once
 
         M, (N, K) = x2.shape[0], w.shape
         g = torch.randn(M, N, dtype=w.dtype, generator=torch.Generator().manual_seed(0))  # not torch's own stream
+        x = x2.contiguous()
+        has_native = native.input_grad(g[:1], w) is not None  # the kernel is built and takes this width
         products = {
-            routes_key("forward", M, K, N, bias is not None): (
-                lambda: torch.nn.functional.linear(x2, w, bias),
-                lambda: _onednn(x2, w, bias),
-            ),
-            routes_key("input grad", M, N, K, False): (lambda: torch.mm(g, w), lambda: _onednn(g, w.t(), None)),
+            ("forward", M, K, N, bias is not None): {
+                "blas": lambda: torch.nn.functional.linear(x2, w, bias),
+                "onednn": lambda: _onednn(x2, w, bias),
+            },
+            ("input grad", M, N, K, False): {
+                "blas": lambda: torch.mm(g, w),
+                "onednn": lambda: _onednn(g, w.t(), None),
+                **({"native": lambda: native.input_grad(g, w)} if has_native else {}),
+            },
+            ("weight grad", M, N, K, bias is not None): {
+                "blas": lambda: (torch.mm(g.t(), x), g.sum(0) if bias is not None else None),
+                **({"native": lambda: native.weight_grad(g, x, bias is not None)} if has_native else {}),
+            },
         }
         found = _routes[shape] = tuple(
-            measured_once(ROUTES_FILE, key, lambda: _time_both(*ways))["route"] == "onednn"
+            measured_once(ROUTES_FILE, routes_key(*key, ways=ways), lambda: _time_ways(ways))["route"]
             for key, ways in products.items()
         )
     return found
 
 
-def _time_both(blas, onednn) -> dict:
-    """The best of 3 alternating rounds of each, after one untimed call each (oneDNN builds its
-    kernel on the first)."""
+def _time_ways(ways: dict) -> dict:
+    """The best of 3 alternating rounds of each route, after one untimed call each (oneDNN builds
+    its kernel on the first), and the one to take: the fastest, where it beats the BLAS by MARGIN."""
     from lmlab.host import best_alternating
 
     with torch.no_grad():
-        best = best_alternating((blas, onednn), 3)
-    pick = "onednn" if best[1] < ONEDNN_MARGIN * best[0] else "blas"
-    return {"blas_ms": round(best[0] * 1e3, 4), "onednn_ms": round(best[1] * 1e3, 4), "route": pick}
+        best = dict(zip(ways, best_alternating(list(ways.values()), 3)))
+    pick = min(best, key=best.get)
+    if best[pick] >= MARGIN * best["blas"]:
+        pick = "blas"
+    return {**{f"{name}_ms": round(t * 1e3, 4) for name, t in best.items()}, "route": pick}
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, forward_onednn: bool, grad_onednn: bool) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, routes: tuple[str, str, str]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = _onednn(x2, weight, bias) if forward_onednn else torch.nn.functional.linear(x2, weight, bias)
+        y = _onednn(x2, weight, bias) if routes[0] == "onednn" else torch.nn.functional.linear(x2, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.grad_onednn = bias is not None, grad_onednn
+        ctx.has_bias, ctx.routes = bias is not None, routes
         # not a view (a view made inside a Function may not be changed in place, as LoRA does)
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        from lmlab import native
+
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        _, dx_route, dw_route = ctx.routes
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (_onednn(g, weight.t(), None) if ctx.grad_onednn else torch.mm(g, weight)).view(x.shape)
+            dx = native.input_grad(g, weight) if dx_route == "native" else None  # None: g is not contiguous
+            if dx is None:
+                dx = _onednn(g, weight.t(), None) if dx_route == "onednn" else torch.mm(g, weight)
+            dx = dx.view(x.shape)
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            dw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, x.shape[-1])
+            got = native.weight_grad(g, x2, need_db) if dw_route == "native" else None
+            if got is None:
+                dw = torch.mm(g.t(), x2)
+            else:
+                dw, db = got
+        if need_db and db is None:
             db = g.sum(0)
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; in training (float32 on the CPU, autograd recording, no
-    autocast, not compiling), each product through the faster of the BLAS and oneDNN for its shape
-    on this machine (see above)."""
+    autocast, not compiling), each product through the fastest of the BLAS, oneDNN and lmlab's kernel
+    for its shape on this machine (see above)."""
     if (
         on
         and x.dtype == weight.dtype == torch.float32
@@ -283,7 +314,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
     ):
-        forward_onednn, grad_onednn = _on_onednn(x.reshape(-1, x.shape[-1]), weight, bias)
-        if forward_onednn or grad_onednn:  # else autograd's own F.linear: no Python in its backward
-            return _Linear.apply(x, weight, bias, forward_onednn, grad_onednn)
+        routes = _routes_of(x.reshape(-1, x.shape[-1]), weight, bias)
+        if routes != BLAS:  # else autograd's own F.linear: no Python in its backward
+            return _Linear.apply(x, weight, bias, routes)
     return torch.nn.functional.linear(x, weight, bias)

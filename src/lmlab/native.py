@@ -235,6 +235,8 @@ def _load():
     f32 = ctypes.c_float
     lib.lmlab_attn_forward.argtypes = [vp, i64, i64, i64, i64, i64, f32, vp, vp, i64, i64, vp, vp, i]
     lib.lmlab_attn_backward.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, f32, vp, vp, i64, i64, vp, i]
+    lib.lmlab_gemm.argtypes = [vp, i64, i64, vp, vp, i64, i64, i64, vp, i]
+    lib.lmlab_gemm.restype = i
     for step in ("act", "rope", "rmsnorm", "attn"):
         getattr(lib, f"lmlab_{step}_forward").restype = getattr(lib, f"lmlab_{step}_backward").restype = i
     _lib = lib
@@ -469,6 +471,43 @@ def attn_backward(qkv, y, lse, grad, H: int, K: int, scale: float, rope=None) ->
     return dx if rc == 0 else None
 
 
+# ----------------------------------------------------------------------------- training's matmul gradients
+# lmlab.fused's Linear takes these where they are faster than the BLAS and oneDNN for the shape on
+# this machine (fused.py times them); csrc/native.c's lmlab_gemm explains the kernel.
+
+
+def _gemm_fits(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def weight_grad(g: torch.Tensor, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A Linear layer's weight gradient g^T x (out, in) for g (rows, out) and its input x (rows,
+    in), and with ``bias`` the bias's, g's column sums; None where the kernel does not apply (in
+    not a multiple of 16, or tensors not contiguous float32 on the CPU)."""
+    lib = _usable()
+    (rows, out), n = g.shape, x.shape[1]
+    if lib is None or n % 16 or not _gemm_fits(g, x):
+        return None
+    dw = g.new_empty(out, n)
+    db = g.new_empty(out) if bias else None
+    rc = lib.lmlab_gemm(
+        g.data_ptr(), out, 1, x.data_ptr(), dw.data_ptr(), out, n, rows, _ptr(db), torch.get_num_threads()
+    )
+    return (dw, db) if rc == 0 else None
+
+
+def input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """A Linear layer's input gradient g w (rows, in) for g (rows, out) and its weight w (out,
+    in); None where the kernel does not apply (as ``weight_grad``)."""
+    lib = _usable()
+    (rows, out), n = g.shape, w.shape[1]
+    if lib is None or n % 16 or not _gemm_fits(g, w):
+        return None
+    dx = g.new_empty(rows, n)
+    rc = lib.lmlab_gemm(g.data_ptr(), 1, out, w.data_ptr(), dx.data_ptr(), rows, n, out, None, torch.get_num_threads())
+    return dx if rc == 0 else None
+
+
 def _self_check() -> str | None:
     """Compare with F.linear on odd sizes (tails in both dimensions, bias, 1 and 2 rows, both dtypes)."""
     g = torch.Generator().manual_seed(0)
@@ -484,6 +523,15 @@ def _self_check() -> str | None:
             err = (got.float() - want).abs().max().item()
             if err > tol * (1 + want.abs().max().item()):
                 return f"max error {err:.3g} for {rows}x{K} @ {N}x{K} {dtype}"
+    for rows, K, N in ((37, 48, 29), (300, 32, 130)):  # training's gradients: tails of rows and columns
+        x, w, gy = (torch.randn(*s, generator=g) for s in ((rows, K), (N, K), (rows, N)))
+        wb, dx = weight_grad(gy, x, True), input_grad(gy, w)
+        if wb is None or dx is None:
+            return f"no gradient for {rows}x{K} -> {N}"
+        for name, a, b in zip(("weight grad", "bias grad", "input grad"), (*wb, dx), (gy.t() @ x, gy.sum(0), gy @ w)):
+            err = (a - b).abs().max().item()
+            if err > 1e-4 * (1 + b.abs().max().item()):
+                return f"max error {err:.3g} in the {name} of {rows}x{K} -> {N}"
     return None
 
 
