@@ -1546,13 +1546,19 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
  * this layout on AMD), and oneDNN's at 187-202 for dx. lmlab/fused.py times it against those per
  * shape, so it is used only where it is faster on the machine at hand. */
 
+#ifndef GEMM_MR /* (each may be set with -D to try another: GEMM_MR up to 14) */
 #if defined(__AVX512F__)
 #define GEMM_MR 12 /* rows of C per tile: 12 x 2 vectors of sums, 2 of B, 1 broadcast */
 #else
 #define GEMM_MR 2 /* AVX2 (16 registers of 8 floats) and NEON: a vector of 16 floats takes 2 or 4 */
 #endif
+#endif
+#ifndef GEMM_KC
 #define GEMM_KC 256
+#endif
+#ifndef GEMM_NC
 #define GEMM_NC 256
+#endif
 
 /* C[i, j0 + 16 v] (+)= sum_{k < kc} a[k * sak + i * sai] b[k * ldb + j0 + 16 v], i < mr, v < nv */
 static inline __attribute__((always_inline)) void gemm_tile(int64_t kc, const float *a, int64_t sak, int64_t sai,
@@ -1595,6 +1601,9 @@ static void gemm_rows_tail(int64_t kc, const float *a, int64_t sak, int64_t sai,
 #if GEMM_MR > 2
     GEMM_TAIL(2) GEMM_TAIL(3) GEMM_TAIL(4) GEMM_TAIL(5) GEMM_TAIL(6) GEMM_TAIL(7) GEMM_TAIL(8) GEMM_TAIL(9)
     GEMM_TAIL(10) GEMM_TAIL(11)
+#endif
+#if GEMM_MR > 12
+    GEMM_TAIL(12) GEMM_TAIL(13)
 #endif
 #undef GEMM_TAIL
     default: break;
