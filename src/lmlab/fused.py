@@ -197,13 +197,15 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 def routes_key(product: str, rows: int, k: int, n: int, bias: bool, ways=("blas", "onednn")) -> str:
     """kernels.json's key of one product's route: the machine, torch, threads, the shape with its
-    row count rounded up to a power of two, and the routes compared."""
+    row count rounded up to a power of two, the routes compared, and the native kernel's build."""
+    from lmlab import native
     from lmlab.host import cpu_model
 
     return (
         f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"train {product} {_bucket(rows)} x {k} -> {n}{' + bias' if bias else ''}"
         + ("" if tuple(ways) == ("blas", "onednn") else f" | {' / '.join(ways)}")
+        + (f" | {native.build()}" if "native" in ways else "")  # a changed kernel is timed again
     )
 
 

@@ -151,6 +151,12 @@ def serves() -> bool:
     return _usable() is not None
 
 
+def build() -> str:
+    """The built library's name (its hash covers the sources, compiler, flags and CPU), or ""."""
+    lib = _load()
+    return Path(lib._name).stem if lib else ""
+
+
 def q_tiles() -> int:
     """Rows per block lmlab.quant tiles Q4 and Q8_0 parts in: 16 where the built kernel is faster on tiles
     (AVX512-VNNI), else 0. LMLAB_QTILE=0 or 1 forces plain or tiled parts (any build computes both)."""
