@@ -116,6 +116,10 @@ def test_ctrl_c_while_streaming_keeps_the_text_and_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # as a terminal starts it: SIGINT at its default. A suite started in the background by a
+        # shell without job control inherits SIGINT ignored, and so would the child (Python then
+        # installs no KeyboardInterrupt), which would outlive the signal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.set_blocking(proc.stdout.fileno(), False)
     got, deadline = b"", time.time() + 60
