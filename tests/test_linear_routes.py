@@ -132,10 +132,8 @@ def test_a_shape_is_timed_once_and_every_later_process_decides_the_same(home, mo
 
 
 def test_the_fastest_route_is_taken_where_it_beats_the_blas_by_the_margin(monkeypatch):
-    import lmlab.host
-
     times = {"blas": 1.0, "onednn": 0.98, "native": 0.9}
-    monkeypatch.setattr(lmlab.host, "best_alternating", lambda fns, rounds: [f() for f in fns])
+    monkeypatch.setattr(fused, "best_alternating", lambda fns, rounds: [f() for f in fns])
     ways = {name: (lambda t=t: t) for name, t in times.items()}
     assert fused._time_ways(ways)["route"] == "native"
     assert fused._time_ways({k: ways[k] for k in ("blas", "onednn")})["route"] == "blas"  # within the margin

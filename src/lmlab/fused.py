@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from lmlab import native
-from lmlab.host import env_flag
+from lmlab.host import best_alternating, cpu_model, env_flag, measured_once
 
 ACTS = ("silu", "gelu_tanh")  # the activations the kernel computes (F.gelu's erf form is one fast kernel already)
 on = env_flag("LMLAB_FUSED", True)
@@ -199,9 +199,6 @@ def _onednn(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 def routes_key(product: str, rows: int, k: int, n: int, bias: bool, ways=("blas", "onednn")) -> str:
     """kernels.json's key of one product's route: the machine, torch, threads, the shape with its
     row count rounded up to a power of two, the routes compared, and the native kernel's build."""
-    from lmlab import native
-    from lmlab.host import cpu_model
-
     return (
         f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"train {product} {_bucket(rows)} x {k} -> {n}{' + bias' if bias else ''}"
@@ -223,9 +220,6 @@ def _routes_of(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     shape = (_bucket(x2.shape[0]), *w.shape, bias is not None, torch.get_num_threads())
     found = _routes.get(shape)
     if found is None:
-        from lmlab import native
-        from lmlab.host import measured_once
-
         M, (N, K) = x2.shape[0], w.shape
         g = torch.randn(M, N, dtype=w.dtype, generator=torch.Generator().manual_seed(0))  # not torch's own stream
         x = x2.contiguous()
@@ -255,8 +249,6 @@ def _routes_of(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 def _time_ways(ways: dict) -> dict:
     """The best of ROUNDS alternating rounds of each route, after one untimed call each (oneDNN builds
     its kernel on the first), and the one to take: the fastest, where it beats the BLAS by MARGIN."""
-    from lmlab.host import best_alternating
-
     with torch.no_grad():
         best = dict(zip(ways, best_alternating(list(ways.values()), ROUNDS)))
     pick = min(best, key=best.get)
@@ -277,8 +269,6 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from lmlab import native
-
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (M, N)
         _, dx_route, dw_route = ctx.routes
