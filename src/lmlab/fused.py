@@ -3,9 +3,9 @@ on q and k, forward and backward each in one pass over memory (``csrc/native.c``
 elementwise steps"), and causal attention straight from the qkv projection's layout, RoPE turned
 inside it ("training's causal attention": the unmasked half of the scores only, about twice
 PyTorch's CPU kernel at 64-512 tokens). And ``linear``: each Linear product of a training step
-through the faster of the BLAS and oneDNN for its shape on this machine (timed once, kept in
-kernels.json); ``kernels.FastLinear``, which ``train.loop.new_model`` and ``lmlab.load`` put in
-every Linear's place, calls it.
+through the fastest of the BLAS, oneDNN and lmlab's gradient kernel for its shape on this
+machine (timed once, kept in kernels.json); ``kernels.FastLinear``, which
+``train.loop.new_model`` and ``lmlab.load`` put in every Linear's place, calls it.
 
 Autograd runs ``F.silu(gate) * up`` as four kernels forward and back (the SiLU, the product, their
 gradients, and a concatenation of the gate's and up's gradients into the projection's output),

@@ -5,7 +5,8 @@
 picks the fastest route to ``x @ W.T + b``, and a half-precision model on the CPU attends in
 float32. ``model.py`` itself stays the plain reference. A model built to train
 (``train.loop.new_model``) gets the same FastLinear layers; under autograd their products go to
-``fused.linear`` (the faster of the BLAS and oneDNN for the shape, timed once per machine).
+``fused.linear`` (the fastest of the BLAS, oneDNN and lmlab's gradient kernel for the shape,
+timed once per machine).
 
 ``fast_linear`` is the route ``linear`` tries first. Up to four rows of input (a decoding
 step run through model.py, e.g. with hooks) go to ``lmlab.native``, which streams the plain
@@ -171,7 +172,8 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     mat-vec kernel, more rows to oneDNN on a prepacked weight. Without those, bf16 with few rows
     is a mat-vec W @ x (one row) or W @ x.T transposed back (up to 64 rows), which read the
     weights faster than the general bf16 matmul. Everything else is ``fused.linear``: in
-    training, each product through the faster of the BLAS and oneDNN for its shape; else F.linear.
+    training, each product through the fastest of the BLAS, oneDNN and lmlab's gradient kernel
+    for its shape; else F.linear.
     """
     y = fast_linear(x, layer)
     if y is not None:
@@ -183,7 +185,7 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*x.shape[:-1], -1)
-    return fused.linear(x, layer.weight, layer.bias)  # in training, the faster of the BLAS and oneDNN
+    return fused.linear(x, layer.weight, layer.bias)  # in training, the fastest route for the shape
 
 
 class FastLinear(nn.Linear):

@@ -12,8 +12,8 @@ measurable. ``lmlab.inspect`` registers hooks by these names (see HOOK_POINTS).
 
 This file is the reference: it holds no kernel or device code. Speed is applied from outside:
 ``lmlab.kernels`` swaps faster CPU matmuls in for ``nn.Linear`` at load and in a model built to
-train (``train.loop.new_model``; in training each product takes the faster of the BLAS and
-oneDNN, ``fused.linear``), ``fused`` gives training its one-pass steps, and the engine runs a
+train (``train.loop.new_model``; in training each product takes the fastest route for its
+shape, ``fused.linear``), ``fused`` gives training its one-pass steps, and the engine runs a
 hook-free decoding step through ``lmlab.native``, which tests hold to this forward pass.
 """
 

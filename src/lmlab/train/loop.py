@@ -140,7 +140,7 @@ def init_weights(model: nn.Module, n_layers: int) -> None:
 def new_model(cfg, device: torch.device) -> nn.Module:
     """A Transformer to train, in train mode: GPT-2's initialisation (``init_weights``, from
     torch's current seed), and the Linear layers a loaded model has (``kernels.speed_up``), whose
-    products in training take the faster of the BLAS and oneDNN (``fused.linear``)."""
+    products in training take the fastest route for their shape (``fused.linear``)."""
     from lmlab import kernels
     from lmlab.model import Transformer
 
