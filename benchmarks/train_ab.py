@@ -12,8 +12,8 @@ differs (their losses differ slightly: the trainer keeps training through both).
 
 Pieces (``--off``): attention (``fused.attention``), act-bias (the up projection's bias inside the
 fused activation), adamw (``loop.adamw_step``: ``opt.step()`` instead), clip (the clipping handed
-to the fused AdamW: ``clip_grad_norm_`` instead), linear (the Linear products' routes, each the faster of
-the BLAS and oneDNN: the BLAS's everywhere instead), fused (every ``lmlab.fused`` step).
+to the fused AdamW: ``clip_grad_norm_`` instead), linear (the Linear products' routes, each the fastest of
+the BLAS, oneDNN and lmlab's gradient kernel: the BLAS's everywhere instead), fused (every ``lmlab.fused`` step).
 """
 
 from __future__ import annotations

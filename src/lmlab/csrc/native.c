@@ -1539,7 +1539,8 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
  * one row of B, and adds their outer product into GEMM_MR x 32 sums held in registers (24 of
  * AVX-512's 32 vector registers). The k range goes in blocks (256 deep for dW, 512 for dx:
  * the faster of 128-768 for each on the EPYC), and each block's B panel (k block x GEMM_NC
- * floats, 256 or 512 KB) stays in the L2 cache while every row tile of the thread passes over it. The threads split the row tiles (or the columns, where the rows are few).
+ * floats, 256 or 512 KB) stays in the L2 cache while every row tile of the thread passes over
+ * it. The threads split the row tiles (or the columns, where the rows are few).
  *
  * On an AMD EPYC (Zen 4), two threads, this ran at 195-215 GFLOP/s on the 10M models' shapes and
  * 205-225 at nanoGPT's baby shapes, where MKL's sgemm took 155-195 and 130-190 (its kernel for
