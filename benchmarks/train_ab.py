@@ -13,7 +13,8 @@ differs (their losses differ slightly: the trainer keeps training through both).
 Pieces (``--off``): attention (``fused.attention``), act-bias (the up projection's bias inside the
 fused activation), adamw (``loop.adamw_step``: ``opt.step()`` instead), clip (the clipping handed
 to the fused AdamW: ``clip_grad_norm_`` instead), linear (the Linear products' routes, each the fastest of
-the BLAS, oneDNN and lmlab's gradient kernel: the BLAS's everywhere instead), fused (every ``lmlab.fused`` step).
+the BLAS, oneDNN and lmlab's gradient kernel: the BLAS's everywhere instead), fused (every ``lmlab.fused`` step),
+split (each batch's rows split between the threads, ``lmlab.train.split``: all rows on all threads instead).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _switches(trainer: LmlabTrainer) -> dict:
     ups = [block.mlp.up for block in trainer.model.blocks]
     real = {"fits": fused.attention_fits, "adamw": loop.adamw_step, "clip": loop.clip_gradients}
 
-    def clip_as_torch(model, opt, max_norm):
+    def clip_as_torch(model, opt, max_norm, split=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.grad_scale = None
 
@@ -57,7 +58,7 @@ def _switches(trainer: LmlabTrainer) -> dict:
             m.__class__ = nn.Linear if on else _PlainLinear
 
     def adamw(on):
-        loop.adamw_step = real["adamw"] if on else (lambda opt: opt.step())
+        loop.adamw_step = real["adamw"] if on else (lambda opt, split=None: opt.step())
 
     def clip(on):
         loop.clip_gradients = real["clip"] if on else clip_as_torch
@@ -68,6 +69,13 @@ def _switches(trainer: LmlabTrainer) -> dict:
     def linear(on):
         fused.route = None if on else fused.BLAS
 
+    # the rows split between threads (lmlab.train.split), made here where the shape's share of work
+    # is below what the trainer splits by itself
+    rows = trainer.split or loop.row_split(trainer.model, torch.get_num_threads(), trainer.dist, "float32")
+
+    def split(on):
+        trainer.split = rows if on else None
+
     return {
         "attention": attention,
         "act-bias": act_bias,
@@ -75,13 +83,16 @@ def _switches(trainer: LmlabTrainer) -> dict:
         "clip": clip,
         "linear": linear,
         "fused": every_fused,
+        "split": split,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="nanogpt-baby 0.8M")
-    ap.add_argument("--off", choices=["attention", "act-bias", "adamw", "clip", "linear", "fused"], required=True)
+    ap.add_argument(
+        "--off", choices=["attention", "act-bias", "adamw", "clip", "linear", "fused", "split"], required=True
+    )
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=3, help="timed steps of one side in a round")
     ap.add_argument("--threads", type=int, default=2)

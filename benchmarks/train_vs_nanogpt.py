@@ -13,8 +13,10 @@ takes them, which is what nanoGPT's model.py runs). lmlab's side is
 ``lmlab.train.loop.train_step`` on the pieces ``lmlab.train.train`` builds, inside
 ``keep_freed_memory`` as ``train`` runs it: fused AdamW (given the clipping as its grad_scale),
 training's fused norm, activation, RoPE and causal attention (``lmlab.fused``), batches from one
-memory map by index, the loss read back once per chunk. Both wall-clock tokens/s and the ratio
-of CPU seconds are printed (the CPU ratio is the steadier one on a busy machine).
+memory map by index, the loss read back once per chunk, and each batch's rows split between the
+threads (``lmlab.train.split``: a model replica and one torch thread each, where the loop runs
+every operation on both threads). Both wall-clock tokens/s and the ratio of CPU seconds are
+printed (the CPU ratio is the steadier one on a busy machine).
 
 Part 2, the nanoGPT baby GPT (README: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000
 iterations, char-level): ``lmlab train --preset nanogpt-baby`` on a character-level English
@@ -58,6 +60,8 @@ from lmlab.train.loop import (
     init_weights,
     make_optimizer,
     new_model,
+    planned_workers,
+    row_split,
     train_step,
 )
 
@@ -161,9 +165,11 @@ class LmlabTrainer:
             self.net = torch.compile(self.net)
         self.batches = Batches(data.train, tc.block_size, tc.batch_size, tc.seed)
         self.dist = Dist()
+        workers = planned_workers(tc, model_config(tc, data.vocab_size), self.dist, tc.compile)
+        self.split = row_split(self.model, workers, self.dist, "float32")
 
     def step(self, it: int):
-        return train_step(self.net, self.model, self.opt, self.batches, self.tc, it, self.dist, "float32")
+        return train_step(self.net, self.model, self.opt, self.batches, self.tc, it, self.dist, "float32", self.split)
 
 
 def _config(text: Path, shape: str, steps: int, compiled: bool) -> TrainConfig:

@@ -1,6 +1,6 @@
 """lmlab train: the output folder loads in transformers with the same logits, a run killed with
-SIGKILL resumes onto the same loss curve, two DDP processes match one, Ctrl-C saves and says how
-to resume, and bad input gets one sentence.
+SIGKILL resumes onto the same loss curve, two DDP processes (and two threads splitting the rows)
+match one, Ctrl-C saves and says how to resume, and bad input gets one sentence.
 
 Models here are tiny (1-2 layers, 32 wide) and runs short, so the file takes well under two
 minutes on 2 shared cores. Subprocesses run with one thread: the runs compare losses exactly,
@@ -263,7 +263,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(corpus, env, tm
 # ----------------------------------------------------------------------------- DDP
 
 
-def test_ddp_two_gloo_processes_reach_the_loss_of_one_process(corpus, env, tmp_path):
+def test_ddp_two_gloo_processes_and_two_threads_reach_the_loss_of_one_process(corpus, env, tmp_path):
     args = [
         *TINY,
         "--data",
@@ -306,11 +306,16 @@ def test_ddp_two_gloo_processes_reach_the_loss_of_one_process(corpus, env, tmp_p
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     two = json.loads(ddp.stdout)  # rank 0 prints the summary, the other ranks nothing
     assert two["world_size"] == 2 and one["world_size"] == 1
-    a, b = train_losses(one), train_losses(two)
-    assert a.keys() == b.keys()
-    for s in a:
-        assert abs(a[s] - b[s]) < 1e-4 * abs(a[s]), (s, a[s], b[s])
-    assert abs(one["val_loss"] - two["val_loss"]) < 1e-4 * one["val_loss"]
+    # and one process whose two threads each take half of every batch's rows (lmlab.train.split)
+    proc = cli(env, *args, "--workers", "2", "--out", str(tmp_path / "threads"))
+    threads = summary_of(proc)
+    assert "rows split over 2 threads (4 rows each)" in proc.stderr
+    for other in (two, threads):
+        a, b = train_losses(one), train_losses(other)
+        assert a.keys() == b.keys()
+        for s in a:
+            assert abs(a[s] - b[s]) < 1e-4 * abs(a[s]), (s, a[s], b[s])
+        assert abs(one["val_loss"] - other["val_loss"]) < 1e-4 * one["val_loss"]
     assert (tmp_path / "two" / "model.safetensors").exists()
 
 

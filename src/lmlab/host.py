@@ -27,6 +27,7 @@ import functools
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 TRUE = ("1", "true", "yes", "on")
@@ -105,7 +106,16 @@ def measured_once(file: str, key: str, measure):
     """``measure()``'s result (JSON-able) for ``key``, kept in ``lmlab_home()/file``: measured
     the first time on this machine, read back from then on, so every later process decides the
     same way. The file is rewritten whole (a temporary file, then rename), merged with what
-    another process wrote meanwhile; an unwritable home only means measuring again next time."""
+    another process wrote meanwhile; an unwritable home only means measuring again next time.
+    One thread of a process measures at a time (training's row threads meet a shape together)."""
+    with _measuring:
+        return _measured_once(file, key, measure)
+
+
+_measuring = threading.RLock()
+
+
+def _measured_once(file: str, key: str, measure):
     import json
 
     path = lmlab_home() / file

@@ -42,6 +42,7 @@ FIELDS = (
     "dtype",
     "device",
     "compile",
+    "workers",
     "out",
 )
 
@@ -77,6 +78,12 @@ def train(
     dtype: str = typer.Option(None, "--dtype", help="auto (bf16 where the hardware has it) | float32 | bfloat16."),
     device: str = typer.Option(None, "--device", help="cpu | cuda | auto."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: GPU only)."),
+    workers: int = typer.Option(
+        None,
+        "--workers",
+        help="CPU threads that each train a share of every batch's rows on a replica of the model, one torch "
+        "thread each (default 0: as many as torch's threads that divide the batch; 1: all rows on all threads).",
+    ),
     out_dir: str = typer.Option(
         None, "--out", "-o", help="Output folder: checkpoint, then the HF model (default ./out)."
     ),

@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {
     "save_every",
     "compile",
     "device",
+    "workers",
     "out",
 }
 

@@ -50,6 +50,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast where the hardware has bf16 matmul) | float32 | bfloat16
     device: str = "cpu"
     compile: bool | None = None  # torch.compile the loss; None: on a GPU only (slower on the CPU here, README "Train")
+    workers: int = 0  # CPU threads that each train a share of every batch's rows (lmlab.train.split); 0: auto, 1: off
     eval_every: int = 250  # steps between train/val loss estimates (and checkpoints unless save_every)
     eval_iters: int = 20  # batches per loss estimate
     log_every: int = 10  # steps between points of the recorded train-loss curve
@@ -100,6 +101,11 @@ class TrainConfig:
                 raise LmlabError(f"{name} must be a positive integer, got {v}; use e.g. --{name.replace('_', '-')} 1.")
         if self.d_model % self.n_heads:
             raise LmlabError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}; change one of them.")
+        if self.workers < 0 or (self.workers > 1 and self.batch_size % self.workers):
+            raise LmlabError(
+                f"--workers {self.workers} does not split --batch-size {self.batch_size} evenly; use a divisor of "
+                f"{self.batch_size}, 1 for one thread over all rows, or 0 to choose."
+            )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise LmlabError(f"unknown --dtype {self.dtype!r}; use auto, float32 or bfloat16.")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):

@@ -35,6 +35,7 @@ from lmlab.errors import LmlabError
 from lmlab.host import keep_freed_memory
 from lmlab.train.checkpoint import (
     CHECKPOINT,
+    RESUMABLE_CHANGES,
     check_compatible,
     checkpoint_path,
     load_checkpoint,
@@ -186,16 +187,27 @@ class LossModel(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def train_step(net, model, opt, batches, tc: TrainConfig, step: int, dist: Dist, precision: str) -> torch.Tensor:
-    """One optimiser step: ``grad_accum`` micro-batches (DDP syncs gradients on the last only),
-    the gradient norm clipped, AdamW at this step's learning rate. Returns the mean loss as a
-    tensor (reading it waits for the step, so the loop reads it only when it reports)."""
+def train_step(
+    net, model, opt, batches, tc: TrainConfig, step: int, dist: Dist, precision: str, split=None
+) -> torch.Tensor:
+    """One optimiser step: ``grad_accum`` micro-batches (DDP syncs gradients on the last only;
+    ``split``, a ``RowSplit``, divides each one's rows between threads), the gradient norm
+    clipped, AdamW at this step's learning rate. Returns the mean loss as a tensor (reading it
+    waits for the step, so the loop reads it only when it reports)."""
+    with split.step() if split is not None else contextlib.nullcontext():
+        return _train_step(net, model, opt, batches, tc, step, dist, precision, split)
+
+
+def _train_step(net, model, opt, batches, tc: TrainConfig, step: int, dist: Dist, precision: str, split):
     lr = lr_at(step, tc)
     for g in opt.param_groups:
         g["lr"] = lr
     total = torch.zeros((), device=dist.device)
     for micro in range(tc.grad_accum):
         x, y = batches.next()
+        if split is not None:
+            total += split.forward_backward(x, y, 1 / tc.grad_accum)
+            continue
         x, y = x.to(dist.device), y.to(dist.device)
         last = micro == tc.grad_accum - 1
         sync = net.no_sync() if dist.world > 1 and not last else contextlib.nullcontext()
@@ -203,31 +215,40 @@ def train_step(net, model, opt, batches, tc: TrainConfig, step: int, dist: Dist,
             loss = net(x, y) / tc.grad_accum
         loss.backward()
         total += loss.detach()
+    if split is not None:
+        split.reduce()
     if tc.grad_clip > 0:
-        clip_gradients(model, opt, tc.grad_clip)
-    adamw_step(opt)
+        clip_gradients(model, opt, tc.grad_clip, split)
+    adamw_step(opt, split)
     opt.zero_grad(set_to_none=True)
     return total
 
 
-def clip_gradients(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float) -> None:
+def clip_gradients(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float, split=None) -> None:
     """``clip_grad_norm_(model.parameters(), max_norm)`` before ``opt.step()``. A fused AdamW takes
     the scaling as its ``grad_scale`` (it divides each gradient as it reads it), which saves the
-    pass that multiplies every gradient in place; the norm is the same ``_foreach_norm``."""
+    pass that multiplies every gradient in place; the norm is the same ``_foreach_norm`` (with
+    ``split``, a ``RowSplit``, its threads each take a part of the parameters)."""
     if not opt.defaults.get("fused"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         return
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norms = torch._foreach_norm(grads) if split is None else split.map(torch._foreach_norm, grads, _sizes(grads))
+    total = torch.linalg.vector_norm(torch.stack(norms))
     opt.grad_scale = (total + 1e-6).div(max_norm).clamp_(min=1.0)  # 1 / clip_grad_norm_'s clip_coef_clamped
 
 
-def adamw_step(opt: torch.optim.Optimizer) -> None:
+def _sizes(tensors: list) -> list[int]:
+    return [t.numel() for t in tensors]
+
+
+def adamw_step(opt: torch.optim.Optimizer, split=None) -> None:
     """``opt.step()`` for the fused AdamW ``make_optimizer`` builds, as one ``_fused_adamw_`` call per
     group on lists made here: the same kernel, the same arguments and the same state tensors
     (``opt.state_dict()`` is unchanged), without ``Optimizer.step``'s per-step Python (hooks,
     grouping by device and dtype, state checks): 0.78 -> 0.50 ms at nanoGPT's baby shape. The first
-    step, and any optimizer this does not describe, goes through ``opt.step()``."""
+    step, and any optimizer this does not describe, goes through ``opt.step()``. With ``split``
+    (a ``RowSplit``) its threads each update a part of the parameters."""
     d = opt.defaults
     if not (d.get("fused") and d.get("decoupled_weight_decay", True)) or d.get("amsgrad") or d.get("maximize"):
         return opt.step()
@@ -242,14 +263,22 @@ def adamw_step(opt: torch.optim.Optimizer) -> None:
     for group, params, states in groups:
         if not params:
             continue
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
-        torch._fused_adamw_(
-            params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None,
-        )  # fmt: skip
+
+        def update(part, group=group, beta1=beta1, beta2=beta2):
+            if not part:
+                return
+            params, states = [p for p, _ in part], [st for _, st in part]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(
+                params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None,
+            )  # fmt: skip
+
+        pairs = list(zip(params, states))
+        update(pairs) if split is None else split.map(update, pairs, _sizes(params))
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -274,16 +303,38 @@ def count_parameters(cfg) -> int:
     return sum(p.numel() for _, p in _named_shapes(cfg))
 
 
-def estimate_memory(cfg, tc: TrainConfig, precision: str, world: int = 1) -> int:
+def estimate_memory(cfg, tc: TrainConfig, precision: str, world: int = 1, workers: int = 1) -> int:
     """Bytes one process needs, estimated: weights, gradients and AdamW's two moments (16 bytes a
-    parameter) and the activations autograd keeps (per layer and token about 34·C + 5·H·T values,
-    Korthikanti et al. 2022, plus the logits' 3·V), in the activations' width."""
+    parameter, and 4 more for each thread's replica beyond the first: its own gradients) and the
+    activations autograd keeps (per layer and token about 34·C + 5·H·T values, Korthikanti et
+    al. 2022, plus the logits' 3·V), in the activations' width."""
     params = count_parameters(cfg)
     rows = max(1, tc.batch_size // world)
     width = 2 if precision == "bfloat16" else 4
     T, C, H, V = tc.block_size, cfg.d_model, cfg.n_heads, cfg.vocab_size
     acts = rows * T * (cfg.n_layers * (34 * C + 5 * H * T) + 3 * V) * width
-    return 16 * params + acts
+    return (16 + 4 * (workers - 1)) * params + acts
+
+
+def planned_workers(tc: TrainConfig, cfg, dist: Dist, compiled: bool) -> int:
+    """The threads that each take a share of every batch's rows (``lmlab.train.split``; 1: none):
+    on the CPU, in one process, without torch.compile, ``tc.workers``, or where that is 0 the
+    most of torch's threads that divide the batch evenly into shares of enough work each
+    (``split.MIN_SHARE_FLOPS``)."""
+    from lmlab.train.split import split_workers
+
+    if dist.device.type != "cpu" or dist.world > 1 or compiled:
+        return 1
+    row_flops = flops_per_token(cfg, tc.block_size) * tc.block_size
+    return split_workers(tc.workers, tc.batch_size, torch.get_num_threads(), row_flops)
+
+
+def row_split(model: nn.Module, workers: int, dist: Dist, precision: str):
+    """The ``RowSplit`` of ``workers`` threads a run trains with (``close()`` ends its threads),
+    or None for one."""
+    from lmlab.train.split import RowSplit
+
+    return RowSplit(model, workers, LossModel, dist.device, precision) if workers > 1 else None
 
 
 # ----------------------------------------------------------------------------- sampling and eval
@@ -398,22 +449,7 @@ def train(
         state = load_checkpoint(resume)
         saved = TrainConfig.from_dict(state["train_config"])
         check_compatible(saved.to_dict(), asked or {}, checkpoint_path(resume))
-        keep = {
-            k: v
-            for k, v in (asked or {}).items()
-            if k
-            in (
-                "steps",
-                "eval_every",
-                "eval_iters",
-                "log_every",
-                "sample_every",
-                "sample_tokens",
-                "save_every",
-                "compile",
-                "device",
-            )
-        }
+        keep = {k: v for k, v in (asked or {}).items() if k in RESUMABLE_CHANGES and k != "out"}
         tc = saved.replace(out=str(checkpoint_path(resume).parent), **keep)
     tc.check()
     dist = setup_distributed(tc.device)
@@ -449,7 +485,9 @@ def train(
     cfg = model_config(tc, tok.vocab_size, bos=tok.bos_id, eos=[tok.eos_id] if tok.eos_id is not None else [])
 
     n_params = count_parameters(cfg)
-    mem = estimate_memory(cfg, tc, precision, dist.world)
+    compiled = tc.compile if tc.compile is not None else device.type == "cuda"
+    workers = planned_workers(tc, cfg, dist, compiled)
+    mem = estimate_memory(cfg, tc, precision, dist.world, workers)
     _check_memory(mem, tc)
     flops_tok = flops_per_token(cfg, tc.block_size)
     peak = _peak_gflops(device, precision, log if dist.main else None) if dist.main else None
@@ -469,7 +507,6 @@ def train(
         history = state["history"]
 
     net: nn.Module = LossModel(model)
-    compiled = tc.compile if tc.compile is not None else device.type == "cuda"
     if compiled:
         net = torch.compile(net)
     if dist.world > 1:
@@ -501,6 +538,11 @@ def train(
             f"batch {tc.batch_size} x {tc.block_size} tokens x {tc.grad_accum} accumulation = {tokens_step:,} tokens a "
             f"step over {dist.world} process{'es' if dist.world > 1 else ''} · {precision}"
             f"{' autocast' if precision == 'bfloat16' else ''} · compile {'on' if compiled else 'off'}"
+            + (
+                f" · each batch's rows split over {workers} threads ({tc.batch_size // workers} rows each)"
+                if workers > 1
+                else ""
+            )
         )
         log(
             f"estimated memory {mem / 2**20:,.0f} MiB a process · "
@@ -512,6 +554,7 @@ def train(
         **tc.to_dict(),
         "precision": precision,
         "world_size": dist.world,
+        "workers": workers,
         "parameters": n_params,
         "model_config": cfg.to_dict(),
         "resumed_from_step": start_step or None,
@@ -533,6 +576,7 @@ def train(
         wandb=wandb if dist.main else False,
     )
     with run_ctx as run, _StopFlag() as stop, keep_freed_memory():  # steps reuse their memory
+        split = row_split(model, workers, dist, precision)
         loop = _Loop(
             tc,
             cfg,
@@ -553,8 +597,13 @@ def train(
             flops_tok,
             log,
             progress,
+            split,
         )
-        summary = loop.run(start_step, stop)
+        try:
+            summary = loop.run(start_step, stop)
+        finally:
+            if split is not None:
+                split.close()
         summary["wall_s"] = round(time.perf_counter() - t_start, 2)
         run.add_metrics(wall_s=summary["wall_s"])
         if dist.main:
@@ -631,6 +680,7 @@ class _Loop:
         flops_tok,
         log,
         progress,
+        split,
     ):
         self.__dict__.update(locals())
         del self.__dict__["self"]
@@ -642,7 +692,9 @@ class _Loop:
     # -- one optimiser step
 
     def train_step(self, step: int) -> torch.Tensor:
-        return train_step(self.net, self.model, self.opt, self.batches, self.tc, step, self.dist, self.precision)
+        return train_step(
+            self.net, self.model, self.opt, self.batches, self.tc, step, self.dist, self.precision, self.split
+        )
 
     # -- the loop
 
