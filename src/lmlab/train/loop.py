@@ -334,7 +334,7 @@ def row_split(model: nn.Module, workers: int, dist: Dist, precision: str):
     or None for one."""
     from lmlab.train.split import RowSplit
 
-    return RowSplit(model, workers, LossModel, dist.device, precision) if workers > 1 else None
+    return RowSplit(model, workers, LossModel, lambda: autocast(dist.device, precision)) if workers > 1 else None
 
 
 # ----------------------------------------------------------------------------- sampling and eval

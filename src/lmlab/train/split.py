@@ -67,11 +67,13 @@ class RowSplit:
     """``workers`` shares: share 0 on the calling thread and ``model`` itself, share i on thread
     i and replica i; rows ``[i B / workers, (i + 1) B / workers)`` of each micro-batch of B rows."""
 
-    def __init__(self, model: nn.Module, workers: int, make_net, device: torch.device, precision: str):
+    def __init__(self, model: nn.Module, workers: int, make_net, context):
+        """``make_net(model)``: the module whose forward (x, y) is the loss; ``context()``: what
+        each share's forward runs inside (autocast, which is per thread)."""
         from lmlab import native
 
         native.serves()  # built and loaded here, not by two threads at once
-        self.workers, self.device, self.precision = workers, device, precision
+        self.workers, self.context = workers, context
         self.replicas = [model] + [_replica(model) for _ in range(workers - 1)]
         self.nets = [make_net(m) for m in self.replicas]
         self.params = [list(m.parameters()) for m in self.replicas]
@@ -106,10 +108,8 @@ class RowSplit:
         )
 
     def _share(self, i: int, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-        from lmlab.train.loop import autocast
-
-        with autocast(self.device, self.precision):  # autocast is per thread
-            loss = self.nets[i](x.to(self.device), y.to(self.device)) * scale
+        with self.context():
+            loss = self.nets[i](x, y) * scale
         loss.backward()
         return loss.detach()
 
