@@ -112,3 +112,24 @@ def test_the_split_is_chosen_where_the_rows_divide_and_each_share_has_enough_wor
 def test_workers_that_do_not_split_the_batch_get_one_sentence(workers):
     with pytest.raises(LmlabError, match="--workers"):
         TrainConfig(batch_size=12, workers=workers).check()
+
+
+def test_an_error_in_another_threads_share_is_raised_by_the_step(two_threads):
+    from contextlib import nullcontext
+
+    from lmlab.train.split import RowSplit
+
+    tc = TrainConfig(n_layers=1, d_model=32, n_heads=2, block_size=8, batch_size=4)
+    model = new_model(model_config(tc, 40), CPU)
+
+    class Fails(torch.nn.Module):
+        def forward(self, x, y):
+            raise ValueError(f"share of {len(x)} rows failed")
+
+    split = RowSplit(model, 2, lambda m: LossModel(m) if m is model else Fails(), nullcontext)
+    ids = torch.randint(0, 40, (4, 9))
+    try:
+        with pytest.raises(ValueError, match="share of 2 rows failed"):
+            split.forward_backward(ids[:, :-1], ids[:, 1:], 1.0)
+    finally:
+        split.close()

@@ -117,7 +117,12 @@ class RowSplit:
         """fn(i) for every share i, share 0 on this thread and the others on theirs at the same
         time; the results summed in share order (an error in any is raised here)."""
         jobs = [pool.submit(fn, i) for i, pool in enumerate(self.pools, 1)]
-        total = fn(0)
+        try:
+            total = fn(0)
+        except BaseException:
+            for job in jobs:  # the others end first: no thread goes on with a replica after this
+                job.exception()
+            raise
         for job in jobs:
             total = total + job.result()
         return total
@@ -126,7 +131,8 @@ class RowSplit:
         """``fn(part)`` for the parts of ``items`` (consecutive, of about equal ``sizes`` sums), a
         part a thread, at the same time; the lists fn returns, joined in order."""
         parts = _parts(sizes, self.workers)
-        return self._on_all(lambda i: list(fn(items[parts[i] : parts[i + 1]]) or []))
+        part = lambda i: items[parts[i] : parts[i + 1]]  # noqa: E731
+        return self._on_all(lambda i: list(fn(part(i)) or []) if part(i) else [])
 
     def reduce(self) -> None:
         """The replicas' gradients added into the model's, replica after replica, and cleared."""
