@@ -9,12 +9,14 @@
   1/sqrt(2·layers)) on the model ``model.py`` builds;
 - ``make_optimizer``: AdamW, fused where torch has it, weight decay on matrices only;
 - ``lr_at``: linear warmup, then cosine decay to ``min_lr``;
+- ``planned_workers``, ``row_split``: on a CPU, the threads each batch's rows are split between;
 - ``train_step``: gradient accumulation, the global norm clipped, one optimiser step;
 - ``estimate_loss``: mean train and val loss over fixed batches;
 - ``sample``: text from the model, with a KV cache, so a person sees it learn.
 
 The speed comes from outside the model: ``torch.compile`` of the loss, a fused AdamW, batches
-read from a memory map. The model is ``lmlab.model.Transformer``, unchanged.
+read from a memory map, and on a CPU each batch's rows split between the threads
+(``lmlab.train.split``). The model is ``lmlab.model.Transformer``, unchanged.
 """
 
 from __future__ import annotations
@@ -268,11 +270,11 @@ def adamw_step(opt: torch.optim.Optimizer, split=None) -> None:
         def update(part, group=group, beta1=beta1, beta2=beta2):
             if not part:
                 return
-            params, states = [p for p, _ in part], [st for _, st in part]
-            steps = [st["step"] for st in states]
+            ps, sts = [p for p, _ in part], [st for _, st in part]
+            steps = [st["step"] for st in sts]
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(
-                params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                ps, [p.grad for p in ps], [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
                 [], steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None,
             )  # fmt: skip
