@@ -69,12 +69,14 @@ def _switches(trainer: LmlabTrainer) -> dict:
     def linear(on):
         fused.route = None if on else fused.BLAS
 
-    # the rows split between threads (lmlab.train.split), made here where the shape's share of work
-    # is below what the trainer splits by itself
-    rows = trainer.split or loop.row_split(trainer.model, torch.get_num_threads(), trainer.dist, "float32")
+    made = {"split": trainer.split}
 
     def split(on):
-        trainer.split = rows if on else None
+        # the rows split between threads (lmlab.train.split), made at the first switch where the
+        # shape's share of work is below what the trainer splits by itself
+        if on and made["split"] is None:
+            made["split"] = loop.row_split(trainer.model, torch.get_num_threads(), trainer.dist, "float32")
+        trainer.split = made["split"] if on else None
 
     return {
         "attention": attention,
