@@ -101,7 +101,9 @@ class TrainConfig:
                 raise LmlabError(f"{name} must be a positive integer, got {v}; use e.g. --{name.replace('_', '-')} 1.")
         if self.d_model % self.n_heads:
             raise LmlabError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}; change one of them.")
-        if self.workers < 0 or (self.workers > 1 and self.batch_size % self.workers):
+        if self.workers < 0:
+            raise LmlabError(f"--workers must be 0 (choose), 1 (one thread over all rows) or more, got {self.workers}.")
+        if self.workers > 1 and self.batch_size % self.workers:
             raise LmlabError(
                 f"--workers {self.workers} does not split --batch-size {self.batch_size} evenly; use a divisor of "
                 f"{self.batch_size}, 1 for one thread over all rows, or 0 to choose."
