@@ -1563,16 +1563,28 @@ int lmlab_attn_backward(const float *x, const float *y, const float *lse, const 
 #ifndef GEMM_NC
 #define GEMM_NC 256
 #endif
+#ifndef GEMM_PREFETCH
+#define GEMM_PREFETCH 16 /* k steps ahead that a block's first row tile asks for B's row (and dW's A' row) */
+#endif
 
-/* C[i, j0 + 16 v] (+)= sum_{k < kc} a[k * sak + i * sai] b[k * ldb + j0 + 16 v], i < mr, v < nv */
+/* C[i, j0 + 16 v] (+)= sum_{k < kc} a[k * sak + i * sai] b[k * ldb + j0 + 16 v], i < mr, v < nv.
+ * prefetch: this tile is the first over its block of B, which then comes from memory (or L3)
+ * down columns 2 KB and more apart, where the hardware's prefetchers do not follow; so it asks
+ * for B's row (and for dW, A''s row) GEMM_PREFETCH steps ahead. In a training step the operands
+ * are cold (the saved activations): nanoGPT's baby shapes' dW went from 2.25 to 1.99 ms on the
+ * EPYC, cold, and no slower hot; a baby step ~2.5% faster. */
 static inline __attribute__((always_inline)) void gemm_tile(int64_t kc, const float *a, int64_t sak, int64_t sai,
                                                              const float *b, int64_t ldb, float *c, int64_t ldc,
-                                                             int first, const int mr, const int nv) {
+                                                             int first, const int mr, const int nv, const int prefetch) {
     f32x16 acc[GEMM_MR][2];
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++) acc[i][v] = first ? (f32x16){0} : load_f32(c + i * ldc + 16 * v);
     for (int64_t k = 0; k < kc; k++) {
         f32x16 bv[2];
+        if (prefetch) {
+            for (int v = 0; v < nv; v++) __builtin_prefetch(b + (k + GEMM_PREFETCH) * ldb + 16 * v);
+            if (sai == 1) __builtin_prefetch(a + (k + GEMM_PREFETCH) * sak);
+        }
         for (int v = 0; v < nv; v++) {
             bv[v] = load_f32(b + k * ldb + 16 * v);
             IN_REGISTER(bv[v]);
@@ -1587,20 +1599,21 @@ static inline __attribute__((always_inline)) void gemm_tile(int64_t kc, const fl
         for (int v = 0; v < nv; v++) store_f32(c + i * ldc + 16 * v, acc[i][v]);
 }
 
-/* Rows [i0, i0 + mr) of C, columns [j0, j1) (a multiple of 16 wide), over one k block. mr is a
- * constant at each call of the full tile, so the tile's loops unroll into registers. */
+/* Rows [i0, i0 + mr) of C, columns [j0, j1) (a multiple of 16 wide), over one k block. mr and
+ * prefetch are constants at each call, so the tile's loops unroll into registers. */
 static inline __attribute__((always_inline)) void gemm_rows(int64_t kc, const float *a, int64_t sak, int64_t sai,
                                                              const float *b, int64_t ldb, float *c, int64_t ldc,
-                                                             int64_t j0, int64_t j1, int first, const int mr) {
+                                                             int64_t j0, int64_t j1, int first, const int mr,
+                                                             const int prefetch) {
     int64_t j = j0;
-    for (; j + 32 <= j1; j += 32) gemm_tile(kc, a, sak, sai, b + j, ldb, c + j, ldc, first, mr, 2);
-    if (j < j1) gemm_tile(kc, a, sak, sai, b + j, ldb, c + j, ldc, first, mr, 1);
+    for (; j + 32 <= j1; j += 32) gemm_tile(kc, a, sak, sai, b + j, ldb, c + j, ldc, first, mr, 2, prefetch);
+    if (j < j1) gemm_tile(kc, a, sak, sai, b + j, ldb, c + j, ldc, first, mr, 1, prefetch);
 }
 
 static void gemm_rows_tail(int64_t kc, const float *a, int64_t sak, int64_t sai, const float *b, int64_t ldb,
                            float *c, int64_t ldc, int64_t j0, int64_t j1, int first, int mr) {
     switch (mr) { /* the last rows of C, fewer than a tile */
-#define GEMM_TAIL(n) case n: gemm_rows(kc, a, sak, sai, b, ldb, c, ldc, j0, j1, first, n); break;
+#define GEMM_TAIL(n) case n: gemm_rows(kc, a, sak, sai, b, ldb, c, ldc, j0, j1, first, n, 0); break;
     GEMM_TAIL(1)
 #if GEMM_MR > 2
     GEMM_TAIL(2) GEMM_TAIL(3) GEMM_TAIL(4) GEMM_TAIL(5) GEMM_TAIL(6) GEMM_TAIL(7) GEMM_TAIL(8) GEMM_TAIL(9)
@@ -1644,8 +1657,12 @@ int lmlab_gemm(const float *a, int64_t sak, int64_t sai, const float *b, float *
             for (int64_t pc = 0; pc < K; pc += KC) {
                 const int64_t kc = K - pc < KC ? K - pc : KC;
                 const float *ap = a + pc * sak, *bp = b + pc * N;
-                for (int64_t r = r0; r < r1; r++)
-                    gemm_rows(kc, ap + r * GEMM_MR * sai, sak, sai, bp, N, c + r * GEMM_MR * N, N, jc, jn, pc == 0, GEMM_MR);
+                if (r0 < r1) /* the first tile brings the block of B into the cache, the others find it there */
+                    gemm_rows(kc, ap + r0 * GEMM_MR * sai, sak, sai, bp, N, c + r0 * GEMM_MR * N, N, jc, jn, pc == 0,
+                              GEMM_MR, 1);
+                for (int64_t r = r0 + 1; r < r1; r++)
+                    gemm_rows(kc, ap + r * GEMM_MR * sai, sak, sai, bp, N, c + r * GEMM_MR * N, N, jc, jn, pc == 0,
+                              GEMM_MR, 0);
                 if (has_tail)
                     gemm_rows_tail(kc, ap + tiles * GEMM_MR * sai, sak, sai, bp, N, c + tiles * GEMM_MR * N, N, jc, jn,
                                    pc == 0, (int)tail);
