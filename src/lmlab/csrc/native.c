@@ -1575,7 +1575,7 @@ enum { GEMM_PF_B = 1, GEMM_PF_A = 2 };
  * So the tile asks for them GEMM_PREFETCH k steps ahead: prefetch & GEMM_PF_B, B's row (the first
  * row tile over a block of B; the others find it in the cache), and & GEMM_PF_A, A''s (dW: its
  * mr floats of g's row, two cache lines). On the EPYC, two threads, nanoGPT's baby shapes, cold:
- * dW 2.25 -> 1.90 ms (A' and B), hot unchanged; a baby step ~2.5% faster with B's alone. */
+ * dW 2.25 -> 1.90 ms, hot unchanged; a baby step ~2.5% faster, a 10M one ~1%. */
 static inline __attribute__((always_inline)) void gemm_tile(int64_t kc, const float *a, int64_t sak, int64_t sai,
                                                              const float *b, int64_t ldb, float *c, int64_t ldc,
                                                              int first, const int mr, const int nv, const int prefetch) {
@@ -1615,6 +1615,8 @@ static inline __attribute__((always_inline)) void gemm_cols(int64_t kc, const fl
     if (j < j1) gemm_tile(kc, a, sak, sai, b + j, ldb, c + j, ldc, first, mr, 1, prefetch);
 }
 
+/* gemm_cols with a copy for each choice of prefetch, so the input's gradient (no A' prefetch) and
+ * the tiles after a block's first (no B prefetch) carry no prefetch instructions. */
 static inline __attribute__((always_inline)) void gemm_rows(int64_t kc, const float *a, int64_t sak, int64_t sai,
                                                              const float *b, int64_t ldb, float *c, int64_t ldc,
                                                              int64_t j0, int64_t j1, int first, const int mr,
