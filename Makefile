@@ -44,9 +44,12 @@ cross:
 			gcc-aarch64-linux-gnu qemu-user-static; } || \
 		echo "make cross: could not install gcc-aarch64-linux-gnu and qemu-user-static; the Arm tests will skip"
 
+# The suite in TEST_JOBS processes (pytest-xdist), a test file to each at a time: most tests wait on
+# one core (a subprocess, a server, a single-threaded step), so two take about half the time.
+TEST_JOBS ?= 2
 test: $(STAMP) browser cross
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_JOBS) --dist loadfile
 
 clean:
 	rm -rf $(VENV)

@@ -9,6 +9,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.setdefault("LMLAB_HOME", tempfile.mkdtemp(prefix="lmlab-test-home-"))
+# The CLI's output is read as a pipe gives it (tables 160 wide, cli/common.py). pytest-xdist's
+# workers (make test runs two) get COLUMNS=80 and LINES=24 from it, which a serial run has not.
+for name in ("COLUMNS", "LINES"):
+    os.environ.pop(name, None)
 sys.path.insert(0, str(Path(__file__).parent))  # tests import tiny.py and bundled.py
 
 import pytest  # noqa: E402

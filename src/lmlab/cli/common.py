@@ -16,9 +16,11 @@ PIPED_WIDTH = 160  # columns of tables on a piped stdout when COLUMNS is not set
 
 def size_consoles() -> None:
     """Fit the consoles to this run: COLUMNS when it is set, else the terminal's width; a piped
-    stdout gets 160 columns, so tables are not squeezed to 80. (stderr reads COLUMNS itself.)"""
+    stdout gets 160 columns, so tables are not squeezed to 80. (stderr reads COLUMNS itself.) A
+    piped stderr is not wrapped at all: a message's path or command stays whole on its line."""
     cols = os.environ.get("COLUMNS", "")
     out.width = None if out.is_terminal or cols.isdigit() else PIPED_WIDTH
+    err.soft_wrap = not err.is_terminal
 
 
 size_consoles()  # main() calls it again for each command
