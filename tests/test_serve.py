@@ -560,13 +560,15 @@ def test_health_503_while_loading_and_sigterm_drains_running_streams(tmp_path, c
     s = ServeProcess(["-m", MODEL], tmp_path, port=port)
     try:
         health = []  # (status code, status) from /health until it says ok
+        deadline = time.monotonic() + 180  # a load slowed by other work on the machine still fits
         while not health or health[-1][0] != 200:
-            assert s.proc.poll() is None and len(health) < 5000, s.stderr()
+            assert s.proc.poll() is None and time.monotonic() < deadline, s.stderr()
             try:
                 r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
                 health.append((r.status_code, r.json()["status"]))
             except httpx.TransportError:  # not listening yet
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         assert (503, "loading") in health and health[-1] == (200, "ok")
         url = s.wait_ready()
         first = httpx.post(
