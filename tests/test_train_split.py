@@ -72,7 +72,7 @@ def test_the_split_gradients_are_those_of_one_pass_over_all_rows(arch, workers, 
             split.reduce()
     finally:
         split.close()
-    assert abs(float(got_loss) - float(loss)) <= 1e-6 * float(loss)
+    assert abs(float(got_loss) - loss.item()) <= 1e-6 * loss.item()
     for p, w in zip(model.parameters(), want):
         assert (p.grad - w).abs().max() <= 1e-5 * w.abs().max(), (p.grad - w).abs().max()
     assert all(p.grad is None for r in split.params[1:] for p in r)  # the replicas' are handed over
