@@ -1,7 +1,8 @@
 """lmlab's trainer against a plain PyTorch loop written the way nanoGPT's train.py is, in one run.
 
 Part 1, speed: the same model (lmlab's Transformer, GPT-2 and Llama shapes), the same shapes, batch,
-precision (float32), initialisation and batches, trained N steps by each side, each side in its
+precision (float32), initialisation and batches, trained N steps by each side (at the presets' own
+batches, nanogpt-baby 12 x 64 and 10M 16 x 256, then the 10M shapes at half theirs), each side in its
 own process, the two taking turns a few steps at a time (``alternate.py``: the machine is
 shared, so load falls on both alike; its own process lets each run as its tool runs it). The
 plain loop is nanoGPT's: ``get_batch`` re-opens the memory map and stacks numpy slices each
@@ -66,8 +67,13 @@ from lmlab.train.loop import (
 )
 
 SHAPES = {
-    # name: (arch, n_layers, d_model, n_heads, block, batch)
+    # name: (arch, n_layers, d_model, n_heads, block, batch). The presets' own batches (nanogpt-baby
+    # and 10M, as `lmlab train --preset nanogpt-baby` and `--size 10M` run them), then the 10M
+    # shapes at half that batch, where the step's fixed costs (the gradients' sum and norm, AdamW,
+    # the wait for the slower share) weigh twice as much per token.
     "nanogpt-baby 0.8M": ("gpt2", 4, 128, 4, 64, 12),
+    "10M GPT-2 (6x384)": ("gpt2", 6, 384, 6, 256, 16),
+    "10M Llama (6x384)": ("llama", 6, 384, 6, 256, 16),
     "10M (6x384, block 256)": ("gpt2", 6, 384, 6, 256, 8),
     "llama 10M (6x384, 256)": ("llama", 6, 384, 6, 256, 8),
 }
