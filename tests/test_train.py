@@ -354,6 +354,15 @@ def test_runs_are_recorded_and_compare_overlays_their_loss_curves(corpus, home, 
     png = tmp_path / "cmp.png"
     assert main(["train", "--compare", ids[0], ids[1], "--plot", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # the --out folders name the same runs (the newest train run that wrote each)
+    capsys.readouterr()
+    folders = [str(tmp_path / "1e-3"), str(tmp_path / "3e-3")]
+    assert main(["train", "--compare", *folders, "--plot", str(png), "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)["runs"]] == ids
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--compare", str(tmp_path / "empty"), ids[0]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no recorded train run wrote") and "run id" in err, err
     from lmlab.runs.report import render_html
 
     with RunStore() as store:

@@ -88,7 +88,11 @@ def train(
         None, "--out", "-o", help="Output folder: checkpoint, then the HF model (default ./out)."
     ),
     resume: str = typer.Option(None, "--resume", help="Continue the run whose --out folder (or checkpoint) this is."),
-    compare: tuple[str, str] = typer.Option(None, "--compare", help="Overlay two train runs' loss curves."),
+    compare: tuple[str, str] = typer.Option(
+        None,
+        "--compare",
+        help="Overlay two train runs' loss curves: each a run id (a prefix, last, last-1) or a run's --out folder.",
+    ),
     plot: Path = typer.Option(None, "--plot", help="With --compare: the image to write (.png or .svg)."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="The progress bar (default on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
@@ -142,12 +146,27 @@ def train(
         )
 
 
+def _train_run(store, ref: str) -> dict:
+    """A run by its id (a prefix, 'last', 'last-N'), or, where ``ref`` is a folder, the newest train
+    run that wrote it."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return store.get(ref)
+    where = str(folder.resolve())
+    for run in store.list(limit=None, command="train"):
+        if (run.get("outputs") or {}).get("folder") == where:
+            return run
+    raise LmlabError(
+        f"no recorded train run wrote {ref}; pass a run id instead (`lmlab runs list --command train` shows them)."
+    )
+
+
 def _compare(ids: tuple[str, str], plot: Path | None, json_out: bool) -> None:
     from lmlab.runs import RunStore
     from lmlab.train.plots import save_loss_plot
 
     with RunStore() as store:
-        runs = [store.get(store.resolve_id(i)) for i in ids]
+        runs = [_train_run(store, i) for i in ids]
     for r in runs:
         if r.get("command") != "train":
             raise LmlabError(f"run {r['id']} is a {r.get('command')} run, not a train run; pass two train runs' ids.")

@@ -859,6 +859,7 @@ class _Loop:
         )
         run.outputs = {
             "out": str(self.out),
+            "folder": str(Path(self.out).resolve()),  # what `lmlab train --compare FOLDER` finds the run by
             "samples": self.history["samples"],
             "resume": f"lmlab train --resume {self.out}",
         }
