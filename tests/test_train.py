@@ -402,6 +402,10 @@ def test_bad_sizes_get_one_sentence(capsys, home, corpus, tmp_path):
     toml = tmp_path / "train.toml"
     toml.write_text("[train]\nn_layer = 4\n")
     assert "unknown key 'n_layer'" in bad(capsys, "--config", str(toml), "--no-record")
+    toml.write_text('steps = "five"\n')
+    assert "steps must be a whole number, not 'five'" in bad(capsys, "--config", str(toml), "--no-record")
+    toml.write_text("compile = 1\n")
+    assert "compile must be true or false, not 1" in bad(capsys, "--config", str(toml), "--no-record")
     err = bad(capsys, "--data", str(corpus), "--block-size", "4096", "--arch", "gpt2", "--no-record")
     assert "limit of 1024" in err
     err = bad(capsys, "--data", str(corpus), "--size", "50M", "--batch-size", "100000", "--no-record")

@@ -182,7 +182,23 @@ def toml_values(path: Path) -> dict:
             f"--config {path} has an unknown key {unknown[0]!r}.{suggest(unknown[0], names)} "
             "Use TrainConfig's field names."
         )
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():
+        accepted, kind = _TOML_TYPES.get(types[key], ((object,), ""))
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise LmlabError(f"--config {path}: {key} must be {kind}, not {value!r}; fix the file.")
+    return {k: float(v) if types[k] == "float" else v for k, v in values.items()}
+
+
+# What a TOML value of each TrainConfig field's type may be (the annotations are strings here).
+_TOML_TYPES = {
+    "int": ((int,), "a whole number"),
+    "float": ((int, float), "a number"),
+    "str": ((str,), "a string"),
+    "str | None": ((str,), "a string"),
+    "bool | None": ((bool,), "true or false"),
+}
 
 
 def model_config(
