@@ -186,7 +186,23 @@ def test_models_and_info_fit_100_columns(tiny_dir, monkeypatch, capsys):
     column = "".join(out.split())
     assert all(a.name in out and "".join(a.hub_id.split()) in column for a in ALIASES.values())
     assert main(["info", str(tiny_dir)]) == 0
-    fits(capsys.readouterr().out)
+    card = fits(capsys.readouterr().out)
+    assert main(["info", "-m", str(tiny_dir)]) == 0  # README: every command that runs a model takes -m
+    assert capsys.readouterr().out == card
+
+
+def test_the_model_as_first_argument_or_m_but_not_two_different_ones(tiny_dir, capsys):
+    for argv in (
+        ["info", "smollm2-135m", "-m", str(tiny_dir)],
+        ["quantize", "gpt2", "-m", str(tiny_dir), "-o", "x.gguf"],
+        ["eval", "perplexity", "gpt2", "-m", str(tiny_dir), "--data", "x.txt"],
+        ["finetune", "gpt2", "-m", str(tiny_dir), "--data", "x.jsonl"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: two models were given") and err.endswith("pass one."), (argv, err)
+    assert main(["info"]) == 2
+    assert "lmlab info MODEL (or -m MODEL)" in capsys.readouterr().err
 
 
 def test_the_bench_table_splits_rather_than_cuts_at_100_columns():

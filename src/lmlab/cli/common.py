@@ -85,6 +85,22 @@ def quant_opt():
     return typer.Option(None, "--quant", help=QUANT_HELP)
 
 
+def model_opt():
+    """``-m/--model`` for the commands that also take the model as their first argument."""
+    import typer
+
+    return typer.Option(None, "--model", "-m", help="The model, as the first argument takes it (pass one of the two).")
+
+
+def one_model(first: str | None, option: str | None, default: str | None = None) -> str | None:
+    """The model a command was given: its first argument or ``-m`` (the same one twice is fine)."""
+    if first is not None and option is not None and first != option:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError(f"two models were given ({first} as the first argument, {option} with -m); pass one.")
+    return option if option is not None else first if first is not None else default
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", quiet: bool = False, **kw):
     """lmlab.load with a status line on stderr (loading takes seconds). Ctrl-C during the load
     says so in one line (exit 130)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lmlab.cli.common import err, load_model, out, print_json, quant_opt
+from lmlab.cli.common import err, load_model, model_opt, one_model, out, print_json, quant_opt
 from lmlab.errors import LmlabError
 
 eval_app = typer.Typer(help="Evaluate: perplexity, tasks, majority vote, comparisons.", no_args_is_help=True)
@@ -28,7 +28,8 @@ def _read_text(path: Path) -> str:
 
 @eval_app.command("perplexity")
 def perplexity_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file (with --endpoint: the served name)."),
+    model: str = typer.Argument(None, help="Model name, folder or file (with --endpoint: the served name)."),
+    model_option: str = model_opt(),
     data: Path = typer.Option(..., "--data", help="Text file to score."),
     window: int = typer.Option(None, "--window", help="Tokens per window (default: the context, at most 1024)."),
     stride: int = typer.Option(None, "--stride", help="Tokens between window starts; = window: disjoint, as lm-eval."),
@@ -42,6 +43,7 @@ def perplexity_cmd(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Perplexity of a text (token, word and byte perplexity, bits per byte), with the most surprising tokens."""
+    model = one_model(model, model_option, DEFAULT_MODEL)
     from lmlab.eval.perplexity import perplexity, perplexity_endpoint
     from lmlab.runs import record_run
 
@@ -80,7 +82,8 @@ def perplexity_cmd(
 
 @eval_app.command("run")
 def run_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Model name, folder or file."),
+    model: str = typer.Argument(None, help="Model name, folder or file."),
+    model_option: str = model_opt(),
     task: str = typer.Option(
         ...,
         "--task",
@@ -106,6 +109,7 @@ def run_cmd(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Score a task: multiple choice on log-likelihood (acc, acc_norm) or generated answers (exact match)."""
+    model = one_model(model, model_option, DEFAULT_MODEL)
     from lmlab.eval.run import evaluate
     from lmlab.eval.tasks import get_task
     from lmlab.runs import record_run

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lmlab.cli.common import err, out, print_json
+from lmlab.cli.common import err, model_opt, one_model, out, print_json
 from lmlab.errors import LmlabError
 
 lora_app = typer.Typer(help="LoRA adapters: merge one into its base model.", no_args_is_help=True)
@@ -16,6 +16,7 @@ lora_app = typer.Typer(help="LoRA adapters: merge one into its base model.", no_
 
 def finetune(
     model: str = typer.Argument(None, help="The base model: a name, HF folder or .gguf file."),
+    model_option: str = model_opt(),
     data: str = typer.Option(None, "--data", help="JSONL rows: messages, prompt/completion or text."),
     lora: str = typer.Option(
         None, "--lora", help="r=16,alpha=32,dropout=0,targets=q,k,v,o,gate,up,down (rslora=1 for rsLoRA)."
@@ -51,9 +52,10 @@ def finetune(
     from lmlab.finetune.run import FinetuneConfig
     from lmlab.finetune.run import finetune as run_finetune
 
+    model = one_model(model, model_option)
     if resume is None:
         if model is None:
-            raise LmlabError("name the base model: lmlab finetune MODEL --data train.jsonl.")
+            raise LmlabError("name the base model: lmlab finetune MODEL --data train.jsonl (or -m MODEL).")
         if data is None:
             raise LmlabError("--data is required: a JSONL file of messages, prompt/completion or text rows.")
         if full and lora:

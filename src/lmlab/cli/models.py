@@ -7,8 +7,9 @@ from collections import defaultdict
 import typer
 from rich.table import Table
 
-from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.cli.common import err, load_model, model_opt, one_model, out, print_json
 from lmlab.config import ALIASES, ModelConfig
+from lmlab.errors import LmlabError
 
 
 def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
@@ -168,10 +169,14 @@ def info_card(lm) -> dict:
 
 
 def info(
-    model: str = typer.Argument(..., help="Model name, local path or hub id."),
+    model: str = typer.Argument(None, help="Model name, local path or hub id."),
+    model_option: str = model_opt(),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """An architecture card: config, parameters by component, bytes per dtype, how it differs from GPT-2."""
+    model = one_model(model, model_option)
+    if model is None:
+        raise LmlabError("name the model: lmlab info MODEL (or -m MODEL); `lmlab models` lists them.")
     lm = load_model(model, "float32")
     card = info_card(lm)
     if json_out:

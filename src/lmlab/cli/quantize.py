@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
-from lmlab.cli.common import err, load_model, out, print_json
+from lmlab.cli.common import err, load_model, model_opt, one_model, out, print_json
 from lmlab.errors import LmlabError
 
 
 def quantize(
-    model: str = typer.Argument(..., help="A float model: a local HF folder, an alias or a hub id."),
+    model: str = typer.Argument(None, help="A float model: a local HF folder, an alias or a hub id."),
+    model_option: str = model_opt(),
     to: str = typer.Option("q4", "--to", help="q8 (GGUF Q8_0) or q4 (GGUF Q4_1); groups of 32 values."),
     output: Path = typer.Option(..., "-o", "--output", help="The .gguf file to write."),
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -22,6 +23,9 @@ def quantize(
 
     from lmlab.quant.export import write_gguf
 
+    model = one_model(model, model_option)
+    if model is None:
+        raise LmlabError("name the float model to quantize: lmlab quantize MODEL -o OUT.gguf (or -m MODEL).")
     kind = to.lower()
     if kind not in ("q8", "q4"):
         raise LmlabError(f"--to takes q8 or q4, got {to!r}.")
