@@ -418,6 +418,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [49152]}, 400, "prompt"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+        400,
+        "messages[1].role",
+    ),
     ("/v1/completions", {"temperature": 0}, 400, "prompt"),
     ("/v1/completions", {"prompt": [100] * (CONTEXT + 1)}, 400, "prompt"),
     ("/v1/completions", {"prompt": [100] * (CONTEXT - 2), "max_tokens": 16}, 400, "max_tokens"),
@@ -449,6 +455,20 @@ def test_bad_input_gets_openai_error_json_naming_the_field(server, path, body, s
     assert err["type"] == "invalid_request_error" and err["message"]
     if "prompt" in body and isinstance(body["prompt"], list) and len(body["prompt"]) > 100:
         assert str(len(body["prompt"])) in err["message"] and str(CONTEXT) in err["message"]  # both lengths
+
+
+def test_a_developer_message_is_a_system_message(server):
+    ask = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    answers = [
+        post(
+            server,
+            "/v1/chat/completions",
+            {**ask, "messages": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+        ).json()
+        for role in ("developer", "system")
+    ]
+    assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
+    assert answers[0]["usage"] == answers[1]["usage"]
 
 
 def test_keys_bodies_and_json_errors(server):

@@ -188,12 +188,22 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
 
 
+# The roles a message may have, and the one the chat template gets: OpenAI's "developer" is its
+# newer name for "system", which is the name the models' templates know.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def chat_messages(messages: list[ChatMessage] | None) -> list[dict]:
     """The messages as the chat template takes them ({'role', 'content': str})."""
     if not messages:
         raise bad("messages", "messages must be a non-empty list of {'role': ..., 'content': ...}.")
     out = []
     for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise bad(
+                f"messages[{i}].role",
+                f"role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r} (this server does not call tools).",
+            )
         content = m.content
         if isinstance(content, list):
             if any(part.type != "text" for part in content):
@@ -202,7 +212,7 @@ def chat_messages(messages: list[ChatMessage] | None) -> list[dict]:
                     "only text content parts are supported; send {'type': 'text', 'text': ...}.",
                 )
             content = "".join(part.text or "" for part in content)
-        out.append({"role": m.role, "content": content or ""})
+        out.append({"role": CHAT_ROLES[m.role], "content": content or ""})
     return out
 
 
