@@ -525,3 +525,28 @@ def test_the_lean_adamw_step_equals_optimizer_step():
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k][n], s2[k][n]) for k in s1 for n in s1[k])
     assert float(s1[0]["step"]) == 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_timing_a_step_before_training_changes_nothing(workers):
+    """The time per 1,000 steps printed before training comes from two passes of a micro-batch
+    through the step's own path (``time_step``): they leave the weights, the RNG and every
+    gradient (the replicas' too) as they found them."""
+    from lmlab.train.config import TrainConfig
+    from lmlab.train.loop import Dist, LossModel, row_split, time_step
+
+    model, _ = _tiny_model_and_optimizer("gpt2")
+    tc = TrainConfig(n_layers=1, d_model=32, n_heads=2, batch_size=4, block_size=8, grad_accum=3)
+    split = row_split(model, workers, Dist(), "float32")
+    try:
+        before = [p.detach().clone() for p in model.parameters()]
+        rng = torch.get_rng_state()
+        seconds = time_step(LossModel(model), model, split, tc, Dist(), "float32")
+        assert seconds > 0
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert torch.equal(rng, torch.get_rng_state())
+        for params in split.params if split is not None else [list(model.parameters())]:
+            assert all(p.grad is None for p in params)
+    finally:
+        if split is not None:
+            split.close()

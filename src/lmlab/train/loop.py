@@ -45,12 +45,6 @@ from lmlab.train.checkpoint import (
 )
 from lmlab.train.config import TrainConfig, model_config
 
-# Of the measured matmul peak, what a training step of a small model reaches on a CPU (the
-# nanoGPT baby on the 2-core Xeon of README "Train": about 50% in float32, 6% in bf16, whose
-# peak is a big GEMM's): the time per 1,000 steps printed before training uses it.
-EXPECTED_MFU = {"float32": 0.4, "bfloat16": 0.06}
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -331,6 +325,32 @@ def planned_workers(tc: TrainConfig, cfg, dist: Dist, compiled: bool) -> int:
     return split_workers(tc.workers, tc.batch_size, torch.get_num_threads(), row_flops)
 
 
+def time_step(net, model: nn.Module, split, tc: TrainConfig, dist: Dist, precision: str) -> float:
+    """Seconds a step's forward and backward passes take here (its ``grad_accum`` micro-batches,
+    not AdamW's update): one micro-batch of zeros through the step's own path (``split`` or
+    ``net``), timed on the second of two passes (the first loads the native library, times each
+    product's routes and warms the allocator). The weights, AdamW's state, the data's position
+    and the RNG are untouched; the gradients are dropped."""
+    x = torch.zeros(tc.batch_size // dist.world, tc.block_size, dtype=torch.long, device=dist.device)
+    seconds = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        if split is not None:
+            with split.step():
+                split.forward_backward(x, x, 1.0)
+        else:
+            with autocast(dist.device, precision):
+                loss = net(x, x)
+            loss.backward()
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    for params in split.params if split is not None else [list(model.parameters())]:
+        for p in params:
+            p.grad = None
+    return seconds * tc.grad_accum
+
+
 def row_split(model: nn.Module, workers: int, dist: Dist, precision: str):
     """The ``RowSplit`` of ``workers`` threads a run trains with (``close()`` ends its threads),
     or None for one."""
@@ -526,7 +546,6 @@ def train(
 
     tokens_step = tc.tokens_per_step
     if dist.main:
-        est_s = 1000 * tokens_step * flops_tok / (peak * 1e9 * EXPECTED_MFU[precision] * dist.world) if peak else None
         log(
             f"model {cfg.family}-shaped Transformer · {n_params / 1e6:.2f}M parameters · {cfg.n_layers} layers · "
             f"{cfg.d_model} wide · {cfg.n_heads} heads · block {tc.block_size} · "
@@ -545,11 +564,6 @@ def train(
                 if workers > 1
                 else ""
             )
-        )
-        log(
-            f"estimated memory {mem / 2**20:,.0f} MiB a process · "
-            + (f"about {_fmt_time(est_s)} per 1,000 steps here" if est_s else "time per 1,000 steps unknown")
-            + (f" · resuming at step {start_step}" if start_step else "")
         )
 
     config_record = {
@@ -579,29 +593,36 @@ def train(
     )
     with run_ctx as run, _StopFlag() as stop, keep_freed_memory():  # steps reuse their memory
         split = row_split(model, workers, dist, precision)
-        loop = _Loop(
-            tc,
-            cfg,
-            model,
-            net,
-            opt,
-            batches,
-            eval_batches,
-            tok,
-            prompt,
-            dist,
-            precision,
-            history,
-            run,
-            data,
-            unigram,
-            peak,
-            flops_tok,
-            log,
-            progress,
-            split,
-        )
         try:
+            step_s = time_step(net, model, split, tc, dist, precision)
+            if dist.main:
+                log(
+                    f"estimated memory {mem / 2**20:,.0f} MiB a process · "
+                    + f"about {_fmt_time(1000 * step_s)} per 1,000 steps here (one step's passes timed)"
+                    + (f" · resuming at step {start_step}" if start_step else "")
+                )
+            loop = _Loop(
+                tc,
+                cfg,
+                model,
+                net,
+                opt,
+                batches,
+                eval_batches,
+                tok,
+                prompt,
+                dist,
+                precision,
+                history,
+                run,
+                data,
+                unigram,
+                peak,
+                flops_tok,
+                log,
+                progress,
+                split,
+            )
             summary = loop.run(start_step, stop)
         finally:
             if split is not None:
