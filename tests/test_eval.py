@@ -317,4 +317,7 @@ def test_endpoint_requests_go_out_concurrently_and_bad_settings_are_named(capsys
     with pytest.raises(LmlabError, match=r"could not reach http://127.0.0.1:9/v1/completions"):
         backend.generate("hi", max_new_tokens=2, stop=[])
     code = main(["eval", "run", "--task", "arithmetic", "--endpoint", "http://127.0.0.1:9", "--no-record"])
-    assert code == 2 and "could not list the models at http://127.0.0.1:9/v1/models" in capsys.readouterr().err
+    assert code == 2 and "could not reach http://127.0.0.1:9/v1/models" in capsys.readouterr().err
+    # the default model's name, given, is the served model asked for (no listing of the models)
+    argv = ["eval", "run", "smollm2-135m", "--task", "arithmetic", "--endpoint", "http://127.0.0.1:9", "--no-record"]
+    assert main(argv) == 2 and "could not reach http://127.0.0.1:9/v1/completions" in capsys.readouterr().err

@@ -43,12 +43,12 @@ def perplexity_cmd(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Perplexity of a text (token, word and byte perplexity, bits per byte), with the most surprising tokens."""
-    model = one_model(model, model_option, DEFAULT_MODEL)
     from lmlab.eval.perplexity import perplexity, perplexity_endpoint
     from lmlab.runs import record_run
 
     text = _read_text(data)
-    backend = _endpoint(endpoint, model, api_key, concurrency)
+    backend = _endpoint(endpoint, one_model(model, model_option), api_key, concurrency)
+    model = backend.name if backend else one_model(model, model_option, DEFAULT_MODEL)
     lm = None if backend else load_model(model, dtype, quant=quant)
     config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype, "quant": quant}
     config["endpoint"] = endpoint
@@ -109,13 +109,14 @@ def run_cmd(
     no_record: bool = typer.Option(False, "--no-record"),
 ):
     """Score a task: multiple choice on log-likelihood (acc, acc_norm) or generated answers (exact match)."""
-    model = one_model(model, model_option, DEFAULT_MODEL)
     from lmlab.eval.run import evaluate
     from lmlab.eval.tasks import get_task
     from lmlab.runs import record_run
 
     t = get_task(task, items, seed, extract)
-    lm = _endpoint(endpoint, model, api_key, concurrency) or load_model(model, dtype, quant=quant)
+    backend = _endpoint(endpoint, one_model(model, model_option), api_key, concurrency)
+    model = backend.name if backend else one_model(model, model_option, DEFAULT_MODEL)
+    lm = backend or load_model(model, dtype, quant=quant)
     config = {
         "endpoint": endpoint,
         "task": t.name,
@@ -186,12 +187,12 @@ def run_cmd(
 
 
 def _endpoint(url, model, api_key, concurrency):
-    """The server backend for --endpoint (MODEL names the served model; the default picks the first)."""
+    """The server backend for --endpoint (MODEL names the served model; None picks the first)."""
     if not url:
         return None
     from lmlab.eval.backends import EndpointBackend
 
-    return EndpointBackend(url, None if model == DEFAULT_MODEL else model, api_key, concurrency)
+    return EndpointBackend(url, model, api_key, concurrency)
 
 
 def _pct(p: float, ci) -> str:
@@ -318,7 +319,9 @@ def judge_cmd(
     if rubric is None and len(sides) != 2:
         raise LmlabError(f"pairwise judging takes two runs (--runs A --runs B), got {len(sides)}; or pass --rubric.")
     rubric_text = _read_text(rubric) if rubric else None
-    backend = _endpoint(endpoint, judge, api_key, concurrency) or LocalBackend(load_model(judge, dtype, quant=quant))
+    served = None if judge == DEFAULT_MODEL else judge  # --judge left as it is: the server's first model
+    backend = _endpoint(endpoint, served, api_key, concurrency) or LocalBackend(load_model(judge, dtype, quant=quant))
+    judge = backend.name if endpoint else judge
     config = {"runs": [s[0] for s in sides], "judge": judge, "rubric": str(rubric) if rubric else None}
     with record_run("eval judge", model=judge, config=config, record=not no_record) as run:
         if rubric_text is not None:

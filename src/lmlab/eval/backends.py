@@ -109,9 +109,14 @@ class EndpointBackend:
         import httpx
 
         try:
-            data = self.http.get(self.base + "/models").json()["data"]
-            return data[0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            r = self.http.get(self.base + "/models")
+        except httpx.HTTPError as e:
+            raise LmlabError(
+                f"could not reach {self.base}/models ({e}); check the URL and that the server runs."
+            ) from None
+        try:
+            return r.json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
             raise LmlabError(
                 f"could not list the models at {self.base}/models; name the model: lmlab eval run MODEL --endpoint URL."
             ) from None
