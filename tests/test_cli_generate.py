@@ -47,6 +47,20 @@ def test_json_output_and_stats_on_stderr(tiny_dir, capsys):
     assert data["timings"]["decode_tok_s"] > 0
 
 
+def test_a_weights_file_of_a_hf_folder_names_the_folder(tiny_dir, tmp_path, capsys):
+    weights = sorted(tiny_dir.glob("*.safetensors"))[0]
+    outs = []
+    for model in (tiny_dir, weights):
+        argv = ["generate", "hello", "-m", str(model), "--max-new-tokens", "4", "--temperature", "0", "--json"]
+        assert main([*argv, "--no-record"]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["results"][0]["token_ids"])
+    assert outs[0] == outs[1]
+    alone = tmp_path / "alone.safetensors"  # no config.json beside it: one sentence
+    alone.write_bytes(weights.read_bytes())
+    assert main(["generate", "hello", "-m", str(alone), "--no-record"]) == 2
+    assert "is not a model lmlab can read" in capsys.readouterr().err
+
+
 def test_prompts_file_runs_as_a_batch(tiny_dir, tmp_path, capsys):
     f = tmp_path / "prompts.txt"
     f.write_text("one\ntwo two\n\nthree three three\n")

@@ -97,8 +97,8 @@ def resolve(name: str) -> Resolved:
             return Resolved("gguf", p, name)
         if p.suffix in (".pt", ".pth", ".ckpt"):
             return Resolved("nanogpt", p, name)
-        if p.name == "config.json":
-            return Resolved("hf", p.parent, name)
+        if p.name == "config.json" or (p.suffix == ".safetensors" and (p.parent / "config.json").is_file()):
+            return Resolved("hf", p.parent, name)  # a file of a HF folder: the folder
         raise LmlabError(f"{p} is not a model lmlab can read; use a HF folder, a .gguf file or a nanoGPT ckpt.pt.")
 
     alias = ALIASES.get(name.lower())
