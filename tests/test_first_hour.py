@@ -83,6 +83,10 @@ def test_readme_first_hour_lines_all_exit_0(cached_load, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     lines = first_hour_lines()
     assert len(lines) >= 10 and lines[0] == ["models"]
+    from lmlab.runs import RunStore
+
+    with RunStore() as store:
+        before = {r["id"] for r in store.list(limit=None)}
     ran = []
     for words in lines:
         argv = words + FAST.get(words[0], [])
@@ -94,10 +98,14 @@ def test_readme_first_hour_lines_all_exit_0(cached_load, monkeypatch, capsys):
     by = {name: (out, err) for name, out, err in ran}
     assert "bot> " in by["chat"][0]
     assert "induction heads" in by["induction"][0]
-    # every run above was recorded, and `runs list` (the last line) shows them
-    assert ran[-1][0] == "runs"
+    # every run above was recorded, and `runs list` (the last line) lists runs. The store may be
+    # shared with tests running beside this one (make test runs two processes), whose runs can
+    # fill the list's 20 rows; so what was recorded is read from the store, by command and model.
+    assert ran[-1][0] == "runs" and " id " in by["runs"][0]
+    with RunStore() as store:
+        mine = {(r["command"], r["model"]) for r in store.list(limit=None) if r["id"] not in before}
     for name in ("generate", "inspect", "steer", "induction"):
-        assert name in by["runs"][0]
+        assert (name, "smollm2-135m") in mine, (name, sorted(mine))
 
 
 def test_readme_python_snippet_runs(cached_load, monkeypatch, capsys):

@@ -46,9 +46,10 @@ def perplexity_cmd(
     from lmlab.eval.perplexity import perplexity, perplexity_endpoint
     from lmlab.runs import record_run
 
+    given = one_model(model, model_option)  # two different ones are refused before anything is read
     text = _read_text(data)
-    backend = _endpoint(endpoint, one_model(model, model_option), api_key, concurrency)
-    model = backend.name if backend else one_model(model, model_option, DEFAULT_MODEL)
+    backend = _endpoint(endpoint, given, api_key, concurrency)
+    model = backend.name if backend else given or DEFAULT_MODEL
     lm = None if backend else load_model(model, dtype, quant=quant)
     config = {"data": str(data), "window": window, "stride": stride, "dtype": dtype, "quant": quant}
     config["endpoint"] = endpoint
@@ -113,9 +114,10 @@ def run_cmd(
     from lmlab.eval.tasks import get_task
     from lmlab.runs import record_run
 
+    given = one_model(model, model_option)  # two different ones are refused before anything is read
     t = get_task(task, items, seed, extract)
-    backend = _endpoint(endpoint, one_model(model, model_option), api_key, concurrency)
-    model = backend.name if backend else one_model(model, model_option, DEFAULT_MODEL)
+    backend = _endpoint(endpoint, given, api_key, concurrency)
+    model = backend.name if backend else given or DEFAULT_MODEL
     lm = backend or load_model(model, dtype, quant=quant)
     config = {
         "endpoint": endpoint,
