@@ -8,6 +8,8 @@ import sys
 
 from rich.console import Console
 
+from lmlab.errors import LmlabError
+
 # Content goes to stdout; stats, progress and errors to stderr, so pipes stay clean.
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -95,8 +97,6 @@ def model_opt():
 def one_model(first: str | None, option: str | None, default: str | None = None) -> str | None:
     """The model a command was given: its first argument or ``-m`` (the same one twice is fine)."""
     if first is not None and option is not None and first != option:
-        from lmlab.errors import LmlabError
-
         raise LmlabError(f"two models were given ({first} as the first argument, {option} with -m); pass one.")
     return option if option is not None else first if first is not None else default
 
