@@ -197,12 +197,16 @@ def test_the_model_as_first_argument_or_m_but_not_two_different_ones(tiny_dir, c
         ["quantize", "gpt2", "-m", str(tiny_dir), "-o", "x.gguf"],
         ["eval", "perplexity", "gpt2", "-m", str(tiny_dir), "--data", "x.txt"],
         ["finetune", "gpt2", "-m", str(tiny_dir), "--data", "x.jsonl"],
+        ["lora", "merge", "gpt2", "ad", "-m", str(tiny_dir), "-o", "out"],
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: two models were given") and err.endswith("pass one."), (argv, err)
     assert main(["info"]) == 2
     assert "lmlab info MODEL (or -m MODEL)" in capsys.readouterr().err
+    for argv in (["lora", "merge", "-m", str(tiny_dir), "-o", "out"], ["lora", "merge", "-o", "out"]):
+        assert main(argv) == 2, argv
+        assert "name the base model and the adapter folder" in capsys.readouterr().err, argv
 
 
 def test_the_bench_table_splits_rather_than_cuts_at_100_columns():

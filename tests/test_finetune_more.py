@@ -292,7 +292,7 @@ def test_lora_merge_writes_a_folder_transformers_loads_for_each_family(family_di
         theirs = peft.PeftModel.from_pretrained(hf, str(ad)).eval()(IDS).logits
     assert (theirs - applied).abs().max() <= 1e-4, (theirs - applied).abs().max()
 
-    assert main(["lora", "merge", str(folder), str(ad), "-o", str(tmp_path / "merged")]) == 0
+    assert main(["lora", "merge", "-m", str(folder), str(ad), "-o", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     assert (hf_logits(tmp_path / "merged") - applied).abs().max() <= 1e-4
     merged = lmlab.load(tmp_path / "merged")(IDS)

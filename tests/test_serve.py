@@ -415,6 +415,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),  # OpenAI refuses it too
+    ("/v1/completions", {"prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": [49152]}, 400, "prompt"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),

@@ -125,14 +125,21 @@ def finetune(
 
 @lora_app.command("merge")
 def lora_merge(
-    model: str = typer.Argument(..., help="The base model the adapter was trained on."),
-    adapter: str = typer.Argument(..., help="The adapter folder (lmlab's or PEFT's)."),
+    model: str | None = typer.Argument(None, help="The base model the adapter was trained on (or -m)."),
+    adapter: str | None = typer.Argument(None, help="The adapter folder (lmlab's or PEFT's)."),
+    model_option: str | None = model_opt(),
     out_dir: str = typer.Option(..., "--out", "-o", help="The HF folder to write."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ):
-    """Fold a LoRA adapter into its base model's weights and write a HF model folder."""
+    """Fold a LoRA adapter into its base model's weights and write a HF model folder:
+    ``lmlab lora merge BASE ADAPTER -o OUT`` or ``lmlab lora merge -m BASE ADAPTER -o OUT``."""
     from lmlab.finetune.export import merge_adapter
 
+    if model_option is not None and adapter is None:  # -m BASE ADAPTER: the one argument is the adapter
+        model, adapter = None, model
+    model = one_model(model, model_option)
+    if model is None or adapter is None:
+        raise LmlabError("name the base model and the adapter folder: lmlab lora merge BASE ADAPTER -o OUT.")
     summary = merge_adapter(model, adapter, out_dir)
     if json_out:
         print_json(summary)

@@ -1,8 +1,9 @@
 """The OpenAI wire format: request bodies, their checks, and the JSON the server answers with.
 
-Request bodies are pydantic models that accept what OpenAI's API and vLLM accept (unknown fields
-are ignored, as vLLM does). Types are checked by pydantic; ranges are checked here, each with a
-sentence that names the field, so a client sees ``{"error": {"message", "type", "param",
+Request bodies are pydantic models with OpenAI's fields and vLLM's extra sampling knobs (unknown
+fields are ignored, as vLLM does). Types are checked by pydantic, strictly as OpenAI's API checks
+them (a number sent as a string is refused); ranges are checked here, each with a sentence that
+names the field, so a client sees ``{"error": {"message", "type", "param",
 "code"}}`` and knows what to fix.
 """
 
@@ -60,14 +61,20 @@ def bad(param: str, message: str) -> ApiError:
 # ----------------------------------------------------------------------------------------- requests
 
 
+# "max_tokens": "5" or "stream": "yes" is a 400 naming the field, not a string quietly read as a
+# number (an int is still a valid float).
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class Knobs(BaseModel):
     """The sampling fields both endpoints share: OpenAI's, then lmlab's others (as vLLM takes them)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     temperature: float | None = None  # default 1.0; 0 = greedy
@@ -99,13 +106,13 @@ class CompletionRequest(Knobs):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -122,7 +129,7 @@ class ChatRequest(Knobs):
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -132,7 +139,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: str | None = None
     tokens: list[int]
 
