@@ -24,7 +24,17 @@ app = typer.Typer(
 
 # Modules with a register(app) function, in the order their commands appear in --help.
 COMMAND_MODULES = [
-    "models", "generate", "inspect_cmds", "bench", "quantize", "serve", "eval", "train", "finetune", "merge", "runs"
+    "models",
+    "generate",
+    "inspect_cmds",
+    "bench",
+    "quantize",
+    "serve",
+    "eval",
+    "train",
+    "finetune",
+    "merge",
+    "runs",
 ]
 
 _DEBUG = False

@@ -47,8 +47,18 @@ from lmlab.runs.store import (
     to_json,
 )
 
-__all__ = ["record_run", "Run", "RunStore", "StoreUnavailable", "file_hash", "diff_runs", "lmlab_home",
-           "default_db_path", "status_label", "SCHEMA_VERSION"]
+__all__ = [
+    "record_run",
+    "Run",
+    "RunStore",
+    "StoreUnavailable",
+    "file_hash",
+    "diff_runs",
+    "lmlab_home",
+    "default_db_path",
+    "status_label",
+    "SCHEMA_VERSION",
+]
 
 CHECKPOINT_MIN_INTERVAL_S = 0.25  # checkpoint() more often than this is coalesced (s)
 
@@ -64,8 +74,18 @@ class Run:
     ``id`` is None for a run made with ``record=False`` (nothing is written).
     """
 
-    def __init__(self, command: str, *, model: str | None, model_path: str | None, config: dict | None,
-                 seed: int | None, inputs: dict | None, argv: list[str] | None, record: bool):
+    def __init__(
+        self,
+        command: str,
+        *,
+        model: str | None,
+        model_path: str | None,
+        config: dict | None,
+        seed: int | None,
+        inputs: dict | None,
+        argv: list[str] | None,
+        record: bool,
+    ):
         self.command = command
         self.model = model
         self.model_path = str(model_path) if model_path is not None else None
@@ -112,13 +132,28 @@ class Run:
     def as_dict(self) -> dict:
         """The run as ``RunStore.get`` would return it."""
         return {
-            "id": self.id, "created": iso_time(self.created), "finished": iso_time(self.finished),
+            "id": self.id,
+            "created": iso_time(self.created),
+            "finished": iso_time(self.finished),
             "duration_s": round(self.finished - self.created, 3) if self.finished else None,
-            "command": self.command, "argv": self.argv, "model": self.model, "model_path": self.model_path,
-            "model_hash": self.model_hash, "config": self.config, "seed": self.seed, "inputs": self.inputs,
-            "outputs": self.outputs, "metrics": self.metrics, "timings": self.timings,
-            "versions": package_versions(), "host": host_details(), "status": self.status,
-            "incomplete": False, "error": self.error, "pid": os.getpid(), "hostname": platform.node(),
+            "command": self.command,
+            "argv": self.argv,
+            "model": self.model,
+            "model_path": self.model_path,
+            "model_hash": self.model_hash,
+            "config": self.config,
+            "seed": self.seed,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "versions": package_versions(),
+            "host": host_details(),
+            "status": self.status,
+            "incomplete": False,
+            "error": self.error,
+            "pid": os.getpid(),
+            "hostname": platform.node(),
         }
 
     def __repr__(self) -> str:
@@ -128,11 +163,25 @@ class Run:
 
     def _row(self) -> dict:
         return {
-            "id": self.id, "created": self.created, "finished": self.finished, "command": self.command,
-            "argv": self.argv, "model": self.model, "model_path": self.model_path, "model_hash": self.model_hash,
-            "config": self.config, "seed": self.seed, "inputs": self.inputs, "outputs": self.outputs,
-            "metrics": self.metrics, "timings": self.timings, "versions": package_versions(),
-            "host": host_details(), "status": self.status, "error": self.error, "pid": os.getpid(),
+            "id": self.id,
+            "created": self.created,
+            "finished": self.finished,
+            "command": self.command,
+            "argv": self.argv,
+            "model": self.model,
+            "model_path": self.model_path,
+            "model_hash": self.model_hash,
+            "config": self.config,
+            "seed": self.seed,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "versions": package_versions(),
+            "host": host_details(),
+            "status": self.status,
+            "error": self.error,
+            "pid": os.getpid(),
             "hostname": platform.node(),
         }
 
@@ -161,10 +210,18 @@ class Run:
     def _save(self) -> None:
         if self._store is not None:
             try:
-                self._store.update_run(self.id, {"outputs": self.outputs, "metrics": self.metrics,
-                                                 "timings": self.timings, "status": self.status,
-                                                 "error": self.error, "finished": self.finished,
-                                                 "model_hash": self.model_hash})
+                self._store.update_run(
+                    self.id,
+                    {
+                        "outputs": self.outputs,
+                        "metrics": self.metrics,
+                        "timings": self.timings,
+                        "status": self.status,
+                        "error": self.error,
+                        "finished": self.finished,
+                        "model_hash": self.model_hash,
+                    },
+                )
                 return
             except StoreUnavailable as e:
                 self._fall_back(e.reason)
@@ -183,8 +240,10 @@ class Run:
         except OSError:
             self._fallback_path = None
             return  # said with the JSON itself when the run ends (see _finish)
-        sys.stderr.write(f"lmlab: could not record run {self.id} in {self._db_path} ({reason}); "
-                         f"it is being written to {path} instead (`lmlab runs import {path}` adds it later).\n")
+        sys.stderr.write(
+            f"lmlab: could not record run {self.id} in {self._db_path} ({reason}); "
+            f"it is being written to {path} instead (`lmlab runs import {path}` adds it later).\n"
+        )
 
     def _fallback_json(self) -> str:
         """The run as JSON, with why it is not in the store."""
@@ -202,9 +261,11 @@ class Run:
         self.status, self.error, self.finished = status, error, time.time()
         self._save()
         if self._store is None and self._fallback_path is None:
-            sys.stderr.write(f"lmlab: could not record run {self.id} in {self._db_path} ({self._fallback_reason}) "
-                             f"and {_fallback_dir()} is not writable either; here is the run as JSON: "
-                             f"{self._fallback_json()}\n")
+            sys.stderr.write(
+                f"lmlab: could not record run {self.id} in {self._db_path} ({self._fallback_reason}) "
+                f"and {_fallback_dir()} is not writable either; here is the run as JSON: "
+                f"{self._fallback_json()}\n"
+            )
         self._release_store()
 
     def _release_store(self) -> None:
@@ -235,18 +296,28 @@ def _error_text(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def record_run(command: str, *, model: str | None = None, model_path: str | os.PathLike | None = None,
-               config: dict | None = None, seed: int | None = None, inputs: dict | None = None,
-               record: bool = True, wandb: bool | None = None, argv: list[str] | None = None,
-               store: RunStore | None = None) -> Iterator[Run]:
+def record_run(
+    command: str,
+    *,
+    model: str | None = None,
+    model_path: str | os.PathLike | None = None,
+    config: dict | None = None,
+    seed: int | None = None,
+    inputs: dict | None = None,
+    record: bool = True,
+    wandb: bool | None = None,
+    argv: list[str] | None = None,
+    store: RunStore | None = None,
+) -> Iterator[Run]:
     """Record one run of ``command`` (see the module docstring for the life of a run).
 
     ``model_path``: the model file or folder; its sha256 is stored (cached by path, size, mtime).
     ``record=False``: a run object that writes nothing. ``wandb``: mirror to wandb at the end
     (None: read LMLAB_WANDB). ``argv``: default sys.argv. ``store``: default the one in LMLAB_HOME.
     """
-    run = Run(command, model=model, model_path=model_path, config=config, seed=seed, inputs=inputs,
-              argv=argv, record=record)
+    run = Run(
+        command, model=model, model_path=model_path, config=config, seed=seed, inputs=inputs, argv=argv, record=record
+    )
     if not record:
         yield run
         return

@@ -102,11 +102,47 @@ SCHEMA_VERSION = len(MIGRATIONS)
 JSON_COLUMNS = ("argv", "config", "inputs", "outputs", "metrics", "timings", "versions", "host")
 # serve_requests: seq counts a run's requests from 1; created is unix seconds; status the HTTP status;
 # prompt and output are NULL when the server ran with --no-log-text.
-REQUEST_COLUMNS = ("run_id", "seq", "request_id", "created", "endpoint", "model", "status", "stream", "prompt_tokens",
-                   "completion_tokens", "finish_reasons", "params", "timings", "prompt", "output", "error")
+REQUEST_COLUMNS = (
+    "run_id",
+    "seq",
+    "request_id",
+    "created",
+    "endpoint",
+    "model",
+    "status",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reasons",
+    "params",
+    "timings",
+    "prompt",
+    "output",
+    "error",
+)
 REQUEST_JSON_COLUMNS = ("finish_reasons", "params", "timings", "prompt", "output")
-COLUMNS = ("id", "created", "finished", "command", "argv", "model", "model_path", "model_hash", "config", "seed",
-           "inputs", "outputs", "metrics", "timings", "versions", "host", "status", "error", "pid", "hostname")
+COLUMNS = (
+    "id",
+    "created",
+    "finished",
+    "command",
+    "argv",
+    "model",
+    "model_path",
+    "model_hash",
+    "config",
+    "seed",
+    "inputs",
+    "outputs",
+    "metrics",
+    "timings",
+    "versions",
+    "host",
+    "status",
+    "error",
+    "pid",
+    "hostname",
+)
 
 # Files that define a model when model_path is a folder (weights, config, tokenizer).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".model", ".txt", ".tiktoken")
@@ -121,11 +157,15 @@ class StoreUnavailable(LmlabError):
     def __init__(self, path: Path, reason: str):
         self.path, self.reason = path, reason
         if is_damage(reason):
-            super().__init__(f"the run store at {path} is damaged ({reason}); `lmlab runs check --move-aside` moves "
-                             "it aside (keeping every run it can still read) and starts a new one.")
+            super().__init__(
+                f"the run store at {path} is damaged ({reason}); `lmlab runs check --move-aside` moves "
+                "it aside (keeping every run it can still read) and starts a new one."
+            )
         else:
-            super().__init__(f"could not use the run store at {path} ({reason}); free disk space, make the folder "
-                             "writable, or set LMLAB_HOME to another folder.")
+            super().__init__(
+                f"could not use the run store at {path} ({reason}); free disk space, make the folder "
+                "writable, or set LMLAB_HOME to another folder."
+            )
 
 
 DAMAGE_WORDS = ("not a database", "malformed", "corrupt", "disk image")
@@ -232,8 +272,18 @@ def package_versions() -> dict:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for dist in ("lmlab", "torch", "numpy", "transformers", "tokenizers", "safetensors", "gguf", "huggingface_hub",
-                 "llama_cpp_python", "wandb"):
+    for dist in (
+        "lmlab",
+        "torch",
+        "numpy",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "gguf",
+        "huggingface_hub",
+        "llama_cpp_python",
+        "wandb",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -383,8 +433,10 @@ class RunStore:
 
     def _refuse_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
-            raise LmlabError(f"{self.path} was written by a newer lmlab (schema v{version}, this one knows "
-                             f"v{SCHEMA_VERSION}); upgrade lmlab or set LMLAB_HOME to another folder.")
+            raise LmlabError(
+                f"{self.path} was written by a newer lmlab (schema v{version}, this one knows "
+                f"v{SCHEMA_VERSION}); upgrade lmlab or set LMLAB_HOME to another folder."
+            )
 
     def _migrate(self) -> None:
         """Apply the missing migrations in one transaction (another process may be doing it too)."""
@@ -458,8 +510,7 @@ class RunStore:
         for _ in range(50):
             values = tuple(to_json(row.get(c)) if c in JSON_COLUMNS else row.get(c) for c in COLUMNS)
             try:
-                self._write(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                            values)
+                self._write(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
                 return row["id"]
             except sqlite3.IntegrityError:
                 row["id"] = new_run_id(row.get("created"))  # same second, same random suffix: retry
@@ -471,10 +522,17 @@ class RunStore:
             return
         if self._conn is None:
             raise StoreUnavailable(self.path, "the store is closed")
-        sql = (f"INSERT OR REPLACE INTO serve_requests ({', '.join(REQUEST_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})")
-        values = [tuple(run_id if c == "run_id" else to_json(row.get(c)) if c in REQUEST_JSON_COLUMNS else row.get(c)
-                        for c in REQUEST_COLUMNS) for row in rows]
+        sql = (
+            f"INSERT OR REPLACE INTO serve_requests ({', '.join(REQUEST_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})"
+        )
+        values = [
+            tuple(
+                run_id if c == "run_id" else to_json(row.get(c)) if c in REQUEST_JSON_COLUMNS else row.get(c)
+                for c in REQUEST_COLUMNS
+            )
+            for row in rows
+        ]
 
         def insert():
             self._conn.execute("BEGIN IMMEDIATE")
@@ -502,16 +560,19 @@ class RunStore:
 
     def _cached_file_hash(self, path: str, size: int, mtime_ns: int) -> str | None:
         try:
-            rows = self._read("SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
-                              (path, size, mtime_ns))
+            rows = self._read(
+                "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?", (path, size, mtime_ns)
+            )
         except StoreUnavailable:
             return None
         return rows[0][0] if rows else None
 
     def _remember_file_hash(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         try:
-            self._write("INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, sha256, hashed_at) "
-                        "VALUES (?, ?, ?, ?, ?)", (path, size, mtime_ns, digest, time.time()))
+            self._write(
+                "INSERT OR REPLACE INTO file_hashes (path, size, mtime_ns, sha256, hashed_at) VALUES (?, ?, ?, ?, ?)",
+                (path, size, mtime_ns, digest, time.time()),
+            )
         except StoreUnavailable:
             pass  # the cache is an optimisation: a full disk must not stop the hash
 
@@ -528,8 +589,9 @@ class RunStore:
         run["incomplete"] = raw["status"] == "running" and alive is False
         return run
 
-    def list(self, limit: int | None = 20, command: str | None = None, model: str | None = None,
-             search: str | None = None) -> list[dict]:
+    def list(
+        self, limit: int | None = 20, command: str | None = None, model: str | None = None, search: str | None = None
+    ) -> list[dict]:
         """Runs, newest first. ``search`` is a case-insensitive substring of the command, model,
         config, inputs, outputs or error; ``command`` and ``model`` match exactly."""
         where, params = [], []
@@ -579,8 +641,10 @@ class RunStore:
             back = int(text[5:]) if text != "last" else 0
             rows = self._read("SELECT id FROM runs ORDER BY created DESC, id DESC LIMIT 1 OFFSET ?", (back,))
             if not rows:
-                raise LmlabError(f"there is no run '{run_id}' (the store holds {self.count()} runs); "
-                                 "`lmlab runs list` shows the ids.")
+                raise LmlabError(
+                    f"there is no run '{run_id}' (the store holds {self.count()} runs); "
+                    "`lmlab runs list` shows the ids."
+                )
             return rows[0][0]
         if not text or any(ch not in "0123456789abcdef" for ch in text):
             raise LmlabError(f"no run with id '{run_id}'; `lmlab runs list` shows the ids.")
@@ -592,8 +656,10 @@ class RunStore:
             return text
         if len(rows) > 1:
             shown = ", ".join(ids[:5])
-            raise LmlabError(f"run id '{run_id}' matches several runs ({shown}{', ...' if len(rows) > 5 else ''}); "
-                             "give more of the id.")
+            raise LmlabError(
+                f"run id '{run_id}' matches several runs ({shown}{', ...' if len(rows) > 5 else ''}); "
+                "give more of the id."
+            )
         return rows[0][0]
 
     def get(self, run_id: str) -> dict:
@@ -622,7 +688,6 @@ class RunStore:
         return diff_runs(self.get(a), self.get(b))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Diff
 
@@ -640,8 +705,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out[prefix] = value
         for k, v in value.items():
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(value, list) and value and not all(
-            isinstance(x, (int, float, bool)) or x is None for x in value):
+    elif isinstance(value, list) and value and not all(isinstance(x, (int, float, bool)) or x is None for x in value):
         for i, v in enumerate(value):
             out.update(flatten(v, f"{prefix}[{i}]"))
     else:
@@ -753,16 +817,17 @@ def move_aside(path: str | os.PathLike | None = None) -> dict:
             if side.exists():
                 side.rename(target.with_name(target.name + suffix))
     except OSError as e:
-        raise LmlabError(f"could not move {p} aside ({e.strerror or e}); move it by hand, e.g. "
-                         f"mv {p} {target}") from e
+        raise LmlabError(f"could not move {p} aside ({e.strerror or e}); move it by hand, e.g. mv {p} {target}") from e
     rows = _readable_rows(target)
     recovered = 0
     with RunStore(p) as store:
         for row in rows:
             names = list(row)
             try:
-                recovered += store._write(f"INSERT OR IGNORE INTO runs ({', '.join(names)}) "
-                                          f"VALUES ({', '.join('?' * len(names))})", tuple(row.values()))
+                recovered += store._write(
+                    f"INSERT OR IGNORE INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                    tuple(row.values()),
+                )
             except sqlite3.Error:
                 continue
     return {"moved_to": str(target), "recovered": recovered}
@@ -779,8 +844,10 @@ def import_run(store: RunStore, run: dict) -> str:
     """Add a run given as the dict ``RunStore.get`` returns (e.g. the JSON file a run falls back to
     when the store cannot be written). Returns its id; refuses an id that is already stored."""
     if not isinstance(run, dict) or not run.get("id") or not run.get("command") or not run.get("created"):
-        raise LmlabError("this is not an lmlab run (it needs an id, a command and a created time); pass a file "
-                         "that lmlab wrote, e.g. /tmp/lmlab-run-<id>.json.")
+        raise LmlabError(
+            "this is not an lmlab run (it needs an id, a command and a created time); pass a file "
+            "that lmlab wrote, e.g. /tmp/lmlab-run-<id>.json."
+        )
     if store._read("SELECT 1 FROM runs WHERE id = ?", (run["id"],)):
         raise LmlabError(f"run {run['id']} is already in the store at {store.path}; nothing to import.")
     row = {c: run.get(c) for c in COLUMNS}
