@@ -49,6 +49,7 @@ cross:
 TEST_JOBS ?= 2
 test: $(STAMP) browser cross
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest tests -n $(TEST_JOBS) --dist loadfile
 
 clean:
