@@ -130,30 +130,13 @@ class Run:
         self._save()
 
     def as_dict(self) -> dict:
-        """The run as ``RunStore.get`` would return it."""
+        """The run as ``RunStore.get`` would return it: the stored row, its times as ISO text."""
         return {
-            "id": self.id,
+            **self._row(),
             "created": iso_time(self.created),
             "finished": iso_time(self.finished),
             "duration_s": round(self.finished - self.created, 3) if self.finished else None,
-            "command": self.command,
-            "argv": self.argv,
-            "model": self.model,
-            "model_path": self.model_path,
-            "model_hash": self.model_hash,
-            "config": self.config,
-            "seed": self.seed,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "metrics": self.metrics,
-            "timings": self.timings,
-            "versions": package_versions(),
-            "host": host_details(),
-            "status": self.status,
             "incomplete": False,
-            "error": self.error,
-            "pid": os.getpid(),
-            "hostname": platform.node(),
         }
 
     def __repr__(self) -> str:
